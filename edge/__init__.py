@@ -1,0 +1,1 @@
+"""The Raspberry Pi daemon: model delivery, verification, hot swap and inference serving."""

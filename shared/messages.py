@@ -1,0 +1,237 @@
+"""Payload schemas for every MQTT message, each with a size limit, and a topic-aware decoder."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AwareDatetime, Field, model_validator
+
+from shared.errors import SchemaError
+from shared.manifest import ModelName
+from shared.schema import Contract, Identifier, Sha256Hex
+from shared.signing import Envelope
+from shared.topics import TopicKind, TopicRef
+
+COMMAND_PAYLOAD_TYPE = "application/vnd.immune-edge.command+json"
+#: Longest validity an operator command may claim; bounds the device's nonce memory.
+MAX_COMMAND_LIFETIME = timedelta(hours=24)
+
+Nonce = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{16,64}$")]
+Serial = Annotated[int, Field(ge=1, le=2**53)]
+Text = Annotated[str, Field(max_length=2048)]
+
+
+class DeploymentState(StrEnum):
+    """States of one deployment on one device (modelled on AWS IoT Jobs)."""
+
+    QUEUED = "queued"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGED = "staged"
+    ACTIVATING = "activating"
+    TRIAL = "trial"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = {
+    DeploymentState.COMMITTED,
+    DeploymentState.ROLLED_BACK,
+    DeploymentState.REJECTED,
+    DeploymentState.FAILED,
+}
+
+
+class ModelRef(Contract):
+    """Which model a device runs."""
+
+    name: ModelName
+    serial: Serial
+    sha256: Sha256Hex
+
+
+class DeviceStatus(Contract):
+    """Retained per-device status; the Last Will publishes the same shape with ``online`` false."""
+
+    MAX_BYTES: ClassVar[int] = 16 * 1024
+    WHAT: ClassVar[str] = "status"
+
+    device_id: Identifier
+    fleet: Identifier
+    online: bool
+    at: AwareDatetime
+    software_version: Annotated[str, Field(max_length=64)] | None = None
+    groups: Annotated[list[Identifier], Field(max_length=64)] = []
+    model: ModelRef | None = None
+    deployment_state: DeploymentState | None = None
+    pinned: bool = False
+    summary: dict[Annotated[str, Field(max_length=64)], float] = {}
+
+
+class Telemetry(Contract):
+    """One flat telemetry sample: scalar fields only, so Telegraf/Prometheus-style collectors ingest it as is."""
+
+    MAX_BYTES: ClassVar[int] = 8 * 1024
+    WHAT: ClassVar[str] = "telemetry"
+
+    device_id: Identifier
+    fleet: Identifier
+    ts: Annotated[float, Field(gt=0, description="unix time, seconds")]
+    model_name: ModelName | None = None
+    model_serial: Serial | None = None
+    uptime_s: Annotated[float, Field(ge=0)] | None = None
+    tokens_per_second: Annotated[float, Field(ge=0)] | None = None
+    prompt_tokens_per_second: Annotated[float, Field(ge=0)] | None = None
+    ttft_ms: Annotated[float, Field(ge=0)] | None = None
+    requests_total: Annotated[int, Field(ge=0)] | None = None
+    errors_total: Annotated[int, Field(ge=0)] | None = None
+    queue_depth: Annotated[int, Field(ge=0)] | None = None
+    rss_mb: Annotated[float, Field(ge=0)] | None = None
+    worker_rss_mb: Annotated[float, Field(ge=0)] | None = None
+    mem_available_mb: Annotated[float, Field(ge=0)] | None = None
+    swap_used_mb: Annotated[float, Field(ge=0)] | None = None
+    cpu_load_1m: Annotated[float, Field(ge=0)] | None = None
+    cpu_freq_mhz: Annotated[float, Field(ge=0)] | None = None
+    soc_temp_c: float | None = None
+    throttled_bits: Annotated[int, Field(ge=0)] | None = None
+    fan_rpm: Annotated[float, Field(ge=0)] | None = None
+    disk_free_mb: Annotated[float, Field(ge=0)] | None = None
+    n_threads: Annotated[int, Field(ge=1)] | None = None
+
+
+class DeploymentEvent(Contract):
+    """One state transition of a deployment; receivers de-duplicate by ``event_id``."""
+
+    MAX_BYTES: ClassVar[int] = 8 * 1024
+    WHAT: ClassVar[str] = "event"
+
+    event_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    device_id: Identifier
+    fleet: Identifier
+    deployment_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    manifest_name: ModelName
+    serial: Serial
+    state: DeploymentState
+    reason: Text | None = None
+    at: AwareDatetime
+
+    @model_validator(mode="after")
+    def _terminal_has_reason(self) -> DeploymentEvent:
+        if self.state.terminal and not self.reason:
+            raise ValueError(f"terminal state {self.state.value!r} needs a reason")
+        return self
+
+
+class RolloutAction(Contract):
+    """Install a trainer-signed manifest on the device (it must pass every check)."""
+
+    action: Literal["rollout"]
+    manifest: Envelope
+
+
+class RollbackAction(Contract):
+    """Go back to the previous model, or to a cached serial; the only way to a lower serial."""
+
+    action: Literal["rollback"]
+    serial: Serial | None = None
+
+
+class PinAction(Contract):
+    """Keep the current (or the given cached) model and ignore new desired state until unpinned."""
+
+    action: Literal["pin"]
+    serial: Serial | None = None
+
+
+class SimpleAction(Contract):
+    """Commands without arguments."""
+
+    action: Literal["unpin", "status", "gc"]
+
+
+CommandAction = Annotated[
+    RolloutAction | RollbackAction | PinAction | SimpleAction, Field(discriminator="action")
+]
+
+
+class Command(Contract):
+    """An operator command; travels as the payload of an operator-signed DSSE envelope."""
+
+    MAX_BYTES: ClassVar[int] = 480 * 1024
+    WHAT: ClassVar[str] = "command"
+
+    nonce: Nonce
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
+    fleet: Identifier
+    device_id: Identifier
+    action: CommandAction
+
+    @model_validator(mode="after")
+    def _lifetime(self) -> Command:
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be later than issued_at")
+        if self.expires_at - self.issued_at > MAX_COMMAND_LIFETIME:
+            raise ValueError(f"a command may be valid for at most {MAX_COMMAND_LIFETIME}")
+        return self
+
+
+class CommandResponse(Contract):
+    """A device's answer, sent to the command's MQTT v5 response topic with its correlation data."""
+
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+    WHAT: ClassVar[str] = "command response"
+
+    nonce: Nonce
+    device_id: Identifier
+    ok: bool
+    at: AwareDatetime
+    result: dict[Annotated[str, Field(max_length=64)], str | int | float | bool | None] = {}
+    error: Text | None = None
+
+    @model_validator(mode="after")
+    def _error_when_failed(self) -> CommandResponse:
+        if not self.ok and not self.error:
+            raise ValueError("a failed command response needs an error message")
+        return self
+
+
+#: The payload model of each topic kind. Envelopes are verified by the receiver against its keyring.
+PAYLOAD_MODEL: dict[TopicKind, type[Contract]] = {
+    TopicKind.DESIRED_FLEET: Envelope,
+    TopicKind.DESIRED_GROUP: Envelope,
+    TopicKind.DESIRED_DEVICE: Envelope,
+    TopicKind.KEYRING: Envelope,
+    TopicKind.COMMAND: Envelope,
+    TopicKind.STATUS: DeviceStatus,
+    TopicKind.TELEMETRY: Telemetry,
+    TopicKind.EVENTS: DeploymentEvent,
+    TopicKind.RESPONSE: CommandResponse,
+}
+
+
+def decode_payload(ref: TopicRef, payload: bytes) -> Contract | None:
+    """Validate a message for its topic; ``None`` for an empty payload (a cleared retained topic).
+
+    Identity fields inside device messages must match the topic, so a device cannot
+    speak for another one even where the broker's ACL is loose.
+    """
+    if not payload:
+        return None
+    model = PAYLOAD_MODEL[ref.kind]
+    message = model.from_json(payload, what=f"{ref.kind.value} payload")
+    for field, expected in (("device_id", ref.device), ("fleet", ref.fleet)):
+        claimed = getattr(message, field, None)
+        if expected is not None and claimed is not None and claimed != expected:
+            raise SchemaError(
+                "identity", f"{ref.kind.value} payload: {field} {claimed!r} does not match the topic ({expected!r})"
+            )
+    return message

@@ -1,0 +1,88 @@
+"""Fixtures shared by every test: real broker, real artifact server, real models, signing keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared.signing import Keyring, Role, SigningKey, TrustedKey, generate_key
+from shared.signing.keyring import Thresholds
+from tests.harness.artifact_server import ArtifactServer
+from tests.harness.broker import Mosquitto, TlsMaterial
+from tests.harness.models import gemma3_gguf, smollm2_gguf
+from tests.harness.pki import TestCA
+
+
+@pytest.fixture
+def mqtt_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A plain mosquitto on a free loopback port (anonymous access)."""
+    with Mosquitto(tmp_path / "mosquitto") as broker:
+        yield broker
+
+
+@pytest.fixture
+def tls_broker_factory(tmp_path: Path) -> Iterator[Callable[[str | None], Mosquitto]]:
+    """Start a TLS mosquitto requiring client certificates (CN = username), with an optional ACL."""
+    started: list[Mosquitto] = []
+
+    def start(acl: str | None = None) -> Mosquitto:
+        workdir = tmp_path / f"mosquitto-tls-{len(started)}"
+        ca = TestCA(workdir / "pki")
+        broker = Mosquitto(workdir, tls=TlsMaterial(ca, ca.issue("broker", server=True)), acl=acl)
+        started.append(broker)
+        return broker.start()
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+@pytest.fixture
+def artifact_server(tmp_path: Path) -> Iterator[ArtifactServer]:
+    """A loopback HTTP server for artifacts, with Range support and fault injection."""
+    with ArtifactServer(tmp_path / "artifacts") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def gemma3_model() -> Path:
+    return gemma3_gguf()
+
+
+@dataclass
+class FleetKeys:
+    """A root, two trainer and two operator keys, and a keyring trusting all but ``stranger``."""
+
+    root: SigningKey
+    trainer: SigningKey
+    trainer2: SigningKey
+    operator: SigningKey
+    operator2: SigningKey
+    stranger: SigningKey
+
+    def keyring(self, version: int = 1, **thresholds: int) -> Keyring:
+        entries = [
+            (self.root, Role.ROOT, "root"),
+            (self.trainer, Role.TRAINER, "trainer"),
+            (self.trainer2, Role.TRAINER, "trainer2"),
+            (self.operator, Role.OPERATOR, "operator"),
+            (self.operator2, Role.OPERATOR, "operator2"),
+        ]
+        return Keyring(
+            version=version,
+            keys=[TrustedKey(keyid=k.keyid, role=r, public_key=k.public_b64, name=n) for k, r, n in entries],
+            thresholds=Thresholds(**thresholds),
+        )
+
+
+@pytest.fixture(scope="session")
+def fleet_keys() -> FleetKeys:
+    return FleetKeys(*(generate_key() for _ in range(6)))

@@ -1,0 +1,1 @@
+"""Off-device pipeline: Slips data -> fine-tune -> GGUF export -> evaluation -> signed publish."""
