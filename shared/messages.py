@@ -77,7 +77,7 @@ class DeviceStatus(Contract):
 
 
 class Telemetry(Contract):
-    """One flat telemetry sample: scalar fields only, so Telegraf/Prometheus-style collectors ingest it as is."""
+    """One flat telemetry sample: scalars only, so collectors (Telegraf, Prometheus) ingest it as is."""
 
     MAX_BYTES: ClassVar[int] = 8 * 1024
     WHAT: ClassVar[str] = "telemetry"
@@ -232,6 +232,7 @@ def decode_payload(ref: TopicRef, payload: bytes) -> Contract | None:
         claimed = getattr(message, field, None)
         if expected is not None and claimed is not None and claimed != expected:
             raise SchemaError(
-                "identity", f"{ref.kind.value} payload: {field} {claimed!r} does not match the topic ({expected!r})"
+                "identity",
+                f"{ref.kind.value} payload: {field} {claimed!r} does not match the topic ({expected!r})",
             )
     return message

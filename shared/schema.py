@@ -71,7 +71,9 @@ class Contract(BaseModel):
         label = what or cls.WHAT
         size = len(data.encode() if isinstance(data, str) else data)
         if size > cls.MAX_BYTES:
-            raise SchemaError("too-large", f"{label}: {size} bytes exceeds the limit of {cls.MAX_BYTES} bytes")
+            raise SchemaError(
+                "too-large", f"{label}: {size} bytes exceeds the limit of {cls.MAX_BYTES} bytes"
+            )
         try:
             return cls.model_validate_json(data)
         except ValidationError as exc:

@@ -206,6 +206,10 @@ def render_mosquitto_acl(
         lines += ["", f"user {check_identifier(trainer, 'trainer id')}"]
         lines += [
             f"topic readwrite {t}"
-            for t in (topics.desired_fleet(), f"{topics.base}/group/+/desired", f"{topics.base}/device/+/desired")
+            for t in (
+                topics.desired_fleet(),
+                f"{topics.base}/group/+/desired",
+                f"{topics.base}/device/+/desired",
+            )
         ]
     return "\n".join(lines) + "\n"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from shared.errors import ArtifactError, SchemaError
@@ -24,13 +24,16 @@ def open_signed_manifest(
     The schema is only parsed after the signatures check out, so unsigned bytes never
     reach the manifest parser.
     """
-    verified = verify_envelope(envelope, keyring, Role.TRAINER, MANIFEST_PAYLOAD_TYPE, what="manifest envelope")
+    verified = verify_envelope(
+        envelope, keyring, Role.TRAINER, MANIFEST_PAYLOAD_TYPE, what="manifest envelope"
+    )
     manifest = Manifest.from_json(verified.payload)
     moment = now or datetime.now(UTC)
     if manifest.is_expired(moment):
         raise SchemaError(
             "expired",
-            f"manifest {manifest.name} serial {manifest.serial}: expired at {manifest.expires_at.isoformat()}",
+            f"manifest {manifest.name} serial {manifest.serial}: "
+            f"expired at {manifest.expires_at.isoformat()}",
         )
     return manifest
 
@@ -62,7 +65,14 @@ def describe_artifact(
                 raise ArtifactError("not-gguf", f"{path}: not a GGUF file (magic bytes are not 'GGUF')")
     size, digest = sha256_file(path, on_progress)
     return ArtifactFile.model_validate(
-        {"name": path.name, "role": role, "media_type": media_type, "size": size, "sha256": digest, "urls": urls},
+        {
+            "name": path.name,
+            "role": role,
+            "media_type": media_type,
+            "size": size,
+            "sha256": digest,
+            "urls": urls,
+        },
         strict=False,
     )
 

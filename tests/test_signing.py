@@ -128,14 +128,20 @@ def test_keyring_update_must_increase_version(fleet_keys) -> None:
     for version in (2, 3):
         stale = fleet_keys.keyring(version=version)
         envelope = sign_envelope(stale.to_json(), KEYRING_PAYLOAD_TYPE, [fleet_keys.root])
-        with pytest.raises(SignatureError, match=f"version {version} is not greater than the current version 3"):
+        with pytest.raises(
+            SignatureError, match=f"version {version} is not greater than the current version 3"
+        ):
             apply_keyring_update(current, envelope)
 
 
 def test_keyring_update_not_signed_by_root_is_rejected(fleet_keys) -> None:
     current = fleet_keys.keyring(version=1)
-    envelope = sign_envelope(fleet_keys.keyring(version=2).to_json(), KEYRING_PAYLOAD_TYPE, [fleet_keys.trainer])
-    with pytest.raises(SignatureError, match="keyring update: 0 valid root signature.*role trainer, not root"):
+    envelope = sign_envelope(
+        fleet_keys.keyring(version=2).to_json(), KEYRING_PAYLOAD_TYPE, [fleet_keys.trainer]
+    )
+    with pytest.raises(
+        SignatureError, match="keyring update: 0 valid root signature.*role trainer, not root"
+    ):
         apply_keyring_update(current, envelope)
 
 
@@ -148,7 +154,11 @@ def test_root_rotation_needs_old_and_new_roots(fleet_keys) -> None:
         update={
             "version": 2,
             "keys": [k for k in current.keys if k.role is not Role.ROOT]
-            + [TrustedKey(keyid=new_root.keyid, role=Role.ROOT, public_key=new_root.public_b64, name="root-2027")],
+            + [
+                TrustedKey(
+                    keyid=new_root.keyid, role=Role.ROOT, public_key=new_root.public_b64, name="root-2027"
+                )
+            ],
         }
     )
     only_old = sign_envelope(rotated.to_json(), KEYRING_PAYLOAD_TYPE, [fleet_keys.root])

@@ -96,11 +96,15 @@ def keys_generate(
     write_private_key(key, private_path)
     public_path.write_bytes(public.to_json())
     console.print(_key_table([public], f"new {role.value} key"))
-    console.print(f"private key: {private_path} (mode 0600, keep it on this machine)\npublic entry: {public_path}")
+    console.print(
+        f"private key: {private_path} (mode 0600, keep it on this machine)\npublic entry: {public_path}"
+    )
 
 
 @keys_app.command("show")
-def keys_show(files: Annotated[list[Path], typer.Argument(help="*.key, *.pub.json or keyring files.")]) -> None:
+def keys_show(
+    files: Annotated[list[Path], typer.Argument(help="*.key, *.pub.json or keyring files.")],
+) -> None:
     """Show keyid, role and name of key files or of every key in a keyring."""
     shown: list[TrustedKey] = []
     for path in files:
@@ -122,7 +126,9 @@ def _parse_thresholds(values: list[str]) -> Thresholds:
     for value in values:
         role, sep, count = value.partition("=")
         if not sep or role not in Role.__members__.values() or not count.isdigit():
-            raise ContractError("usage", f"--threshold {value!r}: expected ROLE=N with ROLE in root/trainer/operator")
+            raise ContractError(
+                "usage", f"--threshold {value!r}: expected ROLE=N with ROLE in root/trainer/operator"
+            )
         parsed[role] = int(count)
     return Thresholds(**parsed)
 
@@ -154,7 +160,9 @@ def manifest_create(
     base_model: Annotated[str, typer.Option(help="The model this one was fine-tuned from.")] = "unknown",
     task: str = "slips-summary",
     quantization: Quantization = Quantization.Q4_K_M,
-    chat_format: Annotated[str | None, typer.Option(help="llama-cpp-python chat format, e.g. chatml.")] = None,
+    chat_format: Annotated[
+        str | None, typer.Option(help="llama-cpp-python chat format, e.g. chatml.")
+    ] = None,
     chat_template_file: Annotated[Path | None, typer.Option(help="Jinja chat template to embed.")] = None,
     system_prompt_file: Annotated[Path | None, typer.Option()] = None,
     n_ctx: int = 4096,
@@ -166,8 +174,14 @@ def manifest_create(
     force: bool = False,
 ) -> None:
     """Describe a GGUF an operator already has: size and sha256 are computed from the file."""
-    with Progress(*Progress.get_default_columns()[:1], BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=err_console, transient=True) as progress:
+    with Progress(
+        *Progress.get_default_columns()[:1],
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
         task_id = progress.add_task(f"hashing {gguf.name}", total=gguf.stat().st_size)
         entry = describe_artifact(gguf, url, on_progress=lambda n: progress.advance(task_id, n))
     runtime = RuntimeProfile(
@@ -180,11 +194,22 @@ def manifest_create(
     now = datetime.now(UTC).replace(microsecond=0)
     manifest = Manifest.model_validate(
         {
-            "name": name, "channel": channel, "serial": serial, "version": version or str(serial),
-            "created_at": now, "expires_at": now + timedelta(days=expires_in_days), "base_model": base_model,
-            "task": task, "quantization": quantization, "files": [entry], "runtime": runtime,
-            "compatibility": {"cpu_arch": arch or ["aarch64"], "min_ram_mb": min_ram_mb,
-                              "device_groups": group or []},
+            "name": name,
+            "channel": channel,
+            "serial": serial,
+            "version": version or str(serial),
+            "created_at": now,
+            "expires_at": now + timedelta(days=expires_in_days),
+            "base_model": base_model,
+            "task": task,
+            "quantization": quantization,
+            "files": [entry],
+            "runtime": runtime,
+            "compatibility": {
+                "cpu_arch": arch or ["aarch64"],
+                "min_ram_mb": min_ram_mb,
+                "device_groups": group or [],
+            },
         },
         strict=False,
     )
@@ -194,7 +219,9 @@ def manifest_create(
 
 @app.command("sign")
 def sign(
-    payload: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Manifest, keyring or command JSON.")],
+    payload: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="Manifest, keyring or command JSON.")
+    ],
     key: Annotated[list[Path], typer.Option(help="Private key file (repeat for threshold signing).")],
     output: Annotated[Path, typer.Option("-o", "--output")],
     kind: Annotated[PayloadKind, typer.Option("--type", help="What the payload is.")] = PayloadKind.MANIFEST,
@@ -221,11 +248,15 @@ def verify(
     envelope = Envelope.from_json(envelope_path.read_bytes(), what=str(envelope_path))
     if kind is PayloadKind.MANIFEST:
         manifest = open_signed_manifest(envelope, keyring)
-        summary = f"manifest {manifest.name} serial {manifest.serial} (expires {manifest.expires_at.isoformat()})"
+        summary = (
+            f"manifest {manifest.name} serial {manifest.serial} (expires {manifest.expires_at.isoformat()})"
+        )
         if artifact is not None:
             entry = next((f for f in manifest.files if f.name == artifact.name), manifest.model_file)
             verify_artifact_file(artifact, entry)
-            summary += f"; {artifact} matches {entry.name} ({entry.size} bytes, sha256 {entry.sha256[:12]}...)"
+            summary += (
+                f"; {artifact} matches {entry.name} ({entry.size} bytes, sha256 {entry.sha256[:12]}...)"
+            )
     elif kind is PayloadKind.KEYRING:
         updated = apply_keyring_update(keyring, envelope)
         summary = f"keyring update to version {updated.version} ({len(updated.keys)} keys)"

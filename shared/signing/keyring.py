@@ -104,7 +104,8 @@ def apply_keyring_update(current: Keyring, envelope: Envelope) -> Keyring:
     if new.version <= current.version:
         raise SignatureError(
             "keyring-version",
-            f"keyring update: version {new.version} is not greater than the current version {current.version}",
+            f"keyring update: version {new.version} is not greater than the current version "
+            f"{current.version}",
         )
     verify_envelope(envelope, new, Role.ROOT, KEYRING_PAYLOAD_TYPE, what="keyring update (new root keys)")
     return new

@@ -69,13 +69,13 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: object) -> None:
         pass  # keep test output clean; requests are recorded in state.requests
 
-    def do_HEAD(self) -> None:  # noqa: N802 (stdlib naming)
+    def do_HEAD(self) -> None:
         self._serve(body=False)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._serve(body=True)
 
     def _record(self, name: str, status: int) -> None:
@@ -182,7 +182,9 @@ class ArtifactServer:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.state = _State(root)
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="artifact-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="artifact-server", daemon=True
+        )
 
     @property
     def base_url(self) -> str:

