@@ -50,6 +50,7 @@ class _State:
     root: Path
     faults: dict[str, deque[Fault]] = field(default_factory=dict)
     requests: list[RequestRecord] = field(default_factory=list)
+    bytes_sent: dict[str, int] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -141,11 +142,18 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self._send_body(payload, fault)
 
+    def _write(self, data: bytes) -> None:
+        self.wfile.write(data)
+        state = self.server.state
+        with state.lock:
+            name = self.path.lstrip("/")
+            state.bytes_sent[name] = state.bytes_sent.get(name, 0) + len(data)
+
     def _send_body(self, payload: bytes, fault: Fault | None) -> None:
         stopping = self.server.state.stopping
         try:
             if fault is not None and fault.kind in ("stall", "truncate"):
-                self.wfile.write(payload[: fault.after_bytes])
+                self._write(payload[: fault.after_bytes])
                 self.wfile.flush()
                 if fault.kind == "stall":
                     stopping.wait(fault.delay_s)
@@ -155,15 +163,15 @@ class _Handler(BaseHTTPRequestHandler):
                 for offset in range(0, len(payload), 4096):
                     if stopping.is_set():
                         return
-                    self.wfile.write(payload[offset : offset + 4096])
+                    self._write(payload[offset : offset + 4096])
                     time.sleep(4096 / fault.rate_bps)
                 return
             for offset in range(0, len(payload), _CHUNK):
-                self.wfile.write(payload[offset : offset + _CHUNK])
+                self._write(payload[offset : offset + _CHUNK])
             if fault is not None and fault.kind == "overflow":
                 filler = b"\0" * _CHUNK
                 while not stopping.is_set():  # the endless-data attack: only the client can stop it
-                    self.wfile.write(filler)
+                    self._write(filler)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
@@ -211,6 +219,11 @@ class ArtifactServer:
         """Queue a fault for the next request(s) of ``name``."""
         with self._server.state.lock:
             self._server.state.faults.setdefault(name, deque()).append(fault)
+
+    def bytes_sent(self, name: str) -> int:
+        """Body bytes written for ``name`` so far, over all requests."""
+        with self._server.state.lock:
+            return self._server.state.bytes_sent.get(name, 0)
 
     @property
     def requests(self) -> list[RequestRecord]:
