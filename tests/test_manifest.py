@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from shared.errors import SchemaError
+from shared.errors import SchemaError, SignatureError
 from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest
 from shared.signing import sign_envelope
 from shared.verification import open_signed_manifest
@@ -111,5 +111,5 @@ def test_signed_manifest_opens_and_expired_one_is_rejected(fleet_keys) -> None:
 def test_manifest_schema_errors_come_only_after_signature_checks(fleet_keys) -> None:
     # An unsigned (stranger-signed) garbage payload is refused for its signature, never parsed.
     envelope = sign_envelope(b"not json at all", MANIFEST_PAYLOAD_TYPE, [fleet_keys.stranger])
-    with pytest.raises(Exception, match="unknown key"):
+    with pytest.raises(SignatureError, match="unknown key"):
         open_signed_manifest(envelope, fleet_keys.keyring(), now=NOW)

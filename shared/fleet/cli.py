@@ -28,6 +28,7 @@ from shared.signing import (
     generate_key,
     load_private_key,
     sign_envelope,
+    verify_envelope,
     write_private_key,
 )
 from shared.signing.keyring import Thresholds
@@ -261,8 +262,6 @@ def verify(
         updated = apply_keyring_update(keyring, envelope)
         summary = f"keyring update to version {updated.version} ({len(updated.keys)} keys)"
     else:
-        from shared.signing import verify_envelope  # local: only this branch needs it
-
         verified = verify_envelope(envelope, keyring, Role.OPERATOR, COMMAND_PAYLOAD_TYPE, what="command")
         command = Command.from_json(verified.payload)
         summary = f"command {command.action.action} for {command.device_id} (nonce {command.nonce})"
