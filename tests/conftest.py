@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from shared.signing import Keyring, Role, SigningKey, TrustedKey, generate_key
 from shared.signing.keyring import Thresholds
@@ -14,6 +15,10 @@ from tests.harness.artifact_server import ArtifactServer
 from tests.harness.broker import Mosquitto, TlsMaterial
 from tests.harness.models import gemma3_gguf, smollm2_gguf
 from tests.harness.pki import TestCA
+
+# CI machines are small and shared: per-example deadlines would make property tests flaky.
+settings.register_profile("ci", deadline=None)
+settings.load_profile("ci")
 
 
 @pytest.fixture
