@@ -110,11 +110,12 @@ class Downloader:
             return self.store.blob_path(entry.sha256)
         partial = _Partial(self.store.partial_path(entry.sha256), entry.size)
         needed = entry.size - partial.offset + self.policy.free_space_margin_bytes
-        if self.store.free_bytes() < needed:
+        free = self.store.free_bytes()
+        if free < needed:
             raise DownloadError(
                 "disk-space",
                 f"artifact {entry.name}: needs {needed} bytes free in {self.store.root}, "
-                f"{self.store.free_bytes()} available",
+                f"{free} available",
             )
         refused: dict[str, _MirrorRefusedError] = {}
         last_problem = "no attempt made"
