@@ -73,6 +73,7 @@ class DeviceStatus(Contract):
     model: ModelRef | None = None
     deployment_state: DeploymentState | None = None
     pinned: bool = False
+    last_result: Text | None = None
     summary: dict[Annotated[str, Field(max_length=64)], float] = {}
 
 
@@ -117,8 +118,10 @@ class DeploymentEvent(Contract):
     device_id: Identifier
     fleet: Identifier
     deployment_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
-    manifest_name: ModelName
-    serial: Serial
+    #: None only when a payload was rejected before it could be authenticated (nothing in it is trusted).
+    manifest_name: ModelName | None
+    serial: Serial | None
+    source: Annotated[str, Field(max_length=64)] = ""
     state: DeploymentState
     reason: Text | None = None
     at: AwareDatetime
@@ -190,7 +193,8 @@ class CommandResponse(Contract):
     MAX_BYTES: ClassVar[int] = 64 * 1024
     WHAT: ClassVar[str] = "command response"
 
-    nonce: Nonce
+    #: None when the command was refused before its nonce could be trusted.
+    nonce: Nonce | None
     device_id: Identifier
     ok: bool
     at: AwareDatetime

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,3 +43,20 @@ def manifest_dict(data: bytes = b"GGUF-test-bytes", **overrides: Any) -> dict[st
 
 def manifest(**overrides: Any) -> Manifest:
     return Manifest.model_validate(manifest_dict(**overrides), strict=False)
+
+
+def gguf_bytes(
+    version: int = 3,
+    tensors: int = 1,
+    kvs: list[tuple[str, int, bytes]] | None = None,
+    architecture: str = "llama",
+    padding: int = 0,
+) -> bytes:
+    """A GGUF header (by default a valid one naming ``architecture``) followed by ``padding`` bytes."""
+
+    def string(value: str) -> bytes:
+        return struct.pack("<Q", len(value)) + value.encode()
+
+    items = kvs if kvs is not None else [("general.architecture", 8, string(architecture))]
+    body = b"".join(string(key) + struct.pack("<I", kind) + value for key, kind, value in items)
+    return b"GGUF" + struct.pack("<IQQ", version, tensors, len(items)) + body + b"\0" * padding

@@ -17,6 +17,7 @@ from edge.delivery.gguf_header import read_gguf_header
 from edge.delivery.store import ContentStore
 from shared.errors import ArtifactError
 from shared.manifest import ArtifactFile
+from tests.factories import gguf_bytes
 from tests.harness.artifact_server import ArtifactServer, Fault
 
 FAST = DownloadPolicy(attempts=4, backoff_initial_s=0.01, stall_timeout_s=1.0, free_space_margin_bytes=0)
@@ -171,15 +172,6 @@ def test_store_gc_keeps_wanted_and_in_use_blobs(store) -> None:
 def test_real_models_pass_the_gguf_header_check(smollm2_model, gemma3_model) -> None:
     assert read_gguf_header(smollm2_model).architecture == "llama"
     assert read_gguf_header(gemma3_model).architecture == "gemma3"
-
-
-def gguf_bytes(version: int = 3, tensors: int = 1, kvs: list[tuple[str, int, bytes]] | None = None) -> bytes:
-    def string(value: str) -> bytes:
-        return struct.pack("<Q", len(value)) + value.encode()
-
-    items = kvs if kvs is not None else [("general.architecture", 8, string("llama"))]
-    body = b"".join(string(key) + struct.pack("<I", kind) + value for key, kind, value in items)
-    return b"GGUF" + struct.pack("<IQQ", version, tensors, len(items)) + body
 
 
 @pytest.mark.parametrize(

@@ -114,8 +114,7 @@ class Downloader:
         if free < needed:
             raise DownloadError(
                 "disk-space",
-                f"artifact {entry.name}: needs {needed} bytes free in {self.store.root}, "
-                f"{free} available",
+                f"artifact {entry.name}: needs {needed} bytes free in {self.store.root}, {free} available",
             )
         refused: dict[str, _MirrorRefusedError] = {}
         last_problem = "no attempt made"

@@ -3,13 +3,17 @@ downloads in progress. A blob enters the store by fsync + atomic rename, never b
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 from collections.abc import Collection
 from pathlib import Path
 
+from shared.errors import ArtifactError
+
 log = logging.getLogger(__name__)
+_CHUNK = 1024 * 1024
 
 
 def fsync_dir(path: Path) -> None:
@@ -54,6 +58,34 @@ class ContentStore:
         fsync_dir(verified_file.parent)
         log.info("stored blob %s (%d bytes)", sha256, target.stat().st_size)
         return target
+
+    def import_file(self, source: Path, sha256: str, size: int) -> Path:
+        """Copy a local file (USB stick, scp) into the store if it has exactly ``size`` bytes and
+        ``sha256``; reads at most ``size + 1`` bytes, so a wrong file cannot fill the disk."""
+        if self.has(sha256):
+            return self.blob_path(sha256)
+        partial = self.partial_path(sha256)
+        digest, copied = hashlib.sha256(), 0
+        try:
+            with source.open("rb") as src, partial.open("wb") as out:
+                while copied <= size and (chunk := src.read(min(_CHUNK, size + 1 - copied))):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    copied += len(chunk)
+            if copied != size:
+                raise ArtifactError(
+                    "size-mismatch",
+                    f"{source}: size is {'more than ' if copied > size else ''}{copied} "
+                    f"bytes, manifest says {size}",
+                )
+            if digest.hexdigest() != sha256:
+                raise ArtifactError(
+                    "hash-mismatch", f"{source}: sha256 is {digest.hexdigest()}, manifest says {sha256}"
+                )
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return self.admit(partial, sha256)
 
     def collect_garbage(self, keep: Collection[str], in_use: Collection[str] = ()) -> list[str]:
         """Delete blobs and partials whose digest is in neither ``keep`` nor ``in_use``; return what went."""

@@ -1,0 +1,280 @@
+"""``immune-edge`` command line: run the daemon, install or verify a model offline, show state."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from edge.config import DEFAULT_CONFIG_FILE, EdgeConfig
+from edge.delivery.gguf_header import DEFAULT_ARCHITECTURES
+from edge.delivery.verifier import (
+    DeviceProfile,
+    check_compatibility,
+    check_model_files,
+    check_serial,
+    open_manifest,
+)
+from edge.node import EdgeNode, device_profile
+from shared.config import load_config
+from shared.errors import ContractError
+from shared.manifest import Manifest
+from shared.signing import Keyring
+from shared.verification import verify_artifact_file
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="The immune-edge device daemon and its local tools.",
+)
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger(__name__)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Daemon config (TOML).")]
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log to journald when running under systemd with systemd-python installed, else to stderr."""
+    level = logging.DEBUG if verbose else logging.INFO
+    handler: logging.Handler
+    try:
+        from systemd.journal import JournalHandler  # type: ignore[import-not-found]
+
+        handler = JournalHandler(SYSLOG_IDENTIFIER="immune-edge")
+    except ImportError:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+@app.command()
+def run(
+    config: ConfigOption = DEFAULT_CONFIG_FILE,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the daemon: receive signed manifests and commands over MQTT, deploy and report."""
+    from edge.daemon import EdgeDaemon  # paho and the worker threads are only needed here
+
+    setup_logging(verbose)
+    daemon = EdgeDaemon(load_config(config, EdgeConfig))
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    daemon.run()
+
+
+def _progress() -> Progress:
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err_console,
+    )
+
+
+@app.command()
+def install(
+    manifest: Annotated[Path, typer.Argument(help="Signed manifest envelope (JSON).")],
+    artifact: Annotated[
+        Path | None, typer.Option("--artifact", "-a", help="The model file, instead of downloading it.")
+    ] = None,
+    config: ConfigOption = DEFAULT_CONFIG_FILE,
+) -> None:
+    """Install a signed manifest through the same checks and store as the daemon (offline/USB use)."""
+    setup_logging(False)
+    envelope = manifest.read_bytes()
+    node = EdgeNode.open(load_config(config, EdgeConfig))
+    try:
+        local = {}
+        if artifact is not None:
+            trusted = open_manifest(envelope, node.trust.keyring, datetime.now(UTC))
+            local[trusted.model_file.name] = artifact
+        with _progress() as progress:
+            task = progress.add_task("download", total=None)
+            outcome = node.deployer.deploy(
+                envelope,
+                "local-install",
+                local,
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+    finally:
+        node.close()
+    colour = "green" if outcome.ok else "red"
+    console.print(f"[{colour}]{outcome.result}[/]: {outcome.message}")
+    if not outcome.ok:
+        raise typer.Exit(1)
+
+
+@dataclass
+class _Check:
+    name: str
+    passed: bool | None  # None: not checked
+    detail: str
+
+
+def _run_checks(
+    envelope: bytes, artifact: Path, keyring: Keyring, device: DeviceProfile | None, last_serial: int | None
+) -> list[_Check]:
+    checks: list[_Check] = []
+    try:
+        manifest: Manifest = open_manifest(envelope, keyring, datetime.now(UTC))
+    except ContractError as exc:
+        checks.append(_Check("signature, schema, expiry", False, f"{exc.reason}: {exc}"))
+        return [*checks, _Check("artifact", None, "not checked: the manifest is not trusted")]
+    checks.append(
+        _Check(
+            "signature, schema, expiry",
+            True,
+            f"{manifest.name} serial {manifest.serial}, expires {manifest.expires_at.isoformat()}",
+        )
+    )
+    steps = [
+        (
+            "serial (anti-rollback)",
+            last_serial is not None,
+            lambda: check_serial(manifest, last_serial or 0),
+            f"newer than {last_serial}",
+        ),
+        (
+            "compatibility",
+            device is not None,
+            lambda: device and check_compatibility(manifest, device),
+            "arch, RAM and groups match this device",
+        ),
+        (
+            "size and sha256",
+            True,
+            lambda: verify_artifact_file(artifact, manifest.model_file),
+            f"{manifest.model_file.size} bytes",
+        ),
+    ]
+    for name, applicable, check, ok_detail in steps:
+        if not applicable:
+            checks.append(_Check(name, None, "not checked: give --config for this device's state"))
+            continue
+        try:
+            check()
+            checks.append(_Check(name, True, ok_detail))
+        except ContractError as exc:
+            checks.append(_Check(name, False, f"{exc.reason}: {exc}"))
+    if all(c.passed is not False for c in checks):
+        try:
+            allowed = device.allowed_architectures if device else DEFAULT_ARCHITECTURES
+            header = check_model_files(manifest, {manifest.model_file.name: artifact}, allowed)
+            checks.append(
+                _Check(
+                    "GGUF header",
+                    True,
+                    f"v{header.version} {header.architecture}, {header.tensor_count} tensors",
+                )
+            )
+        except ContractError as exc:
+            checks.append(_Check("GGUF header", False, f"{exc.reason}: {exc}"))
+    else:
+        checks.append(_Check("GGUF header", None, "not checked: an earlier check failed"))
+    return checks
+
+
+@app.command()
+def verify(
+    manifest: Annotated[Path, typer.Argument(help="Signed manifest envelope (JSON).")],
+    artifact: Annotated[Path, typer.Argument(help="The model file to check against it.")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Also check serial and compatibility for this device."),
+    ] = None,
+    keyring: Annotated[
+        Path | None, typer.Option("--keyring", "-k", help="Trusted keyring (without --config).")
+    ] = None,
+) -> None:
+    """Explain which checks a manifest and model file pass on this device, and why others fail."""
+    envelope = manifest.read_bytes()
+    if config is not None:
+        node = EdgeNode.open(load_config(config, EdgeConfig))
+        try:
+            trusted, device = node.trust.keyring, device_profile(node.config)
+            channel = _channel_of(envelope)
+            last_serial = node.ledger.last_serial(channel) if channel else 0
+        finally:
+            node.close()
+    elif keyring is not None:
+        trusted, device, last_serial = Keyring.from_json(keyring.read_bytes()), None, None
+    else:
+        raise ContractError("usage", "give --config (device state) or --keyring")
+    table = Table(title=f"{manifest.name} + {artifact.name}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    checks = _run_checks(envelope, artifact, trusted, device, last_serial)
+    for check in checks:
+        mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]skipped[/]"}[check.passed]
+        table.add_row(check.name, mark, check.detail)
+    console.print(table)
+    if any(check.passed is False for check in checks):
+        raise typer.Exit(1)
+
+
+def _channel_of(envelope: bytes) -> str | None:
+    """The channel a manifest claims (untrusted; only used to look up the serial floor to report)."""
+    from shared.signing import Envelope
+
+    try:
+        return Manifest.from_json(Envelope.from_json(envelope).payload_bytes()).channel
+    except ContractError:
+        return None
+
+
+@app.command()
+def status(config: ConfigOption = DEFAULT_CONFIG_FILE) -> None:
+    """Show the current and cached models and recent deployments from the state directory."""
+    node = EdgeNode.open(load_config(config, EdgeConfig))
+    try:
+        current, previous = node.ledger.current(), node.ledger.previous()
+        table = Table(title=f"{node.config.device.fleet}/{node.config.device.id} cached models")
+        for column in ("serial", "name", "channel", "sha256", "pointer"):
+            table.add_column(column)
+        for model in node.ledger.models():
+            key = (model.channel, model.serial)
+            pointer = (
+                "current"
+                if current and key == (current.channel, current.serial)
+                else "previous"
+                if previous and key == (previous.channel, previous.serial)
+                else ""
+            )
+            table.add_row(str(model.serial), model.name, model.channel, model.model_sha256[:16], pointer)
+        console.print(table)
+        last = node.ledger.last_deployment()
+        console.print(
+            f"pinned: {node.ledger.pinned}; unsent messages: {len(node.outbox)}; last deployment: "
+            f"{last.state.value + ' ' + (last.reason or '') if last else 'none'}"
+        )
+    finally:
+        node.close()
+
+
+def main() -> None:
+    """Entry point: bad input ends with one clear line and exit status 1."""
+    try:
+        app()
+    except ContractError as exc:
+        err_console.print(f"[red]REJECTED ({exc.reason})[/]: {exc}")
+        sys.exit(1)
+    except OSError as exc:
+        err_console.print(f"[red]error[/]: {exc}")
+        sys.exit(1)

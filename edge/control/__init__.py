@@ -1,0 +1,1 @@
+"""The control plane: trust, deployments, operator commands and what the device reports."""

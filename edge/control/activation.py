@@ -1,0 +1,44 @@
+"""How a staged model goes live. The runtime (inference workers, health gate, trial window) plugs in
+here; until it exists, activation only moves the store pointers, so ``committed`` means verified and
+in the store."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from edge.state.ledger import InstalledModel
+from shared.errors import ContractError
+
+log = logging.getLogger(__name__)
+
+
+class ActivationError(ContractError):
+    """The model could not be started, or failed its health gate or trial window."""
+
+
+class Activator(Protocol):
+    """What the deployer asks of the runtime."""
+
+    def activate(self, model: InstalledModel) -> None:
+        """Load ``model`` and route requests to it once healthy; raise ActivationError otherwise."""
+
+    def trial(self, model: InstalledModel) -> None:
+        """Watch the newly active model; raise ActivationError if it proves unhealthy."""
+
+    def restore(self, model: InstalledModel | None) -> None:
+        """Serve ``model`` again after a failed activation or trial (None: serve nothing)."""
+
+
+class StoreOnlyActivator:
+    """No runtime attached: activation is the pointer switch alone."""
+
+    def activate(self, model: InstalledModel) -> None:
+        log.info("model %s serial %d is current (no runtime attached)", model.name, model.serial)
+
+    def trial(self, model: InstalledModel) -> None:
+        """Nothing runs, so nothing can fail."""
+
+    def restore(self, model: InstalledModel | None) -> None:
+        if model is not None:
+            log.info("model %s serial %d is current again", model.name, model.serial)

@@ -1,0 +1,183 @@
+"""Operator commands: authenticate (threshold of operator keys, identity, expiry, nonce), then act."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from edge.control.deployer import Deployer, Outcome
+from edge.control.reporting import Reporter
+from edge.control.trust import TrustStore
+from edge.state.nonces import NonceStore
+from shared.errors import ContractError, SchemaError
+from shared.messages import (
+    COMMAND_PAYLOAD_TYPE,
+    Command,
+    CommandResponse,
+    PinAction,
+    RollbackAction,
+    RolloutAction,
+)
+from shared.signing import Role, verify_envelope
+from shared.topics import TopicError, TopicKind, Topics
+
+log = logging.getLogger(__name__)
+
+ResultValue = str | int | float | bool | None
+
+
+@dataclass(frozen=True)
+class ReplyTo:
+    """Where the answer goes: the MQTT v5 response topic and correlation data of the request."""
+
+    topic: str | None
+    correlation: bytes | None
+
+
+class CommandHandler:
+    """Checks and executes operator commands for one device."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        device_id: str,
+        trust: TrustStore,
+        nonces: NonceStore,
+        deployer: Deployer,
+        reporter: Reporter,
+        clock_skew: timedelta,
+        wanted_envelopes: Callable[[], Sequence[bytes]],
+        on_unpin: Callable[[], None],
+    ) -> None:
+        self.topics = topics
+        self.device_id = device_id
+        self.trust = trust
+        self.nonces = nonces
+        self.deployer = deployer
+        self.reporter = reporter
+        self.clock_skew = clock_skew
+        self.wanted_envelopes = wanted_envelopes
+        self.on_unpin = on_unpin
+
+    def reply_to(self, response_topic: str | None, correlation: bytes | None) -> ReplyTo:
+        """Accept only a response topic of this fleet's operator tree, so a command cannot make the
+        device publish anywhere else."""
+        if response_topic is None:
+            return ReplyTo(None, correlation)
+        try:
+            ref = self.topics.parse(response_topic)
+        except TopicError as exc:
+            log.warning("ignoring response topic: %s", exc)
+            return ReplyTo(None, correlation)
+        if ref.kind is not TopicKind.RESPONSE:
+            log.warning("ignoring response topic %r: not an operator response topic", response_topic)
+            return ReplyTo(None, correlation)
+        return ReplyTo(response_topic, correlation)
+
+    def authenticate(self, payload: bytes) -> Command:
+        """Signature threshold, schema, addressee, validity window, then nonce (claimed last, so a
+        command refused for another reason can be corrected and re-sent with the same nonce)."""
+        verified = verify_envelope(
+            payload, self.trust.keyring, Role.OPERATOR, COMMAND_PAYLOAD_TYPE, what="command envelope"
+        )
+        command = Command.from_json(verified.payload)
+        if command.device_id != self.device_id or command.fleet != self.topics.fleet:
+            raise SchemaError(
+                "wrong-device",
+                f"command is for {command.fleet}/{command.device_id}, "
+                f"this is {self.topics.fleet}/{self.device_id}",
+            )
+        now = self.reporter.clock()
+        if now >= command.expires_at:
+            raise SchemaError(
+                "expired", f"command {command.nonce} expired at {command.expires_at.isoformat()}"
+            )
+        if command.issued_at > now + self.clock_skew:
+            raise SchemaError(
+                "not-yet-valid",
+                f"command {command.nonce} is issued in the future ({command.issued_at.isoformat()})",
+            )
+        if not self.nonces.claim(command.nonce, command.expires_at, now):
+            raise SchemaError("replayed", f"command nonce {command.nonce} was already used")
+        return command
+
+    def refuse(self, reply: ReplyTo, error: ContractError, nonce: str | None = None) -> None:
+        """Answer a command that was not executed."""
+        log.warning("command refused (%s): %s", error.reason, error)
+        self._respond(
+            reply,
+            CommandResponse(
+                nonce=nonce,
+                device_id=self.device_id,
+                ok=False,
+                at=self.reporter.clock(),
+                result={"reason": error.reason},
+                error=f"{error.reason}: {error}"[:2048],
+            ),
+        )
+
+    def status(self) -> dict[str, ResultValue]:
+        """What the ``status`` command answers."""
+        current, previous = self.deployer.ledger.current(), self.deployer.ledger.previous()
+        last = self.deployer.ledger.last_deployment()
+        return {
+            "model": current.name if current else None,
+            "serial": current.serial if current else None,
+            "sha256": current.model_sha256 if current else None,
+            "previous_serial": previous.serial if previous else None,
+            "pinned": self.deployer.ledger.pinned,
+            "cached_serials": ",".join(str(m.serial) for m in self.deployer.ledger.models()),
+            "last_deployment_state": last.state.value if last else None,
+            "last_result": self.reporter.last_result,
+        }
+
+    def execute(self, command: Command, reply: ReplyTo) -> CommandResponse:
+        """Run an authenticated command and answer it."""
+        action = command.action
+        source = f"command:{command.nonce}"
+        if isinstance(action, RolloutAction):
+            if self.deployer.ledger.pinned:
+                outcome = Outcome("failed", "rollout refused: the device is pinned (unpin first)", "pinned")
+            else:
+                outcome = self.deployer.deploy(action.manifest.to_json(), source)
+        elif isinstance(action, RollbackAction):
+            outcome = self.deployer.rollback(action.serial, source)
+        elif isinstance(action, PinAction):
+            outcome = self.deployer.pin(action.serial, source)
+        elif action.action == "unpin":
+            outcome = self.deployer.unpin()
+            self.on_unpin()
+        elif action.action == "gc":
+            removed = self.deployer.collect_garbage(self.wanted_envelopes())
+            outcome = Outcome("ok", f"removed {len(removed)} file(s)")
+        else:
+            outcome = Outcome("ok", "status")
+        result: dict[str, ResultValue] = {
+            "action": action.action,
+            "result": outcome.result,
+            "message": outcome.message[:1024],
+        }
+        if outcome.deployment_id:
+            result["deployment_id"] = outcome.deployment_id
+        if outcome.reason:
+            result["reason"] = outcome.reason
+        result.update(self.status())
+        response = CommandResponse(
+            nonce=command.nonce,
+            device_id=self.device_id,
+            ok=outcome.ok,
+            at=self.reporter.clock(),
+            result=result,
+            error=None if outcome.ok else outcome.message[:2048],
+        )
+        log.info("command %s %s: %s", command.nonce, action.action, outcome.message)
+        self._respond(reply, response)
+        return response
+
+    def _respond(self, reply: ReplyTo, response: CommandResponse) -> None:
+        if reply.topic is None:
+            log.info("command without a usable response topic; not answering")
+            return
+        self.reporter.respond(reply.topic, reply.correlation, response)

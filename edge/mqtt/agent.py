@@ -1,0 +1,246 @@
+"""The device's MQTT v5 connection: TLS or password auth, Last Will, resubscription after every
+reconnect, and publication of the disk-backed outbox with acknowledgements.
+
+paho runs its network loop in its own thread. Callbacks only hand work to queues, because paho
+calls ``on_publish`` while holding its own locks, and a publisher waiting on ours would deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge.state.outbox import Outbox
+from shared.config import MqttSettings
+
+log = logging.getLogger(__name__)
+
+#: Largest packet the broker may send us; bigger messages are dropped by the broker, not parsed here.
+MAX_INBOUND_PACKET = 1024 * 1024
+#: Outbox messages handed to paho and not yet acknowledged.
+INFLIGHT_WINDOW = 64
+#: Keep our session (subscriptions, queued QoS 1 commands) on the broker across short outages.
+SESSION_EXPIRY_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A received message with the MQTT v5 request/response properties we use."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None
+    correlation: bytes | None
+
+
+class MqttAgent:
+    """One persistent MQTT session for the device."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        subscriptions: Sequence[tuple[str, int]],
+        will: tuple[str, bytes],
+        outbox: Outbox,
+        on_message: Callable[[Inbound], None],
+        on_connected: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.subscriptions = list(subscriptions)
+        self.outbox = outbox
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._events: queue.Queue[tuple[str, int]] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        #: Set once the subscriptions of the current connection are acknowledged.
+        self.subscribed = threading.Event()
+        self._pump: threading.Thread | None = None
+
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        client.will_set(will[0], will[1], qos=1, retain=True)
+        if settings.tls is not None:
+            tls = settings.tls
+            client.tls_set(
+                ca_certs=str(tls.ca_file),
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+            )
+        if settings.username is not None:
+            client.username_pw_set(settings.username, settings.password())
+        client.reconnect_delay_set(min_delay=1, max_delay=60)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        self.client = client
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Connect in the background; paho keeps reconnecting with backoff."""
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        properties.MaximumPacketSize = MAX_INBOUND_PACKET
+        self.client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            keepalive=self.settings.keepalive_s,
+            clean_start=False,
+            properties=properties,
+        )
+        self.client.loop_start()
+        self._pump = threading.Thread(target=self._pump_outbox, name="mqtt-outbox", daemon=True)
+        self._pump.start()
+
+    def wake(self) -> None:
+        """New rows in the outbox: publish them now."""
+        self._wake.set()
+
+    def wait_drained(self, timeout_s: float) -> bool:
+        """Wait until the outbox is empty (all acknowledged) or the timeout passes."""
+        done = threading.Event()
+        for _ in range(int(timeout_s * 20)):
+            if len(self.outbox) == 0:
+                return True
+            self.wake()
+            done.wait(0.05)
+        return len(self.outbox) == 0
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no Last Will) and stop the threads."""
+        self._stop.set()
+        self._wake.set()
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- paho callbacks (network thread) -----------------------------------------------------
+    def _handle_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            log.error(
+                "broker %s:%d refused the connection: %s", self.settings.host, self.settings.port, reason_code
+            )
+            return
+        log.info(
+            "connected to %s:%d (session present: %s)",
+            self.settings.host,
+            self.settings.port,
+            flags.session_present,
+        )
+        # Subscribe every time: a restarted broker may have lost the session.
+        client.subscribe(self.subscriptions)
+        self._connected.set()
+        self._events.put(("reset", 0))
+        self._on_connected()
+        self._wake.set()
+
+    def _handle_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("broker refused %d subscription(s): %s", len(refused), ", ".join(refused))
+        self.subscribed.set()
+
+    def _handle_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        self.subscribed.clear()
+        self._events.put(("reset", 0))
+        if not self._stop.is_set():
+            log.warning("disconnected from broker (%s); reconnecting", reason_code)
+
+    def _handle_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        self._on_message(Inbound(message.topic, bytes(message.payload), response_topic, correlation))
+
+    def _handle_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused message %d: %s", mid, reason_code)
+        self._events.put(("ack", mid))
+        self._wake.set()
+
+    # -- outbox pump (own thread) -----------------------------------------------------------
+    def _pump_outbox(self) -> None:
+        inflight: dict[int, int] = {}  # paho mid -> outbox row id
+        early: set[int] = set()  # acks that arrived before publish() returned the mid
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            while True:
+                try:
+                    kind, mid = self._events.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "reset":
+                    # Unacknowledged rows are published again after a reconnect (at least once).
+                    inflight.clear()
+                    early.clear()
+                elif mid in inflight:
+                    self.outbox.ack(inflight.pop(mid))
+                else:
+                    early.add(mid)
+            if not self._connected.is_set() or len(inflight) >= INFLIGHT_WINDOW:
+                continue
+            for row in self.outbox.pending(INFLIGHT_WINDOW - len(inflight), set(inflight.values())):
+                properties = None
+                if row.correlation is not None:
+                    properties = Properties(PacketTypes.PUBLISH)
+                    properties.CorrelationData = row.correlation
+                info = self.client.publish(
+                    row.topic, row.payload, qos=row.qos, retain=row.retain, properties=properties
+                )
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    break  # not connected after all; the row stays queued
+                if row.qos == 0 or info.mid in early:
+                    early.discard(info.mid)
+                    self.outbox.ack(row.id)
+                else:
+                    inflight[info.mid] = row.id

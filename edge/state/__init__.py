@@ -1,0 +1,1 @@
+"""The device's persistent state: one SQLite database (outbox, installed models, deployments, nonces)."""

@@ -1,0 +1,233 @@
+"""What is installed and running: cached models, the current/previous pointers, the pin, the
+anti-rollback serials and every deployment's state. All changes are single SQLite transactions, so a
+pointer switch is atomic and survives power loss."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+
+from edge.state.db import StateDB
+from shared.manifest import Manifest
+from shared.messages import DeploymentState
+from shared.signing import Envelope
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A verified model in the store, with the signed envelope it came from."""
+
+    channel: str
+    serial: int
+    name: str
+    envelope: bytes
+    model_sha256: str
+    digests: tuple[str, ...]
+    installed_at: float
+
+    def manifest(self) -> Manifest:
+        """The manifest (verified when the model was installed; the state dir is trusted)."""
+        return Manifest.from_json(Envelope.from_json(self.envelope).payload_bytes())
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> InstalledModel:
+        return cls(
+            row["channel"],
+            row["serial"],
+            row["name"],
+            row["envelope"],
+            row["model_sha256"],
+            tuple(json.loads(row["digests"])),
+            row["installed_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One attempt to install a manifest, from whichever source it came."""
+
+    id: str
+    source: str
+    name: str | None
+    channel: str | None
+    serial: int | None
+    envelope: bytes | None
+    state: DeploymentState
+    reason: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Deployment:
+        return cls(
+            row["id"],
+            row["source"],
+            row["name"],
+            row["channel"],
+            row["serial"],
+            row["envelope"],
+            DeploymentState(row["state"]),
+            row["reason"],
+        )
+
+
+class Ledger:
+    """Installed models, pointers and deployments in the state database."""
+
+    def __init__(self, db: StateDB) -> None:
+        self.db = db
+
+    # -- settings ---------------------------------------------------------------------------
+    def _get(self, key: str) -> str | None:
+        rows = self.db.query("SELECT value FROM settings WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def _set(self, conn: sqlite3.Connection, key: str, value: str | None) -> None:
+        if value is None:
+            conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+        else:
+            conn.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    # -- models -----------------------------------------------------------------------------
+    def add_model(self, model: InstalledModel) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    model.channel,
+                    model.serial,
+                    model.name,
+                    model.envelope,
+                    model.model_sha256,
+                    json.dumps(list(model.digests)),
+                    model.installed_at,
+                ),
+            )
+
+    def models(self) -> list[InstalledModel]:
+        """Cached models, newest install first."""
+        rows = self.db.query("SELECT * FROM models ORDER BY installed_at DESC, serial DESC")
+        return [InstalledModel.from_row(row) for row in rows]
+
+    def model(self, channel: str, serial: int) -> InstalledModel | None:
+        rows = self.db.query("SELECT * FROM models WHERE channel = ? AND serial = ?", (channel, serial))
+        return InstalledModel.from_row(rows[0]) if rows else None
+
+    def find_serial(self, serial: int) -> InstalledModel | None:
+        """A cached model with this serial (the most recently installed, should channels share serials)."""
+        rows = self.db.query(
+            "SELECT * FROM models WHERE serial = ? ORDER BY installed_at DESC LIMIT 1", (serial,)
+        )
+        return InstalledModel.from_row(rows[0]) if rows else None
+
+    def forget_models(self, keys: list[tuple[str, int]]) -> None:
+        with self.db.transaction() as conn:
+            conn.executemany("DELETE FROM models WHERE channel = ? AND serial = ?", keys)
+
+    # -- pointers ---------------------------------------------------------------------------
+    def _pointer(self, which: str) -> InstalledModel | None:
+        value = self._get(which)
+        if value is None:
+            return None
+        channel, serial = json.loads(value)
+        return self.model(channel, serial)
+
+    def current(self) -> InstalledModel | None:
+        return self._pointer("current")
+
+    def previous(self) -> InstalledModel | None:
+        return self._pointer("previous")
+
+    def switch_to(self, model: InstalledModel, accept_serial: bool) -> InstalledModel | None:
+        """Make ``model`` current and the old current previous, in one transaction; return the old one.
+
+        ``accept_serial`` raises the channel's anti-rollback floor to this serial (a normal rollout);
+        an operator rollback leaves the floor where it is.
+        """
+        with self.db.transaction() as conn:
+            old = self.current()
+            if old is not None and (old.channel, old.serial) != (model.channel, model.serial):
+                self._set(conn, "previous", json.dumps([old.channel, old.serial]))
+            self._set(conn, "current", json.dumps([model.channel, model.serial]))
+            if accept_serial and model.serial > self.last_serial(model.channel):
+                self._set(conn, f"last_serial:{model.channel}", str(model.serial))
+        return old
+
+    def in_use(self) -> set[str]:
+        """Digests the pointers refer to: never deleted."""
+        digests: set[str] = set()
+        for model in (self.current(), self.previous()):
+            if model is not None:
+                digests.update(model.digests)
+        return digests
+
+    # -- anti-rollback, pin, handled desired state --------------------------------------------
+    def last_serial(self, channel: str) -> int:
+        """The highest serial accepted on ``channel`` (0 when none)."""
+        value = self._get(f"last_serial:{channel}")
+        return int(value) if value is not None else 0
+
+    @property
+    def pinned(self) -> bool:
+        return self._get("pinned") == "1"
+
+    def set_pinned(self, pinned: bool) -> None:
+        with self.db.transaction() as conn:
+            self._set(conn, "pinned", "1" if pinned else None)
+
+    def handled(self, level: str) -> str | None:
+        """Digest of the desired-state envelope last acted on for a topic level."""
+        return self._get(f"handled:{level}")
+
+    def mark_handled(self, level: str, digest: str | None) -> None:
+        with self.db.transaction() as conn:
+            self._set(conn, f"handled:{level}", digest)
+
+    # -- deployments --------------------------------------------------------------------------
+    def new_deployment(self, source: str, envelope: bytes | None) -> Deployment:
+        deployment = Deployment(
+            uuid.uuid4().hex, source, None, None, None, envelope, DeploymentState.QUEUED, None
+        )
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO deployments (id, source, envelope, state, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (deployment.id, source, envelope, deployment.state.value, time.time()),
+            )
+        return deployment
+
+    def describe_deployment(self, deployment_id: str, name: str, channel: str, serial: int) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE deployments SET name = ?, channel = ?, serial = ? WHERE id = ?",
+                (name, channel, serial, deployment_id),
+            )
+
+    def set_state(self, deployment_id: str, state: DeploymentState, reason: str | None) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE deployments SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+                (state.value, reason, time.time(), deployment_id),
+            )
+
+    def deployment(self, deployment_id: str) -> Deployment | None:
+        rows = self.db.query("SELECT * FROM deployments WHERE id = ?", (deployment_id,))
+        return Deployment.from_row(rows[0]) if rows else None
+
+    def unfinished(self) -> list[Deployment]:
+        """Deployments a crash or restart interrupted, oldest first."""
+        terminal = tuple(s.value for s in DeploymentState if s.terminal)
+        rows = self.db.query(
+            f"SELECT * FROM deployments WHERE state NOT IN ({','.join('?' * len(terminal))}) "  # noqa: S608
+            "ORDER BY updated_at",
+            terminal,
+        )
+        return [Deployment.from_row(row) for row in rows]
+
+    def last_deployment(self) -> Deployment | None:
+        rows = self.db.query("SELECT * FROM deployments ORDER BY updated_at DESC LIMIT 1")
+        return Deployment.from_row(rows[0]) if rows else None

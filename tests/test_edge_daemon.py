@@ -1,0 +1,357 @@
+"""The edge control plane end to end: real mosquitto, real HTTP artifact server, the real daemon."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.manifest import MANIFEST_PAYLOAD_TYPE
+from shared.signing import sign_envelope
+from tests.factories import gguf_bytes
+from tests.harness.artifact_server import Fault
+from tests.harness.edge import (
+    DEVICE,
+    GROUPS,
+    OTHER_ARCH,
+    TOPICS,
+    FleetObserver,
+    digest,
+    running_daemon,
+    sign_command,
+    sign_manifest,
+    write_edge_config,
+)
+
+FORWARD = ["queued", "downloading", "verifying", "staged", "activating", "trial", "committed"]
+
+
+@pytest.fixture
+def observer(mqtt_broker):
+    watcher = FleetObserver(mqtt_broker)
+    yield watcher
+    watcher.close()
+
+
+@pytest.fixture
+def config_file(tmp_path, mqtt_broker, fleet_keys) -> Path:
+    return write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring())
+
+
+def model_blob(tag: str, size: int = 256 * 1024) -> bytes:
+    """A small valid GGUF header plus distinct padding: passes every check llama.cpp is not needed for."""
+    return gguf_bytes(architecture="llama", padding=size) + tag.encode()
+
+
+class Deployments:
+    """Publishes desired state and waits for the deployment it causes to end."""
+
+    def __init__(self, observer: FleetObserver, server, keys) -> None:
+        self.observer = observer
+        self.server = server
+        self.keys = keys
+
+    def envelope(self, tag: str, serial: int, **overrides: Any) -> tuple[bytes, bytes]:
+        data = model_blob(tag)
+        url = self.server.add(f"{tag}.gguf", data)
+        return data, sign_manifest([self.keys.trainer], data, url, serial=serial, **overrides)
+
+    def publish(self, envelope: bytes, topic: str | None = None) -> dict[str, Any]:
+        ends = len(self.observer.terminal_events())
+        self.observer.publish(topic or TOPICS.desired_device(DEVICE), envelope)
+        return self.observer.wait_terminal(ends + 1)[-1]
+
+
+@pytest.fixture
+def deployments(observer, artifact_server, fleet_keys) -> Deployments:
+    return Deployments(observer, artifact_server, fleet_keys)
+
+
+def test_happy_path_real_model_events_in_order(
+    config_file, observer, artifact_server, fleet_keys, smollm2_model
+) -> None:
+    data = smollm2_model.read_bytes()
+    url = artifact_server.add_file(smollm2_model)
+    envelope = sign_manifest([fleet_keys.trainer], data, url, serial=1)
+    with running_daemon(config_file) as daemon:
+        observer.publish(TOPICS.desired_fleet(), envelope)
+        (end,) = observer.wait_terminal()
+        assert observer.states(end["deployment_id"]) == FORWARD
+        assert end["serial"] == 1 and end["source"] == "desired:fleet"
+        current = daemon.node.ledger.current()
+        assert current is not None and current.model_sha256 == digest(data)
+        assert daemon.node.store.blob_path(digest(data)).read_bytes() == data
+        assert list(daemon.node.store.partials.iterdir()) == []
+        observer.wait_for(
+            lambda: any((s.get("model") or {}).get("serial") == 1 for s in observer.statuses),
+            what="retained status naming serial 1",
+        )
+        # The same manifest again, from another level: nothing happens but a note.
+        observer.publish(TOPICS.desired_device(DEVICE), envelope)
+        observer.wait_for(
+            lambda: any("already-installed" in (s.get("last_result") or "") for s in observer.statuses),
+            what="already-installed in status",
+        )
+        assert len(observer.unique_events()) == len(FORWARD)
+        assert len([r for r in artifact_server.requests if r.method == "GET"]) == 1
+
+
+def test_more_specific_desired_state_wins(config_file, deployments, observer) -> None:
+    _, fleet_env = deployments.envelope("fleet", serial=3)
+    device_data, device_env = deployments.envelope("device", serial=4)
+    # Both are retained before the daemon starts: it must wait for both and pick the device one.
+    observer.publish(TOPICS.desired_fleet(), fleet_env)
+    observer.publish(TOPICS.desired_device(DEVICE), device_env)
+    with running_daemon(config_file) as daemon:
+        (end,) = observer.wait_terminal()
+        assert end["state"] == "committed" and end["serial"] == 4
+        assert end["source"] == "desired:device"
+        assert daemon.node.ledger.current().model_sha256 == digest(device_data)
+
+
+def _tampered(envelope: bytes) -> bytes:
+    body = json.loads(envelope)
+    payload = json.loads(base64.b64decode(body["payload"]))
+    payload["files"][0]["urls"] = ["http://127.0.0.1:9/evil.gguf"]
+    body["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    return json.dumps(body).encode()
+
+
+def test_hostile_manifests_are_rejected_and_change_nothing(
+    config_file, deployments, observer, artifact_server, fleet_keys
+) -> None:
+    keys = fleet_keys
+    good, good_env = deployments.envelope("good", serial=10)
+
+    def signed_by(signer, tag: str, serial: int) -> bytes:
+        data = model_blob(tag)
+        return sign_manifest([signer], data, artifact_server.add(f"{tag}.gguf", data), serial=serial)
+
+    def served_as(tag: str, declared: bytes, served: bytes, serial: int, fault: Fault | None = None) -> bytes:
+        url = artifact_server.add(f"{tag}.gguf", served)
+        if fault is not None:
+            artifact_server.inject(f"{tag}.gguf", fault)
+        return sign_manifest([keys.trainer], declared, url, serial=serial)
+
+    blob = model_blob("x")
+    other = bytearray(blob)
+    other[-1] ^= 0xFF
+    cases: list[tuple[str, Callable[[], bytes], str]] = [
+        ("bad signature", lambda: _tampered(signed_by(keys.trainer, "t", 11)), "bad-signature"),
+        ("unknown key", lambda: signed_by(keys.stranger, "u", 12), "unknown-key"),
+        ("wrong role", lambda: signed_by(keys.operator, "w", 13), "wrong-role"),
+        (
+            "unsigned",
+            lambda: json.dumps(
+                {"payloadType": MANIFEST_PAYLOAD_TYPE, "payload": "e30=", "signatures": []}
+            ).encode(),
+            "schema",
+        ),
+        (
+            "expired",
+            lambda: deployments.envelope(
+                "e",
+                14,
+                created_at=(datetime.now(UTC) - timedelta(days=2)).isoformat(),
+                expires_at=(datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
+            )[1],
+            "expired",
+        ),
+        ("older serial", lambda: deployments.envelope("old", 9)[1], "serial-not-newer"),
+        ("same serial, other file", lambda: deployments.envelope("same", 10)[1], "serial-not-newer"),
+        (
+            "wrong arch",
+            lambda: deployments.envelope("arch", 15, compatibility={"cpu_arch": [OTHER_ARCH]})[1],
+            "incompatible-arch",
+        ),
+        (
+            "too little RAM",
+            lambda: deployments.envelope(
+                "ram", 16, compatibility={"cpu_arch": ["aarch64", "x86_64"], "min_ram_mb": 10**6}
+            )[1],
+            "insufficient-ram",
+        ),
+        (
+            "other group",
+            lambda: deployments.envelope(
+                "grp", 17, compatibility={"cpu_arch": ["aarch64", "x86_64"], "device_groups": ["prod"]}
+            )[1],
+            "wrong-group",
+        ),
+        ("hash mismatch", lambda: served_as("hash", blob, bytes(other), 18), "hash-mismatch"),
+        (
+            "more bytes than declared",
+            lambda: served_as("long", blob, blob, 19, Fault("overflow", times=99)),
+            "too-long",
+        ),
+        ("truncated file", lambda: served_as("short", blob, blob[:-1000], 20), "size-mismatch"),
+        (
+            "non-GGUF bytes, right length",
+            lambda: served_as("zip", b"PK\x03\x04" + blob[4:], b"PK\x03\x04" + blob[4:], 21),
+            "bad-gguf",
+        ),
+        ("malformed JSON", lambda: b"{not json", "schema"),
+        ("oversized payload", lambda: b"{" + b" " * (600 * 1024) + b"}", "too-large"),
+    ]
+    with running_daemon(config_file) as daemon:
+        assert deployments.publish(good_env)["state"] == "committed"
+        blobs_before = sorted(p.name for p in daemon.node.store.blobs.iterdir())
+        for label, make, reason in cases:
+            end = deployments.publish(make())
+            assert end["state"] == "rejected", label
+            assert end["reason"].startswith(reason), f"{label}: {end['reason']}"
+            current = daemon.node.ledger.current()
+            assert current is not None and current.model_sha256 == digest(good), label
+            assert sorted(p.name for p in daemon.node.store.blobs.iterdir()) == blobs_before, label
+            assert list(daemon.node.store.partials.iterdir()) == [], label
+        # Unauthenticated rejections carry no name or serial: nothing from them is trusted.
+        first_rejection = next(e for e in observer.unique_events() if e["state"] == "rejected")
+        assert "manifest_name" not in first_rejection and "serial" not in first_rejection
+        # Still healthy: a good newer manifest goes through.
+        _, newer = deployments.envelope("newer", serial=30)
+        assert deployments.publish(newer)["state"] == "committed"
+
+
+def test_garbage_on_every_subscribed_topic_is_survived(config_file, deployments, observer) -> None:
+    garbage = [
+        b"\xff\xfe not json",
+        b"[]",
+        b"{}",
+        b"{" + b" " * (700 * 1024) + b"}",
+        b"x" * (2 * 1024 * 1024),
+    ]
+    topics = [
+        TOPICS.desired_fleet(),
+        TOPICS.desired_group(GROUPS[0]),
+        TOPICS.desired_device(DEVICE),
+        TOPICS.keyring(),
+        TOPICS.command(DEVICE),
+    ]
+    with running_daemon(config_file):
+        for topic in topics:
+            for payload in garbage:
+                observer.publish(topic, payload, retain=False)
+        _, envelope = deployments.envelope("after-garbage", serial=2)
+        response = observer.command(sign_command([deployments.keys.operator], {"action": "status"}))
+        assert response["ok"] is True
+        end = deployments.publish(envelope)
+        assert end["state"] == "committed" and end["serial"] == 2
+
+
+def test_commands_are_authenticated(config_file, observer, fleet_keys) -> None:
+    keys = fleet_keys
+    status = {"action": "status"}
+    with running_daemon(config_file):
+        replayed = sign_command([keys.operator], status)
+        assert observer.command(replayed)["ok"] is True
+        cases = [
+            (replayed, "replayed"),
+            (b"not json", "schema"),
+            (json.dumps({"payloadType": "x", "payload": "", "signatures": []}).encode(), "schema"),
+            (sign_envelope(b"{}", MANIFEST_PAYLOAD_TYPE, [keys.operator]).to_json(), "payload-type"),
+            (sign_command([keys.trainer], status), "wrong-role"),
+            (sign_command([keys.stranger], status), "unknown-key"),
+            (
+                sign_command(
+                    [keys.operator],
+                    status,
+                    issued_at=datetime.now(UTC) - timedelta(hours=2),
+                    lifetime=timedelta(hours=1),
+                ),
+                "expired",
+            ),
+            (
+                sign_command([keys.operator], status, issued_at=datetime.now(UTC) + timedelta(hours=1)),
+                "not-yet-valid",
+            ),
+            (sign_command([keys.operator], status, device="pi-2"), "wrong-device"),
+            (sign_command([keys.operator], {"action": "reboot"}), "schema"),
+        ]
+        for envelope, reason in cases:
+            response = observer.command(envelope)
+            assert response["ok"] is False, reason
+            assert response["result"]["reason"] == reason, response
+            assert response["error"].startswith(reason)
+
+
+def test_operator_rollback_pin_unpin_rollout_and_gc(config_file, deployments, observer, fleet_keys) -> None:
+    op = [fleet_keys.operator]
+
+    def command(action: dict[str, Any]) -> dict[str, Any]:
+        return observer.command(sign_command(op, action))
+
+    with running_daemon(config_file) as daemon:
+        ledger = daemon.node.ledger
+        data1, env1 = deployments.envelope("one", serial=1)
+        _, env2 = deployments.envelope("two", serial=2)
+        assert deployments.publish(env1, TOPICS.desired_fleet())["state"] == "committed"
+        assert deployments.publish(env2, TOPICS.desired_fleet())["state"] == "committed"
+        assert (ledger.current().serial, ledger.previous().serial) == (2, 1)
+
+        response = command({"action": "rollback"})
+        assert response["ok"] and response["result"]["serial"] == 1, response
+        assert observer.unique_events()[-1]["state"] == "rolled_back"
+        assert ledger.current().serial == 1 and ledger.last_serial("stable") == 2
+        # The retained desired state (serial 2) is not re-installed by itself after a rollback.
+        assert command({"action": "status"})["result"]["serial"] == 1
+
+        # A trainer-signed manifest sent by an operator still passes every check.
+        _, replay = deployments.envelope("replay", serial=2)
+        response = command({"action": "rollout", "manifest": json.loads(replay)})
+        assert not response["ok"] and response["result"]["reason"] == "serial-not-newer"
+        assert command({"action": "rollout", "manifest": json.loads(env1)})["result"]["result"] == (
+            "already-installed"
+        )
+        response = command({"action": "rollback", "serial": 2})
+        assert response["ok"] and ledger.current().serial == 2
+        response = command({"action": "rollback", "serial": 99})
+        assert not response["ok"] and response["result"]["reason"] == "not-cached"
+
+        assert command({"action": "pin", "serial": 1})["ok"]
+        assert ledger.current().serial == 1 and ledger.pinned
+        data3, env3 = deployments.envelope("three", serial=3)
+        ends = len(observer.terminal_events())
+        observer.publish(TOPICS.desired_fleet(), env3)
+        response = command({"action": "rollout", "manifest": json.loads(env3)})
+        assert not response["ok"] and response["result"]["reason"] == "pinned"
+        assert len(observer.terminal_events()) == ends  # pinned: nothing deployed
+        assert command({"action": "unpin"})["ok"]
+        end = observer.wait_terminal(ends + 1)[-1]
+        assert end["state"] == "committed" and end["serial"] == 3
+
+        # keep_models = 2: serial 1's blob goes (it is neither current nor previous any more).
+        _, env4 = deployments.envelope("four", serial=4)
+        assert command({"action": "rollout", "manifest": json.loads(env4)})["result"]["result"] == "committed"
+        response = command({"action": "gc"})
+        assert response["ok"]
+        store = daemon.node.store
+        assert not store.has(digest(data1)) and store.has(digest(data3))
+        assert sorted(m.serial for m in ledger.models()) == [3, 4]
+        assert command({"action": "rollout", "manifest": json.loads(env4)})["result"]["result"] == (
+            "already-installed"
+        )
+
+
+def test_keyring_update_over_mqtt(config_file, deployments, observer, fleet_keys) -> None:
+    from shared.signing import KEYRING_PAYLOAD_TYPE
+
+    keys = fleet_keys
+    with running_daemon(config_file) as daemon:
+        newer = keys.keyring(version=2, trainer=2)
+        update = sign_envelope(newer.to_json(), KEYRING_PAYLOAD_TYPE, [keys.root]).to_json()
+        observer.publish(TOPICS.keyring(), update)
+        observer.wait_for(lambda: daemon.node.trust.keyring.version == 2, what="keyring v2")
+        _, one_signature = deployments.envelope("one-sig", serial=5)
+        assert deployments.publish(one_signature)["reason"].startswith("below-threshold")
+        forged = sign_envelope(keys.keyring(version=3).to_json(), KEYRING_PAYLOAD_TYPE, [keys.stranger])
+        observer.publish(TOPICS.keyring(), forged.to_json())
+        observer.wait_for(
+            lambda: any("keyring update rejected" in (s.get("last_result") or "") for s in observer.statuses),
+            what="rejected keyring noted in status",
+        )
+        assert daemon.node.trust.keyring.version == 2
