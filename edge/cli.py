@@ -278,3 +278,7 @@ def main() -> None:
     except OSError as exc:
         err_console.print(f"[red]error[/]: {exc}")
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

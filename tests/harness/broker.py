@@ -36,8 +36,11 @@ class TlsMaterial:
 class Mosquitto:
     """One mosquitto process. Use as a context manager."""
 
-    def __init__(self, workdir: Path, tls: TlsMaterial | None = None, acl: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, tls: TlsMaterial | None = None, acl: str | None = None, persistent: bool = False
+    ) -> None:
         self.workdir = workdir
+        self.persistent = persistent
         self.tls = tls
         self.acl = acl
         self.host = "127.0.0.1"
@@ -48,7 +51,9 @@ class Mosquitto:
     def _config(self) -> str:
         lines = [
             f"listener {self.port} {self.host}",
-            "persistence false",
+            # Persistent: sessions and queued messages survive a restart (saved on shutdown).
+            f"persistence {'true' if self.persistent else 'false'}",
+            f"persistence_location {self.workdir}/",
             f"log_dest file {self.log_file}",
             "log_type error",
             "log_type warning",

@@ -28,7 +28,7 @@ from shared.messages import COMMAND_PAYLOAD_TYPE
 from shared.schema import canonical_json
 from shared.signing import Keyring, SigningKey, sign_envelope
 from shared.topics import Topics
-from tests.factories import NOW, manifest_dict
+from tests.factories import manifest_dict
 from tests.harness.broker import Mosquitto
 
 FLEET = "lab"
@@ -135,7 +135,8 @@ def sign_command(
 class FleetObserver:
     """An operator-side MQTT client: publishes desired state and commands, records what devices say."""
 
-    def __init__(self, broker: Mosquitto, operator: str = "op-1") -> None:
+    def __init__(self, broker: Mosquitto, operator: str = "op-1", persistent: bool = False) -> None:
+        """``persistent``: keep a broker session, so messages sent while this client reconnects wait."""
         self.events: list[dict[str, Any]] = []
         self.statuses: list[dict[str, Any]] = []
         self.responses: queue.Queue[tuple[dict[str, Any], bytes | None]] = queue.Queue()
@@ -151,7 +152,9 @@ class FleetObserver:
         client.on_connect = self._on_connect
         client.on_subscribe = lambda *args: self._subscribed.set()
         client.reconnect_delay_set(0.2, 1)
-        client.connect_async(broker.host, broker.port)
+        connect = Properties(PacketTypes.CONNECT)
+        connect.SessionExpiryInterval = 3600 if persistent else 0
+        client.connect_async(broker.host, broker.port, clean_start=not persistent, properties=connect)
         client.loop_start()
         self.client = client
         if not self._subscribed.wait(10):
@@ -241,6 +244,3 @@ class FleetObserver:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-__all__ = ["NOW"]

@@ -1,0 +1,244 @@
+"""The control plane under faults: killed daemon, restarted broker, failing server, full disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge.delivery.store import ContentStore
+from tests.harness.artifact_server import Fault
+from tests.harness.broker import Mosquitto
+from tests.harness.edge import (
+    DEVICE,
+    TOPICS,
+    FleetObserver,
+    digest,
+    running_daemon,
+    sign_manifest,
+    write_edge_config,
+)
+from tests.test_edge_daemon import FORWARD, model_blob
+
+
+@pytest.fixture
+def observer(mqtt_broker) -> Iterator[FleetObserver]:
+    watcher = FleetObserver(mqtt_broker)
+    yield watcher
+    watcher.close()
+
+
+def _daemon_process(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_download_resumes_with_little_extra(
+    tmp_path, mqtt_broker, observer, artifact_server, fleet_keys
+) -> None:
+    data = model_blob("big", size=24 * 1024 * 1024)
+    url = artifact_server.add("big.gguf", data)
+    artifact_server.inject("big.gguf", Fault("slow", rate_bps=4 * 1024 * 1024))
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring())
+    observer.publish(TOPICS.desired_device(DEVICE), sign_manifest([fleet_keys.trainer], data, url, serial=1))
+    partial = ContentStore(tmp_path / "device" / "state" / "store").partial_path(digest(data))
+
+    first = _daemon_process(config)
+    try:
+        _wait(lambda: partial.exists() and partial.stat().st_size > len(data) // 3, 60, "a third downloaded")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    kept = partial.stat().st_size
+    sent_before = artifact_server.bytes_sent("big.gguf")
+
+    second = _daemon_process(config)
+    try:
+        (end,) = observer.wait_terminal(timeout=90)
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+    assert end["state"] == "committed", end
+    # Resumed, not restarted: one deployment, each state reported once, the rest fetched by Range.
+    assert observer.states(end["deployment_id"]) == FORWARD
+    gets = [r for r in artifact_server.requests if r.method == "GET"]
+    assert gets[-1].range == f"bytes={kept}-"
+    extra = sent_before + (len(data) - kept) - len(data)
+    assert extra <= 0.05 * len(data), f"{extra} extra bytes"
+
+
+def test_broker_restart_mid_deployment_loses_no_event(tmp_path, artifact_server, fleet_keys) -> None:
+    with Mosquitto(tmp_path / "broker", persistent=True) as broker:
+        observer = FleetObserver(broker, persistent=True)  # like a fleet collector: no gap on reconnect
+        try:
+            _restart_broker_mid_deployment(tmp_path, broker, observer, artifact_server, fleet_keys)
+        finally:
+            observer.close()
+
+
+def _restart_broker_mid_deployment(tmp_path, mqtt_broker, observer, artifact_server, fleet_keys) -> None:
+    data = model_blob("slow", size=6 * 1024 * 1024)
+    url = artifact_server.add("slow.gguf", data)
+    artifact_server.inject("slow.gguf", Fault("slow", rate_bps=2 * 1024 * 1024))
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring())
+    with running_daemon(config) as daemon:
+        observer.publish(
+            TOPICS.desired_device(DEVICE), sign_manifest([fleet_keys.trainer], data, url, serial=1)
+        )
+        observer.wait_for(lambda: "downloading" in observer.states(), what="downloading")
+        mqtt_broker.stop()
+        # The deployment finishes while the broker is down; its events wait in the outbox on disk.
+        _wait(lambda: daemon.node.ledger.current() is not None, 60, "commit while offline")
+        assert len(daemon.node.outbox) > 0
+        mqtt_broker.start()
+        (end,) = observer.wait_terminal(timeout=60)
+    assert end["state"] == "committed"
+    assert observer.states(end["deployment_id"]) == FORWARD  # 7 distinct events, none lost
+
+
+def test_outbox_survives_a_daemon_restart_while_offline(
+    tmp_path, mqtt_broker, artifact_server, fleet_keys
+) -> None:
+    data = model_blob("offline")
+    url = artifact_server.add("offline.gguf", data)
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring())
+    envelope = sign_manifest([fleet_keys.trainer], data, url, serial=1)
+    # `immune-edge install` while no broker is reachable: events go to the outbox only.
+    mqtt_broker.stop()
+    manifest_file = tmp_path / "m.dsse.json"
+    manifest_file.write_bytes(envelope)
+    result = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "install", str(manifest_file), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    mqtt_broker.start()
+    watcher = FleetObserver(mqtt_broker)
+    try:
+        with running_daemon(config):
+            (end,) = watcher.wait_terminal(timeout=30)
+        assert end["state"] == "committed" and end["source"] == "local-install"
+        assert watcher.states(end["deployment_id"]) == FORWARD
+    finally:
+        watcher.close()
+
+
+def test_restart_after_commit_changes_nothing(
+    tmp_path, mqtt_broker, observer, artifact_server, fleet_keys
+) -> None:
+    data = model_blob("stable")
+    url = artifact_server.add("stable.gguf", data)
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring())
+    observer.publish(TOPICS.desired_fleet(), sign_manifest([fleet_keys.trainer], data, url, serial=1))
+    with running_daemon(config):
+        observer.wait_terminal()
+    events = len(observer.unique_events())
+    with running_daemon(config) as daemon:
+        time.sleep(1.5)  # longer than settle_s: the retained manifest has been seen again
+        assert daemon.node.ledger.current().serial == 1
+    assert len(observer.unique_events()) == events
+    assert len([r for r in artifact_server.requests if r.method == "GET"]) == 1
+
+
+def test_server_errors_then_recovery(tmp_path, mqtt_broker, observer, artifact_server, fleet_keys) -> None:
+    data = model_blob("flaky")
+    url = artifact_server.add("flaky.gguf", data)
+    artifact_server.inject("flaky.gguf", Fault("fail", times=2, status=500))
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring())
+    with running_daemon(config):
+        observer.publish(
+            TOPICS.desired_device(DEVICE), sign_manifest([fleet_keys.trainer], data, url, serial=1)
+        )
+        (end,) = observer.wait_terminal()
+    assert end["state"] == "committed"
+    assert [r.status for r in artifact_server.requests if r.method == "GET"] == [500, 500, 200]
+
+
+def test_server_down_for_good_fails_cleanly_then_retries(
+    tmp_path, mqtt_broker, observer, artifact_server, fleet_keys
+) -> None:
+    data = model_blob("down")
+    url = artifact_server.add("down.gguf", data)
+    artifact_server.inject("down.gguf", Fault("fail", times=4, status=503))  # every attempt of the first try
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring())
+    with running_daemon(config):
+        observer.publish(
+            TOPICS.desired_device(DEVICE), sign_manifest([fleet_keys.trainer], data, url, serial=1)
+        )
+        failed, committed = observer.wait_terminal(2)
+    assert failed["state"] == "failed" and failed["reason"].startswith("download-failed")
+    assert "HTTP 503" in failed["reason"]
+    assert committed["state"] == "committed"  # retried after retry_failed_s, as a new deployment
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 16 MiB tmpfs (needs root, as on CI and on the Pi's provisioning host)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_fails_cleanly(small_disk, mqtt_broker, observer, artifact_server, fleet_keys) -> None:
+    config = write_edge_config(small_disk / "device", mqtt_broker, fleet_keys.keyring())
+    huge = model_blob("huge", size=20 * 1024 * 1024)
+    big = model_blob("big", size=8 * 1024 * 1024)
+    artifact_server.inject("big.gguf", Fault("slow", rate_bps=2 * 1024 * 1024))
+    store = small_disk / "device" / "state" / "store"
+    with running_daemon(config) as daemon:
+        # Too big for the disk: refused before a single byte is fetched.
+        url = artifact_server.add("huge.gguf", huge)
+        observer.publish(
+            TOPICS.desired_device(DEVICE), sign_manifest([fleet_keys.trainer], huge, url, serial=1)
+        )
+        (end,) = observer.wait_terminal()
+        assert end["state"] == "failed" and end["reason"].startswith("disk-space"), end
+        assert not [r for r in artifact_server.requests if r.name == "huge.gguf" and r.method == "GET"]
+
+        # Fits, but the disk fills up during the download (another writer): ENOSPC mid-stream.
+        url = artifact_server.add("big.gguf", big)
+        observer.publish(
+            TOPICS.desired_device(DEVICE), sign_manifest([fleet_keys.trainer], big, url, serial=2)
+        )
+        partial = store / "partial" / f"{digest(big)}.part"
+        _wait(lambda: partial.exists() and partial.stat().st_size > 1024 * 1024, 30, "download under way")
+        filler = small_disk / "filler"
+        with filler.open("wb") as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+            except OSError:
+                pass
+        failed = observer.wait_terminal(2)[-1]
+        assert failed["state"] == "failed" and failed["reason"].startswith("disk-full"), failed
+        assert not partial.exists() and not (store / "sha256" / digest(big)).exists()
+        assert daemon.node.ledger.current() is None
+        # Space comes back: the retry (retry_failed_s) completes it.
+        filler.unlink()
+        assert observer.wait_terminal(3)[-1]["state"] == "committed"
