@@ -13,6 +13,7 @@ import pytest
 
 from shared.manifest import MANIFEST_PAYLOAD_TYPE
 from shared.signing import sign_envelope
+from shared.topics import render_mosquitto_acl
 from tests.factories import gguf_bytes
 from tests.harness.artifact_server import Fault
 from tests.harness.edge import (
@@ -355,3 +356,30 @@ def test_keyring_update_over_mqtt(config_file, deployments, observer, fleet_keys
             what="rejected keyring noted in status",
         )
         assert daemon.node.trust.keyring.version == 2
+
+
+def test_daemon_over_tls_with_client_certificate_and_acl(
+    tmp_path, tls_broker_factory, artifact_server, fleet_keys
+) -> None:
+    acl = render_mosquitto_acl(TOPICS, {DEVICE: list(GROUPS)}, operators=["op-1"])
+    broker = tls_broker_factory(acl)
+    device_cert = broker.tls.client(DEVICE)
+    tls = (
+        f'[mqtt.tls]\nca_file = "{broker.tls.ca.ca_file}"\n'
+        f'cert_file = "{device_cert.cert}"\nkey_file = "{device_cert.key}"\n'
+    )
+    config = write_edge_config(tmp_path / "device", broker, fleet_keys.keyring(), mqtt=tls)
+    watcher = FleetObserver(broker, cert=broker.tls.client("op-1"))
+    try:
+        data = model_blob("tls")
+        envelope = sign_manifest([fleet_keys.trainer], data, artifact_server.add("tls.gguf", data), serial=1)
+        with running_daemon(config):
+            watcher.publish(TOPICS.desired_group(GROUPS[0]), envelope)
+            (end,) = watcher.wait_terminal()
+            assert end["state"] == "committed" and end["source"] == f"desired:group:{GROUPS[0]}"
+            response = watcher.command(sign_command([fleet_keys.operator], {"action": "status"}))
+            assert response["ok"] and response["result"]["serial"] == 1
+        # A clean stop publishes the retained offline status itself (the Last Will is for crashes).
+        watcher.wait_for(lambda: watcher.statuses and watcher.statuses[-1]["online"] is False, what="offline")
+    finally:
+        watcher.close()

@@ -68,6 +68,8 @@ def test_sigkill_mid_download_resumes_with_little_extra(
         first.wait()
     kept = partial.stat().st_size
     sent_before = artifact_server.bytes_sent("big.gguf")
+    # The broker notices the dead connection (1.5 x keepalive) and publishes the Last Will.
+    observer.wait_for(lambda: observer.statuses and observer.statuses[-1]["online"] is False, 30, "Last Will")
 
     second = _daemon_process(config)
     try:

@@ -30,6 +30,7 @@ from shared.signing import Keyring, SigningKey, sign_envelope
 from shared.topics import Topics
 from tests.factories import manifest_dict
 from tests.harness.broker import Mosquitto
+from tests.harness.pki import CertPair
 
 FLEET = "lab"
 DEVICE = "pi-1"
@@ -40,7 +41,12 @@ TOPICS = Topics(FLEET)
 
 
 def write_edge_config(
-    directory: Path, broker: Mosquitto, keyring: Keyring, extra: str = "", device: str = DEVICE
+    directory: Path,
+    broker: Mosquitto,
+    keyring: Keyring,
+    extra: str = "",
+    device: str = DEVICE,
+    mqtt: str = "",
 ) -> Path:
     """A daemon config for tests: fast retries and watchdogs, short settle time, RAM from a fixture."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -64,6 +70,7 @@ procfs_root = "{proc}"
 host = "{broker.host}"
 port = {broker.port}
 keepalive_s = 5
+{mqtt}
 
 [store]
 state_dir = "{directory / "state"}"
@@ -135,7 +142,13 @@ def sign_command(
 class FleetObserver:
     """An operator-side MQTT client: publishes desired state and commands, records what devices say."""
 
-    def __init__(self, broker: Mosquitto, operator: str = "op-1", persistent: bool = False) -> None:
+    def __init__(
+        self,
+        broker: Mosquitto,
+        operator: str = "op-1",
+        persistent: bool = False,
+        cert: CertPair | None = None,
+    ) -> None:
         """``persistent``: keep a broker session, so messages sent while this client reconnects wait."""
         self.events: list[dict[str, Any]] = []
         self.statuses: list[dict[str, Any]] = []
@@ -148,6 +161,10 @@ class FleetObserver:
             client_id=f"observer-{secrets.token_hex(4)}",
             protocol=mqtt.MQTTv5,
         )
+        if broker.tls is not None and cert is not None:
+            client.tls_set(
+                ca_certs=str(broker.tls.ca.ca_file), certfile=str(cert.cert), keyfile=str(cert.key)
+            )
         client.on_message = self._on_message
         client.on_connect = self._on_connect
         client.on_subscribe = lambda *args: self._subscribed.set()

@@ -1,0 +1,107 @@
+"""``immune-edge install``, ``verify`` and ``status``: the offline path through the same checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness.edge import OTHER_ARCH, digest, sign_manifest, write_edge_config
+from tests.harness.broker import Mosquitto
+from tests.test_edge_daemon import model_blob
+
+
+def immune_edge(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.fixture
+def setup(tmp_path, fleet_keys, artifact_server):
+    # The daemon is not running: install and verify need no broker (the config still names one).
+    config = write_edge_config(tmp_path / "device", Mosquitto(tmp_path / "unused"), fleet_keys.keyring())
+    data = model_blob("usb")
+    model = tmp_path / "model.gguf"
+    model.write_bytes(data)
+    manifest = tmp_path / "manifest.dsse.json"
+    manifest.write_bytes(
+        sign_manifest([fleet_keys.trainer], data, artifact_server.add("usb.gguf", data), serial=3)
+    )
+    return config, model, manifest, data
+
+
+def test_install_from_a_local_file_then_already_installed(setup, artifact_server) -> None:
+    config, model, manifest, data = setup
+    first = immune_edge("install", manifest, "--artifact", model, "--config", config)
+    assert first.returncode == 0, first.stderr
+    assert "committed" in first.stdout
+    assert not [r for r in artifact_server.requests if r.method == "GET"]  # nothing downloaded
+    again = immune_edge("install", manifest, "--artifact", model, "--config", config)
+    assert again.returncode == 0 and "already-installed" in again.stdout
+    status = immune_edge("status", "--config", config)
+    assert status.returncode == 0 and "current" in status.stdout and digest(data)[:16] in status.stdout
+
+
+def test_install_downloads_when_no_artifact_is_given(setup) -> None:
+    config, _, manifest, _ = setup
+    result = immune_edge("install", manifest, "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert "committed" in result.stdout
+
+
+def test_install_refuses_a_file_that_does_not_match(setup, tmp_path) -> None:
+    config, model, manifest, data = setup
+    wrong = tmp_path / "wrong.gguf"
+    wrong.write_bytes(data[:-1] + b"?")
+    result = immune_edge("install", manifest, "--artifact", wrong, "--config", config)
+    assert result.returncode == 1
+    assert "rejected" in result.stdout and "hash-mismatch" in result.stdout
+    assert not list((tmp_path / "device" / "state" / "store" / "sha256").iterdir())
+
+
+def test_verify_explains_each_check(setup, tmp_path, fleet_keys, artifact_server) -> None:
+    config, model, manifest, data = setup
+    ok = immune_edge("verify", manifest, model, "--config", config)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for check in ("signature, schema, expiry", "serial", "compatibility", "size and sha256", "GGUF header"):
+        assert check in ok.stdout
+    assert "FAIL" not in ok.stdout
+
+    short = tmp_path / "short.gguf"
+    short.write_bytes(data[:100])
+    result = immune_edge("verify", manifest, short, "--keyring", tmp_path / "device" / "keyring.json")
+    assert result.returncode == 1
+    assert "size-mismatch" in result.stdout and "skipped" in result.stdout
+
+    arm_only = tmp_path / "other-arch.dsse.json"
+    arm_only.write_bytes(
+        sign_manifest(
+            [fleet_keys.trainer],
+            data,
+            artifact_server.add("a.gguf", data),
+            serial=4,
+            compatibility={"cpu_arch": [OTHER_ARCH]},
+        )
+    )
+    result = immune_edge("verify", arm_only, model, "--config", config)
+    assert result.returncode == 1 and "incompatible-arch" in result.stdout
+
+    forged = tmp_path / "forged.dsse.json"
+    forged.write_bytes(sign_manifest([fleet_keys.stranger], data, "http://127.0.0.1:9/x.gguf", serial=5))
+    result = immune_edge("verify", forged, model, "--config", config)
+    assert result.returncode == 1 and "unknown-key" in result.stdout
+
+
+def test_bad_config_is_named(tmp_path) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text('[device]\nid = "pi-1"\nfleet = "lab"\ncolour = "blue"\n')
+    result = immune_edge("status", "--config", config)
+    assert result.returncode == 1
+    assert "device.colour" in result.stderr
