@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.edge import OTHER_ARCH, digest, sign_manifest, write_edge_config
 from tests.harness.broker import Mosquitto
+from tests.harness.edge import OTHER_ARCH, digest, sign_manifest, write_edge_config
 from tests.test_edge_daemon import model_blob
 
 
@@ -57,7 +57,7 @@ def test_install_downloads_when_no_artifact_is_given(setup) -> None:
 
 
 def test_install_refuses_a_file_that_does_not_match(setup, tmp_path) -> None:
-    config, model, manifest, data = setup
+    config, _, manifest, data = setup
     wrong = tmp_path / "wrong.gguf"
     wrong.write_bytes(data[:-1] + b"?")
     result = immune_edge("install", manifest, "--artifact", wrong, "--config", config)
