@@ -42,27 +42,10 @@ lint: venv
 test: venv lint
 	$(PY) -m pytest
 
-## Placeholder until the edge issues land: the shared contracts end to end on the real SmolLM2 GGUF.
+## The delivery path end to end on this machine: keys, signed manifest for the bundled SmolLM2 GGUF,
+## loopback artifact server, local mosquitto, and `immune-edge run` taking the model to `committed`.
 demo: venv
-	@rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
-	@set -euo pipefail; cd $(DEMO_DIR); fleet=../$(VENV)/bin/immune-fleet; \
-	model=$$(cd .. && $(PY) -c 'from tests.harness.models import smollm2_gguf; print(smollm2_gguf())'); \
-	echo "== keys for each role (private keys are mode 0600)"; \
-	for role in root trainer operator; do $$fleet keys generate --role $$role --name $$role-1 --dir keys >/dev/null; done; \
-	ls -l keys; \
-	echo "== trusted keyring"; $$fleet keyring create keys/*.pub.json -o keyring.json; \
-	echo "== manifest for $$model"; \
-	$$fleet manifest create "$$model" --name slips-summary-smol --serial 1 --chat-format chatml \
-	  --url http://127.0.0.1:8080/SmolLM2-135M-Instruct.Q4_1.gguf --stop '<|im_end|>' -o manifest.json; \
-	echo "== sign with the trainer key and verify with the artifact"; \
-	$$fleet sign manifest.json --key keys/trainer-1.key -o manifest.dsse.json; \
-	$$fleet verify manifest.dsse.json --keyring keyring.json --artifact "$$model"; \
-	echo "== hostile inputs are rejected with a reason"; \
-	head -c 1000000 "$$model" > SmolLM2-135M-Instruct.Q4_1.gguf; \
-	! $$fleet verify manifest.dsse.json --keyring keyring.json --artifact SmolLM2-135M-Instruct.Q4_1.gguf; \
-	$$fleet sign manifest.json --key keys/operator-1.key -o forged.dsse.json >/dev/null; \
-	! $$fleet verify forged.dsse.json --keyring keyring.json; \
-	echo "demo finished: files in $(DEMO_DIR)/"
+	$(PY) -m tests.harness.demo $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache .hypothesis
