@@ -268,6 +268,58 @@ def status(config: ConfigOption = DEFAULT_CONFIG_FILE) -> None:
         node.close()
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option("--model", "-m", help="GGUF file to serve.")],
+    host: Annotated[str, typer.Option(help="TCP address (loopback unless you mean it).")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="TCP port; 11434 is where Slips looks by default. 0: no TCP.")
+    ] = 11434,
+    socket_path: Annotated[
+        Path | None, typer.Option("--socket", help="Also serve on this Unix socket.")
+    ] = None,
+    chat_format: Annotated[
+        str | None, typer.Option(help="llama-cpp-python chat format, e.g. chatml.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Model name clients use (default: file stem).")] = None,
+    alias: Annotated[list[str] | None, typer.Option(help="Extra model names (repeatable).")] = None,
+    n_ctx: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
+    threads: Annotated[int | None, typer.Option(help="Inference threads (default: CPU count).")] = None,
+    max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 8,
+) -> None:
+    """Serve one local GGUF over the OpenAI/Ollama-compatible API, without MQTT (development, single box)."""
+    import time
+
+    from edge.api.app import create_app
+    from edge.api.server import bind_tcp, bind_unix, serve_api
+    from edge.delivery.gguf_header import read_gguf_header
+    from edge.runtime.handle import WorkerHandle
+    from edge.runtime.protocol import LoadSpec
+    from edge.runtime.router import ModelRouter, ServedModel
+
+    setup_logging(False)
+    read_gguf_header(model)  # refuse a non-GGUF file before llama.cpp sees it
+    sockets = []
+    if port:
+        sockets.append(bind_tcp(host, port))
+    if socket_path is not None:
+        sockets.append(bind_unix(socket_path))
+    if not sockets:
+        raise ContractError("usage", "nothing to listen on: give --port or --socket")
+    served_name = name or model.stem
+    spec = LoadSpec(model_path=str(model), n_ctx=n_ctx, n_threads=threads, chat_format=chat_format)
+    worker = WorkerHandle(spec, served_name).start()
+    router = ModelRouter(max_waiting=queue)
+    router.serve(
+        ServedModel(served_name, worker, n_ctx, max_tokens_cap, int(time.time()), tuple(alias or ()))
+    )
+    try:
+        serve_api(create_app(router), sockets)
+    finally:
+        worker.stop()
+
+
 def main() -> None:
     """Entry point: bad input ends with one clear line and exit status 1."""
     try:

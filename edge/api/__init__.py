@@ -1,0 +1,1 @@
+"""The local HTTP API Slips talks to: OpenAI- and Ollama-compatible."""

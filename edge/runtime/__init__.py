@@ -1,0 +1,1 @@
+"""The data plane: llama-cpp-python in supervised worker processes."""

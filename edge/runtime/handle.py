@@ -1,0 +1,135 @@
+"""The daemon's side of one inference worker process: start it, send requests, stream events back,
+cancel on client disconnect, notice crashes."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+
+from edge.runtime.protocol import Cancel, GenerateRequest, LoadSpec, WorkerEvent
+from edge.runtime.worker import worker_main
+
+log = logging.getLogger(__name__)
+
+#: Worst case for one token on a throttled Pi; a worker silent for longer is treated as hung.
+TOKEN_TIMEOUT_S = 120.0
+
+
+class WorkerError(RuntimeError):
+    """The worker failed to load, crashed, hung or reported an error."""
+
+
+class WorkerHandle:
+    """One llama-cpp-python process serving one model, one request at a time."""
+
+    def __init__(self, spec: LoadSpec, name: str) -> None:
+        self.spec = spec
+        self.name = name
+        self.n_threads = 0
+        self.load_ms = 0.0
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+
+    def start(self, timeout_s: float = 300.0) -> WorkerHandle:
+        """Start the process and wait until the model is loaded; raise WorkerError otherwise."""
+        # spawn, not fork: the daemon has threads (MQTT, HTTP) that a fork would copy half-way.
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        started = time.perf_counter()
+        process = context.Process(
+            target=worker_main,
+            args=(child, self.spec.model_dump_json()),
+            name=f"worker-{self.name}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        self._conn, self._process = parent, process
+        event = self._receive(timeout_s, "loading")
+        if event.type != "ready":
+            self.stop()
+            raise WorkerError(event.error or f"worker for {self.name} did not start")
+        self.n_threads = event.n_threads
+        self.load_ms = (time.perf_counter() - started) * 1000
+        log.info(
+            "worker %s ready (pid %s, %d threads, %.0f ms)",
+            self.name,
+            process.pid,
+            self.n_threads,
+            self.load_ms,
+        )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def _receive(self, timeout_s: float, doing: str) -> WorkerEvent:
+        conn = self._conn
+        if conn is None:
+            raise WorkerError(f"worker {self.name} is not running")
+        deadline = time.monotonic() + timeout_s
+        while not conn.poll(0.2):
+            if not self.alive:
+                code = self._process.exitcode if self._process else None
+                raise WorkerError(f"worker {self.name} exited (code {code}) while {doing}")
+            if time.monotonic() > deadline:
+                raise WorkerError(f"worker {self.name} silent for {timeout_s:.0f} s while {doing}")
+        try:
+            return WorkerEvent.model_validate_json(conn.recv_bytes())
+        except EOFError:
+            raise WorkerError(f"worker {self.name} closed its pipe while {doing}") from None
+
+    def generate(self, request: GenerateRequest) -> Iterator[WorkerEvent]:
+        """Yield delta events then one done event; raise WorkerError on failure. Closing the
+        iterator early cancels the generation in the worker."""
+        with self._lock:
+            if self._conn is None:
+                raise WorkerError(f"worker {self.name} is not running")
+            self._conn.send_bytes(request.model_dump_json().encode())
+            finished = False
+            try:
+                while True:
+                    event = self._receive(TOKEN_TIMEOUT_S, "generating")
+                    if event.type == "error":
+                        finished = True
+                        raise WorkerError(event.error or "worker error")
+                    if event.type == "done":
+                        finished = True
+                        yield event
+                        return
+                    yield event
+            finally:
+                if not finished and self.alive:
+                    self._cancel(request.id)
+
+    def _cancel(self, request_id: str) -> None:
+        """Stop a generation whose consumer went away and wait for the worker to be idle again."""
+        if self._conn is None:
+            return
+        self._conn.send_bytes(Cancel(cancel=request_id).model_dump_json().encode())
+        try:
+            while self._receive(TOKEN_TIMEOUT_S, "cancelling").type not in ("done", "error"):
+                pass
+        except WorkerError as exc:
+            log.warning("cancel of %s: %s", request_id, exc)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Close the pipe (the worker exits) and make sure the process is gone."""
+        if self._conn is not None:
+            self._conn.close()
+        if self._process is not None:
+            self._process.join(timeout_s)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+        self._conn = None

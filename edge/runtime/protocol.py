@@ -1,0 +1,71 @@
+"""Messages between the daemon and an inference worker process (JSON over a multiprocessing pipe).
+
+The worker is a separate process so a crash or hang in native code cannot take the control plane
+down; these models are the whole interface, validated on both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoadSpec(_Message):
+    """How to load one GGUF (from the signed manifest's runtime profile, or `serve` options)."""
+
+    model_path: str
+    n_ctx: Annotated[int, Field(ge=128, le=131072)] = 4096
+    n_threads: Annotated[int, Field(ge=1, le=256)] | None = None
+    n_batch: Annotated[int, Field(ge=1, le=8192)] = 512
+    chat_format: str | None = None
+    chat_template: str | None = None
+    stop: list[str] = []
+    #: Keep the KV state of recent prompts so a shared prefix (Slips' system prompt) is not re-evaluated.
+    prompt_cache_mb: Annotated[int, Field(ge=0)] = 256
+
+
+class ChatMessage(_Message):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class GenerateRequest(_Message):
+    """One generation; exactly one of ``messages`` (chat) and ``prompt`` (raw completion)."""
+
+    id: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)]
+    temperature: float = 0.2
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    stop: list[str] = []
+    seed: int | None = None
+
+
+class Cancel(_Message):
+    """Stop the running generation (the client went away)."""
+
+    cancel: str
+
+
+class WorkerEvent(_Message):
+    """What a worker sends back: ready once, then deltas and one done (or error) per request."""
+
+    type: Literal["ready", "delta", "done", "error"]
+    id: str = ""
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_ms: float = 0.0
+    total_ms: float = 0.0
+    n_threads: int = 0
+    error: str | None = None
