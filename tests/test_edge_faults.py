@@ -230,11 +230,11 @@ def test_disk_full_fails_cleanly(small_disk, mqtt_broker, observer, artifact_ser
         partial = store / "partial" / f"{digest(big)}.part"
         _wait(lambda: partial.exists() and partial.stat().st_size > 1024 * 1024, 30, "download under way")
         filler = small_disk / "filler"
-        with filler.open("wb") as handle:
+        # Unbuffered: a buffered writer would raise ENOSPC again when closing with bytes left over.
+        with filler.open("wb", buffering=0) as handle:
             try:
                 while True:
                     handle.write(b"\0" * 65536)
-                    handle.flush()
             except OSError:
                 pass
         failed = observer.wait_terminal(2)[-1]

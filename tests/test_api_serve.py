@@ -1,0 +1,219 @@
+"""`immune-edge serve` on the real SmolLM2 GGUF, driven by the official openai and ollama clients
+over TCP and over the Unix socket, plus hostile HTTP input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from tests.harness.net import free_port
+
+PROMPT = [{"role": "user", "content": "Summarise: host 10.0.0.5 scanned 200 ports in 3 seconds."}]
+
+
+@dataclass
+class Server:
+    base: str
+    socket: Path
+    process: subprocess.Popen[bytes]
+
+    def uds(self) -> httpx.Client:
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://localhost", timeout=120
+        )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_model) -> Iterator[Server]:
+    port = free_port()
+    socket = tmp_path_factory.mktemp("sock") / "immune-edge.sock"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge.cli",
+            "serve",
+            "--model",
+            str(smollm2_model),
+            "--port",
+            str(port),
+            "--socket",
+            str(socket),
+            "--chat-format",
+            "chatml",
+            "--name",
+            "slips-summary-smol",
+            "--alias",
+            "slips-fast",
+            "--threads",
+            "1",
+            "--max-tokens-cap",
+            "64",
+            "--n-ctx",
+            "512",
+            "--queue",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"serve did not start: {process.stderr.read().decode() if process.stderr else ''}"
+            )
+        time.sleep(0.2)
+    yield Server(base, socket, process)
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_openai_client_over_tcp(server) -> None:
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="slips-summary-smol", messages=PROMPT, max_tokens=16, temperature=0
+    )
+    assert reply.choices[0].message.content
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 0
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="slips-fast", messages=PROMPT, max_tokens=16, temperature=0, stream=True
+        )
+    ]
+    assert "".join(pieces) == reply.choices[0].message.content  # greedy: the same text either way
+    assert [m.id for m in client.models.list()] == ["slips-summary-smol", "slips-fast"]
+    completion = client.completions.create(model="slips-fast", prompt="The port scan", max_tokens=8)
+    assert completion.choices[0].text
+
+
+def test_openai_client_over_unix_socket(server) -> None:
+    client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=server.uds())
+    reply = client.chat.completions.create(model="slips-fast", messages=PROMPT, max_tokens=8)
+    assert reply.choices[0].message.content
+
+
+def test_ollama_client_over_tcp_and_unix_socket(server) -> None:
+    for client in (
+        ollama.Client(host=server.base),
+        ollama.Client(host="http://localhost", transport=httpx.HTTPTransport(uds=str(server.socket))),
+    ):
+        reply = client.chat(
+            model="slips-summary-smol",
+            messages=PROMPT,
+            stream=False,
+            options={"temperature": 0, "num_predict": 16},
+        )
+        assert reply.message.content and reply.eval_count and reply.prompt_eval_count
+        streamed = "".join(
+            part.message.content
+            for part in client.chat(
+                model="slips-summary-smol",
+                messages=PROMPT,
+                options={"temperature": 0, "num_predict": 16},
+                stream=True,
+            )
+        )
+        assert streamed == reply.message.content
+        generated = client.generate(model="slips-fast", prompt="Port scans are", options={"num_predict": 8})
+        assert generated.response
+        assert [m.model for m in client.list().models] == ["slips-summary-smol", "slips-fast"]
+
+
+def test_slips_style_request_without_a_client_library(server) -> None:
+    """What Slips' urllib3 code sends for provider 'ollama': non-streaming /api/chat."""
+    body = {
+        "model": "slips-fast",
+        "messages": PROMPT,
+        "stream": False,
+        "options": {"temperature": 0.2, "num_predict": 32},
+    }
+    reply = httpx.post(f"{server.base}/api/chat", json=body, timeout=120).json()
+    assert reply["message"]["content"] and reply["prompt_eval_count"] > 0 and reply["eval_count"] > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "needle"),
+    [
+        ("/v1/chat/completions", b"{not json", 400, "invalid JSON"),
+        ("/v1/chat/completions", b'{"messages": "hi"}', 400, "messages"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}',
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}',
+            400,
+            "exceeds this model's cap of 64",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "not served here",
+        ),
+        (
+            "/api/chat",
+            b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "not served",
+        ),
+        ("/api/chat", b"[1, 2]", 400, "JSON object"),
+    ],
+)
+def test_hostile_bodies_get_clear_errors(server, path: str, payload: bytes, status: int, needle: str) -> None:
+    response = httpx.post(
+        f"{server.base}{path}", content=payload, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == status, response.text
+    assert needle in response.text
+    if path.startswith("/v1"):
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_huge_body_and_long_prompt(server) -> None:
+    huge = b'{"messages": [{"role": "user", "content": "' + b"a" * (2 * 1024 * 1024) + b'"}]}'
+    response = httpx.post(
+        f"{server.base}/v1/chat/completions",
+        content=huge,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 413 and "exceeds" in response.text
+    long_prompt = {"messages": [{"role": "user", "content": "port scan " * 800}], "max_tokens": 8}
+    response = httpx.post(f"{server.base}/v1/chat/completions", json=long_prompt, timeout=120)
+    assert response.status_code == 400 and "context window" in response.text, response.text
+    assert httpx.get(f"{server.base}/ready").status_code == 200
+
+
+def test_more_connections_than_the_queue_get_429_and_the_server_recovers(server) -> None:
+    body = {"messages": PROMPT, "max_tokens": 32}
+
+    def call(_: int) -> int:
+        return httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=300).status_code
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        statuses = list(pool.map(call, range(100)))
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(429) > 0 and statuses.count(200) >= 1
+    assert call(0) == 200
