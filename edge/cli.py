@@ -24,6 +24,7 @@ from edge.delivery.verifier import (
     check_model_files,
     check_serial,
     open_manifest,
+    peek_manifest,
 )
 from edge.node import EdgeNode, device_profile
 from shared.config import load_config
@@ -209,8 +210,8 @@ def verify(
         node = EdgeNode.open(load_config(config, EdgeConfig))
         try:
             trusted, device = node.trust.keyring, device_profile(node.config)
-            channel = _channel_of(envelope)
-            last_serial = node.ledger.last_serial(channel) if channel else 0
+            claimed = peek_manifest(envelope)
+            last_serial = node.ledger.last_serial(claimed.channel) if claimed else 0
         finally:
             node.close()
     elif keyring is not None:
@@ -227,16 +228,6 @@ def verify(
     console.print(table)
     if any(check.passed is False for check in checks):
         raise typer.Exit(1)
-
-
-def _channel_of(envelope: bytes) -> str | None:
-    """The channel a manifest claims (untrusted; only used to look up the serial floor to report)."""
-    from shared.signing import Envelope
-
-    try:
-        return Manifest.from_json(Envelope.from_json(envelope).payload_bytes()).channel
-    except ContractError:
-        return None
 
 
 @app.command()

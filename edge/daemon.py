@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge.control.activation import Activator
-from edge.control.commands import CommandHandler, ReplyTo
+from edge.control.commands import CommandHandler
 from edge.control.deployer import TRANSIENT_REASONS, envelope_digest
 from edge.mqtt.agent import Inbound, MqttAgent
 from edge.node import EdgeConfig, EdgeNode
 from shared.errors import ContractError
-from shared.messages import Command, DeviceStatus
+from shared.messages import DeviceStatus
 from shared.signing import Envelope
 from shared.topics import TopicError, TopicKind, TopicRef
 
@@ -65,7 +65,7 @@ class EdgeDaemon:
         self.device_id = config.device.id
         self.groups = tuple(config.device.groups)
         self._inbox: queue.Queue[Inbound] = queue.Queue(maxsize=INBOX_LIMIT)
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self._desired = _Desired()
         self._desired_lock = threading.Lock()
         self._reconcile_queued = threading.Event()
@@ -213,10 +213,7 @@ class EdgeDaemon:
             self.commands.execute(command, reply)  # read-only: answer at once, even mid-download
             self.agent.wake()
         else:
-            self._jobs.put(lambda: self._run_command(command, reply))
-
-    def _run_command(self, command: Command, reply: ReplyTo) -> None:
-        self.commands.execute(command, reply)
+            self._jobs.put(lambda: self.commands.execute(command, reply))
 
     # -- desired state ---------------------------------------------------------------------------
     def _desired_changed(self) -> None:

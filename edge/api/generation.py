@@ -91,9 +91,9 @@ class Generation:
             stop=list(sampling.stop),
             seed=sampling.seed,
         )
+        self._router = router
         try:
-            self._ticket = router.admission()
-            self._ticket.__enter__()
+            router.admit()
         except QueueFullError as exc:
             raise ApiError(429, f"server busy: {exc}; retry shortly", "queue_full") from None
         self._released = False
@@ -101,7 +101,7 @@ class Generation:
     def _release(self) -> None:
         if not self._released:
             self._released = True
-            self._ticket.__exit__(None, None, None)
+            self._router.release()
 
     def _events(self) -> Iterator[WorkerEvent]:
         try:

@@ -54,12 +54,22 @@ def _router(request: Request) -> ModelRouter:
     return request.app.state.router
 
 
-def _usage(result: Result) -> dict[str, int]:
+def _final(
+    ident: str, kind: str, created: int, content: dict[str, object], result: Result
+) -> dict[str, object]:
+    """A non-streamed response: one choice with ``content`` (message or text), and token usage."""
     done = result.done
     return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "id": ident,
+        "object": kind,
+        "created": created,
+        "model": result.model.name,
+        "choices": [{"index": 0, **content, "finish_reason": done.finish_reason}],
+        "usage": {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+        },
     }
 
 
@@ -98,20 +108,8 @@ async def chat_completions(
 
         return _sse(chunks())
     result = await generation.collect()
-    return {
-        "id": ident,
-        "object": "chat.completion",
-        "created": created,
-        "model": name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.done.finish_reason,
-            }
-        ],
-        "usage": _usage(result),
-    }
+    message = {"role": "assistant", "content": result.text}
+    return _final(ident, "chat.completion", created, {"message": message}, result)
 
 
 @router.post("/completions", response_model=None)
@@ -129,14 +127,7 @@ async def completions(body: CompletionRequest, request: Request) -> dict[str, ob
 
         return _sse(chunks())
     result = await generation.collect()
-    return {
-        "id": ident,
-        "object": "text_completion",
-        "created": created,
-        "model": name,
-        "choices": [{"index": 0, "text": result.text, "finish_reason": result.done.finish_reason}],
-        "usage": _usage(result),
-    }
+    return _final(ident, "text_completion", created, {"text": result.text}, result)
 
 
 @router.get("/models")

@@ -32,12 +32,12 @@ from edge.delivery.verifier import (
     check_model_files,
     check_serial,
     open_manifest,
+    peek_manifest,
 )
 from edge.state.ledger import Deployment, InstalledModel, Ledger
 from shared.errors import ArtifactError, ContractError
 from shared.manifest import Manifest
 from shared.messages import DeploymentState
-from shared.signing import Envelope
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Deployer:
         )
         self.ledger.add_model(model)
         run.advance(DeploymentState.STAGED, f"GGUF v{header.version} {header.architecture}")
-        return self._go_live(run, model, accept_serial=True)
+        return self._go_live(run, model)
 
     @staticmethod
     def _same(model: InstalledModel, manifest: Manifest) -> bool:
@@ -236,16 +236,22 @@ class Deployer:
                 self.store.blob_path(entry.sha256).unlink(missing_ok=True)
                 self.store.partial_path(entry.sha256).unlink(missing_ok=True)
 
-    def _go_live(self, run: _Run, model: InstalledModel, accept_serial: bool) -> Outcome:
-        """activating -> trial -> committed, or back to what ran before."""
-        before, before_previous = self.ledger.current(), self.ledger.previous()
+    def _activate(self, run: _Run, model: InstalledModel, before: InstalledModel | None) -> Outcome | None:
+        """Start ``model`` in the runtime; on failure serve ``before`` again and end the run as failed."""
         run.advance(DeploymentState.ACTIVATING)
         try:
             self.activator.activate(model)
         except ActivationError as exc:
             self.activator.restore(before)
             return run.end(DeploymentState.FAILED, exc.reason, f"{exc.reason}: {exc}")
-        self.ledger.switch_to(model, accept_serial=accept_serial)
+        return None
+
+    def _go_live(self, run: _Run, model: InstalledModel) -> Outcome:
+        """activating -> trial -> committed, or back to what ran before."""
+        before, before_previous = self.ledger.current(), self.ledger.previous()
+        if (failed := self._activate(run, model, before)) is not None:
+            return failed
+        self.ledger.switch_to(model, accept_serial=True)
         run.advance(DeploymentState.TRIAL)
         try:
             self.activator.trial(model)
@@ -361,12 +367,8 @@ class Deployer:
             )
         except ContractError as exc:
             return run.end(DeploymentState.FAILED, exc.reason, f"{exc.reason}: {exc}")
-        run.advance(DeploymentState.ACTIVATING)
-        try:
-            self.activator.activate(target)
-        except ActivationError as exc:
-            self.activator.restore(current)
-            return run.end(DeploymentState.FAILED, exc.reason, f"{exc.reason}: {exc}")
+        if (failed := self._activate(run, target, current)) is not None:
+            return failed
         self.ledger.switch_to(target, accept_serial=False)
         frm = f"serial {current.serial}" if current else "no model"
         outcome = run.end(final, verb, f"{verb}: {frm} -> {target.name} serial {target.serial}")
@@ -395,14 +397,9 @@ class Deployer:
 
 
 def _digests_of(envelope: bytes | None) -> set[str]:
-    """File digests an envelope's manifest names, without verifying it: only used to protect files."""
-    if envelope is None:
-        return set()
-    try:
-        manifest = Manifest.from_json(Envelope.from_json(envelope).payload_bytes())
-    except ContractError:
-        return set()
-    return {entry.sha256 for entry in manifest.files}
+    """File digests an envelope's manifest names (unverified: only used to protect files from GC)."""
+    manifest = peek_manifest(envelope) if envelope is not None else None
+    return {entry.sha256 for entry in manifest.files} if manifest else set()
 
 
 def envelope_digest(envelope: bytes) -> str:

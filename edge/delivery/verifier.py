@@ -12,7 +12,7 @@ from pathlib import Path
 from edge.delivery.gguf_header import GgufHeader, read_gguf_header
 from shared.errors import ContractError
 from shared.manifest import FileRole, Manifest
-from shared.signing import Keyring
+from shared.signing import Envelope, Keyring
 from shared.verification import open_signed_manifest
 
 
@@ -33,6 +33,15 @@ class DeviceProfile:
 def open_manifest(envelope: bytes, keyring: Keyring, now: datetime) -> Manifest:
     """Signature by a threshold of trainer keys, then schema, then expiry."""
     return open_signed_manifest(envelope, keyring, now)
+
+
+def peek_manifest(envelope: bytes) -> Manifest | None:
+    """The manifest inside an envelope WITHOUT verifying it, or None if unreadable. Only for
+    bookkeeping that cannot hurt if lied to (which files to keep, which serial floor to show)."""
+    try:
+        return Manifest.from_json(Envelope.from_json(envelope).payload_bytes())
+    except ContractError:
+        return None
 
 
 def check_serial(manifest: Manifest, last_serial: int) -> None:

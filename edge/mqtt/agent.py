@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -117,12 +118,10 @@ class MqttAgent:
 
     def wait_drained(self, timeout_s: float) -> bool:
         """Wait until the outbox is empty (all acknowledged) or the timeout passes."""
-        done = threading.Event()
-        for _ in range(int(timeout_s * 20)):
-            if len(self.outbox) == 0:
-                return True
+        deadline = time.monotonic() + timeout_s
+        while len(self.outbox) and time.monotonic() < deadline:
             self.wake()
-            done.wait(0.05)
+            time.sleep(0.05)
         return len(self.outbox) == 0
 
     def stop(self) -> None:

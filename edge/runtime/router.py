@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from edge.runtime.handle import WorkerHandle
@@ -60,18 +58,16 @@ class ModelRouter:
         known = ", ".join([model.name, *model.aliases])
         raise UnknownModelError(f"model {name!r} is not served here (available: {known})")
 
-    @contextmanager
-    def admission(self) -> Iterator[None]:
-        """Hold a queue slot for the duration of one request; QueueFullError when none is left."""
+    def admit(self) -> None:
+        """Take a queue slot for one request (give it back with ``release``); QueueFullError if none."""
         with self._lock:
             if self._admitted >= self.max_waiting + 1:
                 raise QueueFullError(f"{self._admitted} requests are running or queued")
             self._admitted += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._admitted -= 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._admitted -= 1
 
     @property
     def queue_depth(self) -> int:

@@ -85,7 +85,7 @@ def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateReque
                 finish = "cancelled"
                 break
     ended = time.perf_counter()
-    completion = max(produced, 0)
+    completion = produced
     _send(
         conn,
         WorkerEvent(
