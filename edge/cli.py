@@ -275,7 +275,9 @@ def serve(
     name: Annotated[str | None, typer.Option(help="Model name clients use (default: file stem).")] = None,
     alias: Annotated[list[str] | None, typer.Option(help="Extra model names (repeatable).")] = None,
     n_ctx: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
-    threads: Annotated[int | None, typer.Option(help="Inference threads (default: CPU count).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Inference threads (default: measured at load).")
+    ] = None,
     max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 8,
 ) -> None:
@@ -283,30 +285,37 @@ def serve(
     import time
 
     from edge.api.app import create_app
-    from edge.api.server import bind_tcp, bind_unix, serve_api
+    from edge.api.generation import Serving
+    from edge.api.server import bind_sockets, serve_api
+    from edge.config import ApiSettings
     from edge.delivery.gguf_header import read_gguf_header
+    from edge.metrics import Metrics
     from edge.runtime.handle import WorkerHandle
     from edge.runtime.protocol import LoadSpec
     from edge.runtime.router import ModelRouter, ServedModel
 
     setup_logging(False)
     read_gguf_header(model)  # refuse a non-GGUF file before llama.cpp sees it
-    sockets = []
-    if port:
-        sockets.append(bind_tcp(host, port))
-    if socket_path is not None:
-        sockets.append(bind_unix(socket_path))
-    if not sockets:
-        raise ContractError("usage", "nothing to listen on: give --port or --socket")
+    api = ApiSettings(
+        host=host,
+        port=port,
+        socket=socket_path,
+        queue=queue,
+        max_tokens_cap=max_tokens_cap,
+        aliases=alias or [],
+    )
+    sockets = bind_sockets(api)
     served_name = name or model.stem
     spec = LoadSpec(model_path=str(model), n_ctx=n_ctx, n_threads=threads, chat_format=chat_format)
     worker = WorkerHandle(spec, served_name).start()
     router = ModelRouter(max_waiting=queue)
     router.serve(
-        ServedModel(served_name, worker, n_ctx, max_tokens_cap, int(time.time()), tuple(alias or ()))
+        ServedModel(
+            served_name, worker, n_ctx, max_tokens_cap, int(time.time()), api.aliases_for(served_name)
+        )
     )
     try:
-        serve_api(create_app(router), sockets)
+        serve_api(create_app(Serving(router, Metrics(), api.request_timeout_s)), sockets)
     finally:
         worker.stop()
 

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from edge.delivery.downloader import DownloadPolicy
 from edge.delivery.gguf_header import DEFAULT_ARCHITECTURES
-from shared.config import CONFIG_DIR, STATE_DIR, ConfigModel, ConfigPath, MqttSettings
+from shared.config import CONFIG_DIR, STATE_DIR, ConfigError, ConfigModel, ConfigPath, MqttSettings
 from shared.schema import Identifier
 
 DEFAULT_CONFIG_FILE = CONFIG_DIR / "edge.toml"
@@ -68,6 +68,78 @@ class DeploySettings(ConfigModel):
     clock_skew_s: Annotated[float, Field(ge=0, le=3600)] = 120.0
 
 
+class ApiSettings(ConfigModel):
+    """Where and how Slips reaches the model."""
+
+    #: TCP address; loopback unless you mean to expose the model. An empty host disables TCP.
+    host: str = "127.0.0.1"
+    #: 11434 is where a stock Slips (Ollama provider) looks.
+    port: Annotated[int, Field(ge=0, le=65535)] = 11434
+    #: Unix socket (file permissions decide who may connect); None: TCP only.
+    socket: ConfigPath | None = Path("/run/immune-edge/api.sock")
+    socket_mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660
+    #: Group owning the socket, e.g. the one Slips runs as.
+    socket_group: str | None = None
+    #: Extra model names that reach whichever model is current (point Slips at one of these, so a swap
+    #: to a model with another name needs no Slips change).
+    aliases: Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=16)] = []
+    #: File holding a bearer token required on TCP (the Unix socket relies on file permissions).
+    bearer_token_file: ConfigPath | None = None
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    #: Requests that may wait behind the running one; more get 429.
+    queue: Annotated[int, Field(ge=0, le=1024)] = 8
+    request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    max_tokens_cap: Annotated[int, Field(ge=1, le=32768)] = 1024
+
+    def aliases_for(self, name: str) -> tuple[str, ...]:
+        """The aliases that add a name to model ``name``."""
+        return tuple(a for a in self.aliases if a != name)
+
+    def bearer_token(self) -> str | None:
+        """The token, read when the daemon starts; ConfigError if the file is unreadable or empty."""
+        if self.bearer_token_file is None:
+            return None
+        try:
+            token = self.bearer_token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError("config-invalid", f"api.bearer_token_file: {exc}") from None
+        if len(token) < 16:
+            raise ConfigError(
+                "config-invalid", "api.bearer_token_file: the token must be at least 16 characters"
+            )
+        return token
+
+
+class RuntimeSettings(ConfigModel):
+    """Inference workers, the health gate and the trial window."""
+
+    #: False: store and verify models only (no inference, no API).
+    enabled: bool = True
+    #: None: measured when each model loads.
+    n_threads: Annotated[int, Field(ge=1, le=256)] | None = None
+    n_batch: Annotated[int, Field(ge=1, le=8192)] = 512
+    prompt_cache_mb: Annotated[int, Field(ge=0, le=65536)] = 256
+    load_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    #: auto: keep the old model serving while the new one loads when MemAvailable allows two;
+    #: sequential: always stop the old first (requests wait); parallel: always keep both.
+    swap: Literal["auto", "sequential", "parallel"] = "auto"
+    #: RAM to keep free beyond the new model's estimate when deciding on a parallel swap.
+    swap_headroom_mb: Annotated[int, Field(ge=0)] = 256
+    #: Golden prompts for manifests without a health section.
+    golden_prompts: Annotated[
+        list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=8)
+    ] = ["Summarise in one sentence: Slips detected a horizontal port scan to port 22 from 10.0.0.5."]
+    gate_max_tokens: Annotated[int, Field(ge=1, le=512)] = 24
+    #: After the flip, watch the new model this long before committing it.
+    trial_s: Annotated[float, Field(ge=0)] = 60.0
+    trial_max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.2
+    trial_min_requests: Annotated[int, Field(ge=1)] = 5
+    #: Crashes within crash_window_s that make a crash loop (rollback during trial).
+    crash_limit: Annotated[int, Field(ge=1)] = 3
+    crash_window_s: Annotated[float, Field(gt=0)] = 300.0
+    drain_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+
+
 class EdgeConfig(ConfigModel):
     """Everything ``immune-edge run`` needs."""
 
@@ -78,10 +150,17 @@ class EdgeConfig(ConfigModel):
     store: StoreSettings = StoreSettings()
     download: DownloadSettings = DownloadSettings()
     deploy: DeploySettings = DeploySettings()
+    api: ApiSettings = ApiSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
 
     @property
     def state_dir(self) -> Path:
         return self.store.state_dir
+
+    @property
+    def store_dir(self) -> Path:
+        """The content-addressed model store."""
+        return self.store.state_dir / "store"
 
 
 def detect_cpu_arch() -> str:
@@ -90,9 +169,9 @@ def detect_cpu_arch() -> str:
     return {"arm64": "aarch64", "amd64": "x86_64"}.get(machine, machine)
 
 
-def read_mem_total_mb(procfs_root: Path) -> int:
-    """MemTotal from ``meminfo`` in MiB; raises OSError/ValueError when it cannot be read."""
+def read_meminfo_mb(procfs_root: Path, field: str) -> int:
+    """One ``meminfo`` field (MemTotal, MemAvailable...) in MiB; OSError/ValueError when unreadable."""
     for line in (procfs_root / "meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) // 1024
-    raise ValueError(f"{procfs_root / 'meminfo'}: no MemTotal line")
+    raise ValueError(f"{procfs_root / 'meminfo'}: no {field} line")

@@ -1,8 +1,10 @@
-"""``immune-edge run``: the device daemon's control plane.
+"""``immune-edge run``: the device daemon.
 
 Threads: paho's network loop and the outbox pump (edge.mqtt.agent); this control loop, which
-validates every inbound message and answers quick commands; and one worker that runs deployments
-and other state changes in order, so a long download never blocks status queries.
+validates every inbound message and answers quick commands; one worker that runs deployments
+and other state changes in order, so a long download never blocks status queries; and the data
+plane (edge.dataplane): the HTTP API thread and the worker supervisor, with inference in child
+processes.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge.control.activation import Activator
 from edge.control.commands import CommandHandler
 from edge.control.deployer import TRANSIENT_REASONS, envelope_digest
+from edge.dataplane import DataPlane
 from edge.mqtt.agent import Inbound, MqttAgent
 from edge.node import EdgeConfig, EdgeNode
 from shared.errors import ContractError
@@ -59,9 +61,10 @@ _DESIRED_KINDS = {TopicKind.DESIRED_FLEET, TopicKind.DESIRED_GROUP, TopicKind.DE
 class EdgeDaemon:
     """Receives desired state and commands over MQTT and drives the deployer."""
 
-    def __init__(self, config: EdgeConfig, activator: Activator | None = None) -> None:
+    def __init__(self, config: EdgeConfig) -> None:
         self.config = config
-        self.node = EdgeNode.open(config, activator)
+        self.dataplane = DataPlane(config) if config.runtime.enabled else None
+        self.node = EdgeNode.open(config, self.dataplane.runtime if self.dataplane else None)
         self.device_id = config.device.id
         self.groups = tuple(config.device.groups)
         self._inbox: queue.Queue[Inbound] = queue.Queue(maxsize=INBOX_LIMIT)
@@ -104,6 +107,8 @@ class EdgeDaemon:
     # -- lifecycle -----------------------------------------------------------------------------
     def run(self) -> None:
         """Serve until ``stop()`` (SIGTERM in the CLI)."""
+        if self.dataplane is not None:
+            self.dataplane.start()
         self._worker.start()
         self._jobs.put(self._resume)
         self.agent.start()
@@ -121,6 +126,8 @@ class EdgeDaemon:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.dataplane is not None:
+            self.dataplane.runtime.interrupt()  # a trial window in progress ends now
 
     def _shutdown(self) -> None:
         self._jobs.put(None)
@@ -135,6 +142,8 @@ class EdgeDaemon:
         )
         self.agent.wait_drained(timeout_s=3.0)
         self.agent.stop()
+        if self.dataplane is not None:
+            self.dataplane.close()
         self.node.close()
         log.info("stopped")
 
@@ -149,6 +158,7 @@ class EdgeDaemon:
 
     def _resume(self) -> None:
         self.node.deployer.resume_unfinished()
+        self.node.deployer.serve_current()
         self.node.reporter.status()
 
     # -- inbound ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from importlib import metadata
 
-from edge.config import EdgeConfig, detect_cpu_arch, read_mem_total_mb
+from edge.config import EdgeConfig, detect_cpu_arch, read_meminfo_mb
 from edge.control.activation import Activator, StoreOnlyActivator
 from edge.control.deployer import Deployer
 from edge.control.reporting import Clock, Reporter, utc_now
@@ -39,7 +39,7 @@ def device_profile(config: EdgeConfig) -> DeviceProfile:
     ram_mb = device.ram_mb
     if ram_mb is None:
         try:
-            ram_mb = read_mem_total_mb(device.procfs_root)
+            ram_mb = read_meminfo_mb(device.procfs_root, "MemTotal")
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 "config-invalid", f"device.ram_mb is unset and cannot be detected: {exc}"
@@ -86,7 +86,7 @@ class EdgeNode:
         reporter = Reporter(
             topics, config.device.id, tuple(config.device.groups), ledger, outbox, software_version(), clock
         )
-        store = ContentStore(state_dir / "store")
+        store = ContentStore(config.store_dir)
         deployer = Deployer(
             ledger,
             reporter,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.api import ollama_api, openai_api
-from edge.api.generation import ApiError
-from edge.runtime.router import ModelRouter
+from edge.api.generation import ApiError, Serving
 
 #: Slips' longest prompts are ~3,200 tokens (~13 kB); 1 MiB leaves room and stops abuse early.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -52,6 +54,30 @@ class BodyLimit:
         await response(scope, _nothing, send)
 
 
+class BearerAuth:
+    """Require ``Authorization: Bearer <token>`` on TCP; the Unix socket is guarded by its file mode.
+    ``/health`` stays open for liveness probes."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        over_tcp = server is not None and server[1] is not None
+        if scope["type"] != "http" or not over_tcp or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        what = "missing" if not given else "wrong"
+        response = _error(scope["path"], ApiError(401, f"{what} bearer token", "unauthorized"))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, _nothing, send)
+
+
 class _TooLargeError(Exception):
     pass
 
@@ -73,10 +99,14 @@ def _error(path: str, error: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
-def create_app(router: ModelRouter, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The API over ``router``."""
+def create_app(
+    serving: Serving, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, bearer_token: str | None = None
+) -> FastAPI:
+    """The API over ``serving``'s router."""
     app = FastAPI(title="immune-edge", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.router = router
+    app.state.serving = serving
+    router = serving.router
+    serving.metrics.watch_queue(lambda: router.queue_depth)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
 
@@ -120,5 +150,11 @@ def create_app(router: ModelRouter, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     async def root() -> dict[str, str]:
         return {"status": "immune-edge is running"}  # Ollama clients probe "/" for liveness
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(serving.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if bearer_token is not None:
+        app.add_middleware(BearerAuth, token=bearer_token)  # added last: runs first
     return app

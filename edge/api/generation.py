@@ -1,16 +1,23 @@
-"""Turning an API request into a worker generation: model lookup, caps, queue slot, streaming."""
+"""Turning an API request into a worker generation: queue slot, model checkout, caps, deadline,
+streaming, and the bookkeeping (metrics, trial statistics) every request feeds."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from edge.runtime.handle import WorkerError
+from edge.metrics import Metrics
+from edge.runtime.handle import RequestTimeoutError, WorkerError
+from edge.runtime.health import decode_rate
 from edge.runtime.protocol import ChatMessage, GenerateRequest, WorkerEvent
-from edge.runtime.router import ModelRouter, QueueFullError, ServedModel, UnknownModelError
+from edge.runtime.router import ModelRouter, NoModelError, QueueFullError, ServedModel, UnknownModelError
+
+#: How long a request waits for a crashed worker to be restarted before failing.
+RESTART_WAIT_S = 30.0
 
 
 class ApiError(Exception):
@@ -45,90 +52,181 @@ class Result:
     done: WorkerEvent
 
 
-class Generation:
-    """One admitted request: holds its queue slot until its events are consumed or abandoned."""
+@dataclass(frozen=True)
+class Serving:
+    """What every request needs from the app: the router, its limits and the metrics."""
 
-    def __init__(
-        self,
-        router: ModelRouter,
+    router: ModelRouter
+    metrics: Metrics
+    request_timeout_s: float = 300.0
+
+
+def _request(
+    model: ServedModel, sampling: Sampling, messages: list[ChatMessage] | None, prompt: str | None
+) -> GenerateRequest:
+    """The worker request: the client's values where given, else the model's signed defaults."""
+    defaults = model.defaults
+    max_tokens = (
+        sampling.max_tokens if sampling.max_tokens is not None else int(defaults.get("max_tokens", 256))
+    )
+    if max_tokens > model.max_tokens_cap:
+        raise ApiError(
+            400,
+            f"max_tokens {max_tokens} exceeds this model's cap of {model.max_tokens_cap}",
+            "max_tokens_too_large",
+            "max_tokens",
+        )
+    if messages is not None and model.system_prompt and not any(m.role == "system" for m in messages):
+        messages = [ChatMessage(role="system", content=model.system_prompt), *messages]
+
+    def pick(value: float | int | None, key: str, fallback: float | int) -> float | int:
+        return value if value is not None else defaults.get(key, fallback)
+
+    return GenerateRequest(
+        id=uuid.uuid4().hex,
+        messages=messages,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=float(pick(sampling.temperature, "temperature", 0.2)),
+        top_p=float(pick(sampling.top_p, "top_p", 0.95)),
+        top_k=int(pick(sampling.top_k, "top_k", 40)),
+        min_p=float(defaults.get("min_p", 0.05)),
+        repeat_penalty=float(defaults.get("repeat_penalty", 1.1)),
+        stop=list(sampling.stop),
+        seed=sampling.seed,
+    )
+
+
+class Generation:
+    """One admitted request: holds its queue slot and its model until its events are consumed or
+    abandoned. Create with ``await Generation.open(...)``."""
+
+    def __init__(self, serving: Serving, endpoint: str, model: ServedModel, request: GenerateRequest) -> None:
+        self._serving = serving
+        self._endpoint = endpoint
+        self.model = model
+        self.request = request
+        self._started = time.monotonic()
+        self._deadline = self._started + serving.request_timeout_s
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        serving: Serving,
+        endpoint: str,
         model_name: str | None,
         sampling: Sampling,
         messages: list[ChatMessage] | None = None,
         prompt: str | None = None,
-    ) -> None:
-        try:
-            self.model = router.resolve(model_name)
-        except UnknownModelError as exc:
-            raise ApiError(404, str(exc), "model_not_found", "model") from None
-        cap = self.model.max_tokens_cap
-        max_tokens = (
-            sampling.max_tokens
-            if sampling.max_tokens is not None
-            else int(self.model.defaults.get("max_tokens", 256))
-        )
-        if max_tokens > cap:
-            raise ApiError(
-                400,
-                f"max_tokens {max_tokens} exceeds this model's cap of {cap}",
-                "max_tokens_too_large",
-                "max_tokens",
-            )
-        defaults = self.model.defaults
-
-        def pick(value: float | int | None, key: str, fallback: float | int) -> float | int:
-            return value if value is not None else defaults.get(key, fallback)
-
-        self.request = GenerateRequest(
-            id=uuid.uuid4().hex,
-            messages=messages,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=float(pick(sampling.temperature, "temperature", 0.2)),
-            top_p=float(pick(sampling.top_p, "top_p", 0.95)),
-            top_k=int(pick(sampling.top_k, "top_k", 40)),
-            min_p=float(defaults.get("min_p", 0.05)),
-            repeat_penalty=float(defaults.get("repeat_penalty", 1.1)),
-            stop=list(sampling.stop),
-            seed=sampling.seed,
-        )
-        self._router = router
+    ) -> Generation:
+        """Admit the request and check out its model (waiting out a swap in progress)."""
+        router = serving.router
         try:
             router.admit()
         except QueueFullError as exc:
+            serving.metrics.requests.labels(endpoint=endpoint, status="429").inc()
             raise ApiError(429, f"server busy: {exc}; retry shortly", "queue_full") from None
-        self._released = False
+        try:
+            model = await run_in_threadpool(router.checkout, model_name, serving.request_timeout_s)
+        except (UnknownModelError, NoModelError) as exc:
+            router.release()
+            status = 404 if isinstance(exc, UnknownModelError) else 503
+            serving.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            code = "model_not_found" if status == 404 else "no_model"
+            raise ApiError(status, str(exc), code, "model" if status == 404 else None) from None
+        try:
+            request = _request(model, sampling, messages, prompt)
+        except ApiError as exc:
+            router.checkin(model)
+            router.release()
+            serving.metrics.requests.labels(endpoint=endpoint, status=str(exc.status)).inc()
+            raise
+        return cls(serving, endpoint, model, request)
 
-    def _release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._router.release()
+    def _close(self, status: int, done: WorkerEvent | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        router, metrics = self._serving.router, self._serving.metrics
+        router.checkin(self.model)
+        router.release()
+        metrics.requests.labels(endpoint=self._endpoint, status=str(status)).inc()
+        if done is not None:
+            metrics.latency.observe(time.monotonic() - self._started)
+            metrics.prompt_tokens.inc(done.prompt_tokens)
+            metrics.completion_tokens.inc(done.completion_tokens)
+        if status == 200 or status >= 500:  # client errors and hang-ups say nothing about the model
+            rate = decode_rate(done.completion_tokens, done.total_ms, done.prompt_ms) if done else None
+            self.model.stats.record(status == 200, rate)
+
+    def _worker_events(self) -> Iterator[WorkerEvent]:
+        """The worker's events; a request that produced nothing yet survives one worker restart."""
+        for attempt in range(2):
+            worker = self.model.worker
+            produced = False
+            try:
+                for event in worker.generate(self.request, self._deadline):
+                    if not produced:
+                        self._serving.metrics.ttft.observe(time.monotonic() - self._started)
+                    produced = True
+                    yield event
+                return
+            except RequestTimeoutError:
+                raise
+            except WorkerError:
+                if produced or attempt or worker.alive or not self._await_restart(worker):
+                    raise
+
+    def _await_restart(self, dead: object) -> bool:
+        deadline = min(self._deadline, time.monotonic() + RESTART_WAIT_S)
+        while time.monotonic() < deadline:
+            if self.model.worker is not dead and self.model.worker.alive:
+                return True
+            time.sleep(0.1)
+        return False
 
     def _events(self) -> Iterator[WorkerEvent]:
+        done: WorkerEvent | None = None
+        status = 499  # until proven otherwise: the consumer stopped early
         try:
-            yield from self.model.worker.generate(self.request)
+            for event in self._worker_events():
+                if event.type == "done":
+                    done, status = event, 200
+                yield event
+        except RequestTimeoutError as exc:
+            status = 504
+            raise ApiError(
+                504, f"{exc} (request_timeout_s is {self._serving.request_timeout_s:.0f})", "timeout"
+            ) from None
         except WorkerError as exc:
             message = str(exc)
             if "exceed context window" in message:
+                status = 400
                 raise ApiError(
                     400,
                     f"prompt is longer than the context window ({self.model.n_ctx} tokens): {message}",
                     "context_length_exceeded",
                     "messages",
                 ) from None
+            status = 503
             raise ApiError(503, f"model worker failed: {message}", "worker_failed") from None
         finally:
-            self._release()
+            self._close(status, done)
 
     async def collect(self) -> Result:
         """Run to completion (non-streaming)."""
 
         def run() -> Result:
             parts: list[str] = []
-            for event in self._events():
+            done: WorkerEvent | None = None
+            for event in self._events():  # "done" is the last event: the loop ends with the generation
                 if event.type == "done":
-                    return Result(self.model, "".join(parts), event)
+                    done = event
                 parts.append(event.text)
-            raise ApiError(503, "model worker ended without a result", "worker_failed")
+            if done is None:
+                raise ApiError(503, "model worker ended without a result", "worker_failed")
+            return Result(self.model, "".join(parts), done)
 
         return await run_in_threadpool(run)
 
@@ -140,4 +238,4 @@ class Generation:
                 yield event
         finally:
             await run_in_threadpool(events.close)
-            self._release()
+            self._close(499)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.generation import Generation, Sampling
+from edge.api.generation import Generation, Sampling, Serving
 from edge.runtime.protocol import ChatMessage, WorkerEvent
 from edge.runtime.router import ModelRouter
 
@@ -59,8 +59,12 @@ class GenerateApiRequest(_Request):
     raw: bool = False
 
 
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
 def _router(request: Request) -> ModelRouter:
-    return request.app.state.router
+    return _serving(request).router
 
 
 def _now() -> str:
@@ -93,7 +97,9 @@ def _ndjson(lines: AsyncIterator[dict[str, object]]) -> StreamingResponse:
 @router.post("/chat", response_model=None)
 async def chat(body: ChatRequest, request: Request) -> dict[str, object] | StreamingResponse:
     """Chat; NDJSON stream by default, one object with token counts and durations with stream false."""
-    generation = Generation(_router(request), body.model, body.options.sampling(), messages=body.messages)
+    generation = await Generation.open(
+        _serving(request), "/api/chat", body.model, body.options.sampling(), messages=body.messages
+    )
     name = generation.model.name
     if body.stream:
 
@@ -128,11 +134,15 @@ async def chat(body: ChatRequest, request: Request) -> dict[str, object] | Strea
 async def generate(body: GenerateApiRequest, request: Request) -> dict[str, object] | StreamingResponse:
     """Prompt completion: through the chat template (with ``system``) unless ``raw`` is true."""
     if body.raw:
-        generation = Generation(_router(request), body.model, body.options.sampling(), prompt=body.prompt)
+        generation = await Generation.open(
+            _serving(request), "/api/generate", body.model, body.options.sampling(), prompt=body.prompt
+        )
     else:
         messages = [ChatMessage(role="system", content=body.system)] if body.system else []
         messages.append(ChatMessage(role="user", content=body.prompt))
-        generation = Generation(_router(request), body.model, body.options.sampling(), messages=messages)
+        generation = await Generation.open(
+            _serving(request), "/api/generate", body.model, body.options.sampling(), messages=messages
+        )
     name = generation.model.name
     if body.stream:
 

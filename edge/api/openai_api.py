@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.generation import Generation, Result, Sampling
+from edge.api.generation import Generation, Result, Sampling, Serving
 from edge.runtime.protocol import ChatMessage
 from edge.runtime.router import ModelRouter
 
@@ -50,8 +50,12 @@ class CompletionRequest(_Request):
     prompt: Annotated[str, Field(max_length=1_000_000)]
 
 
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
 def _router(request: Request) -> ModelRouter:
-    return request.app.state.router
+    return _serving(request).router
 
 
 def _final(
@@ -87,7 +91,9 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request
 ) -> dict[str, object] | StreamingResponse:
     """Chat completion, optionally streamed as server-sent events."""
-    generation = Generation(_router(request), body.model, body.sampling(), messages=body.messages)
+    generation = await Generation.open(
+        _serving(request), "/v1/chat/completions", body.model, body.sampling(), messages=body.messages
+    )
     ident, created, name = f"chatcmpl-{generation.request.id}", int(time.time()), generation.model.name
     if body.stream:
 
@@ -115,7 +121,9 @@ async def chat_completions(
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> dict[str, object] | StreamingResponse:
     """Raw text completion (no chat template), optionally streamed."""
-    generation = Generation(_router(request), body.model, body.sampling(), prompt=body.prompt)
+    generation = await Generation.open(
+        _serving(request), "/v1/completions", body.model, body.sampling(), prompt=body.prompt
+    )
     ident, created, name = f"cmpl-{generation.request.id}", int(time.time()), generation.model.name
     if body.stream:
 

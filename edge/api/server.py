@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+
+from edge.config import ApiSettings
+from shared.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,52 @@ def bind_unix(path: Path, mode: int = 0o660, group: int | None = None) -> socket
     return sock
 
 
-def serve_api(app: FastAPI, sockets: list[socket.socket]) -> None:
-    """Run uvicorn on pre-bound sockets until SIGTERM/SIGINT."""
+def bind_sockets(api: ApiSettings) -> list[socket.socket]:
+    """Bind what ``api`` asks for (before anything else starts, so a busy port fails fast)."""
+    sockets = []
+    try:
+        if api.host and api.port:
+            sockets.append(bind_tcp(api.host, api.port))
+        if api.socket is not None:
+            group = grp.getgrnam(api.socket_group).gr_gid if api.socket_group else None
+            sockets.append(bind_unix(api.socket, api.socket_mode, group))
+    except KeyError:
+        raise ConfigError(
+            "config-invalid", f"api.socket_group: no group named {api.socket_group!r}"
+        ) from None
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError("config-invalid", f"api: cannot listen: {exc}") from None
+    if not sockets:
+        raise ConfigError("config-invalid", "api: nothing to listen on (set host and port, or socket)")
+    return sockets
+
+
+def _server(app: FastAPI) -> uvicorn.Server:
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
-    asyncio.run(server.serve(sockets=sockets))
+    return uvicorn.Server(config)
+
+
+def serve_api(app: FastAPI, sockets: list[socket.socket]) -> None:
+    """Run uvicorn on pre-bound sockets in this (main) thread until SIGTERM/SIGINT."""
+    asyncio.run(_server(app).serve(sockets=sockets))
+
+
+class ApiServerThread:
+    """uvicorn in a thread of the daemon, which keeps the main thread for its control loop."""
+
+    def __init__(self, app: FastAPI, sockets: list[socket.socket]) -> None:
+        self._server = _server(app)
+        self._sockets = sockets
+        self._thread = threading.Thread(target=self._run, name="api", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve(sockets=self._sockets))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)

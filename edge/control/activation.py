@@ -1,6 +1,6 @@
-"""How a staged model goes live. The runtime (inference workers, health gate, trial window) plugs in
-here; until it exists, activation only moves the store pointers, so ``committed`` means verified and
-in the store."""
+"""How a staged model goes live. The serving runtime (edge.runtime.serving: workers, health gate,
+trial window) plugs in here; a device with the runtime disabled only moves the store pointers, so
+there ``committed`` means verified and in the store."""
 
 from __future__ import annotations
 
@@ -26,8 +26,11 @@ class Activator(Protocol):
     def trial(self, model: InstalledModel) -> None:
         """Watch the newly active model; raise ActivationError if it proves unhealthy."""
 
+    def commit(self, model: InstalledModel) -> None:
+        """``model`` passed its trial and stays: release what was kept for a rollback."""
+
     def restore(self, model: InstalledModel | None) -> None:
-        """Serve ``model`` again after a failed activation or trial (None: serve nothing)."""
+        """Serve ``model`` (again, after a failed activation or trial, or at start-up; None: nothing)."""
 
 
 class StoreOnlyActivator:
@@ -39,6 +42,9 @@ class StoreOnlyActivator:
     def trial(self, model: InstalledModel) -> None:
         """Nothing runs, so nothing can fail."""
 
+    def commit(self, model: InstalledModel) -> None:
+        """Nothing was kept."""
+
     def restore(self, model: InstalledModel | None) -> None:
         if model is not None:
-            log.info("model %s serial %d is current again", model.name, model.serial)
+            log.debug("model %s serial %d is current", model.name, model.serial)

@@ -93,6 +93,7 @@ class _Run:
         self.reporter.transition(
             self.deployment.id, state, message, self.name, self.serial, self.deployment.source
         )
+        self.reporter.status()  # the retained status carries the result too
         log.log(
             logging.INFO if state is DeploymentState.COMMITTED else logging.WARNING,
             "deployment %s %s: %s",
@@ -259,11 +260,11 @@ class Deployer:
             self._restore_pointers(before, before_previous)
             self.activator.restore(before)
             return run.end(DeploymentState.ROLLED_BACK, exc.reason, f"{exc.reason}: {exc}")
+        self.activator.commit(model)
         outcome = run.end(
             DeploymentState.COMMITTED, "committed", f"{model.name} serial {model.serial} is the current model"
         )
         self._collect_garbage()
-        self.reporter.status()
         return outcome
 
     def _restore_pointers(self, current: InstalledModel | None, previous: InstalledModel | None) -> None:
@@ -274,6 +275,11 @@ class Deployer:
         self.ledger.switch_to(current, accept_serial=False)
 
     # -- resume after restart ------------------------------------------------------------------
+    def serve_current(self) -> None:
+        """Have the runtime serve the current model (at start-up, after unfinished work is settled)."""
+        with self.exclusive():
+            self.activator.restore(self.ledger.current())
+
     def resume_unfinished(self) -> list[Outcome]:
         """Finish deployments a crash or restart interrupted."""
         outcomes = []
@@ -370,9 +376,9 @@ class Deployer:
         if (failed := self._activate(run, target, current)) is not None:
             return failed
         self.ledger.switch_to(target, accept_serial=False)
+        self.activator.commit(target)
         frm = f"serial {current.serial}" if current else "no model"
         outcome = run.end(final, verb, f"{verb}: {frm} -> {target.name} serial {target.serial}")
-        self.reporter.status()
         return Outcome("ok", outcome.message, None, outcome.deployment_id, target.serial)
 
     # -- garbage collection ----------------------------------------------------------------

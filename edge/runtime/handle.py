@@ -23,6 +23,10 @@ class WorkerError(RuntimeError):
     """The worker failed to load, crashed, hung or reported an error."""
 
 
+class RequestTimeoutError(WorkerError):
+    """The request's deadline passed while it waited for, or ran on, the worker (it was cancelled)."""
+
+
 class WorkerHandle:
     """One llama-cpp-python process serving one model, one request at a time."""
 
@@ -30,6 +34,7 @@ class WorkerHandle:
         self.spec = spec
         self.name = name
         self.n_threads = 0
+        self.n_threads_batch = 0
         self.load_ms = 0.0
         self._lock = threading.Lock()
         self._conn: Connection | None = None
@@ -54,13 +59,14 @@ class WorkerHandle:
         if event.type != "ready":
             self.stop()
             raise WorkerError(event.error or f"worker for {self.name} did not start")
-        self.n_threads = event.n_threads
+        self.n_threads, self.n_threads_batch = event.n_threads, event.n_threads_batch
         self.load_ms = (time.perf_counter() - started) * 1000
         log.info(
-            "worker %s ready (pid %s, %d threads, %.0f ms)",
+            "worker %s ready (pid %s, %d/%d threads for tokens/prompts, %.0f ms)",
             self.name,
             process.pid,
             self.n_threads,
+            self.n_threads_batch,
             self.load_ms,
         )
         return self
@@ -73,7 +79,7 @@ class WorkerHandle:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    def _receive(self, timeout_s: float, doing: str) -> WorkerEvent:
+    def _receive(self, timeout_s: float, doing: str, deadline_bound: bool = False) -> WorkerEvent:
         conn = self._conn
         if conn is None:
             raise WorkerError(f"worker {self.name} is not running")
@@ -83,23 +89,33 @@ class WorkerHandle:
                 code = self._process.exitcode if self._process else None
                 raise WorkerError(f"worker {self.name} exited (code {code}) while {doing}")
             if time.monotonic() > deadline:
+                if deadline_bound:
+                    raise RequestTimeoutError(f"request timed out on worker {self.name}")
                 raise WorkerError(f"worker {self.name} silent for {timeout_s:.0f} s while {doing}")
         try:
             return WorkerEvent.model_validate_json(conn.recv_bytes())
         except EOFError:
             raise WorkerError(f"worker {self.name} closed its pipe while {doing}") from None
 
-    def generate(self, request: GenerateRequest) -> Iterator[WorkerEvent]:
-        """Yield delta events then one done event; raise WorkerError on failure. Closing the
-        iterator early cancels the generation in the worker."""
-        with self._lock:
-            if self._conn is None:
+    def generate(self, request: GenerateRequest, deadline: float | None = None) -> Iterator[WorkerEvent]:
+        """Yield delta events then one done event; raise WorkerError on failure and
+        RequestTimeoutError once ``deadline`` (time.monotonic) passes. Closing the iterator early
+        cancels the generation in the worker."""
+        wait_s = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self._lock.acquire(timeout=wait_s):
+            raise RequestTimeoutError(f"request timed out waiting for worker {self.name}")
+        try:
+            if self._conn is None or not self.alive:
                 raise WorkerError(f"worker {self.name} is not running")
             self._conn.send_bytes(request.model_dump_json().encode())
             finished = False
             try:
                 while True:
-                    event = self._receive(TOKEN_TIMEOUT_S, "generating")
+                    remaining = TOKEN_TIMEOUT_S if deadline is None else deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise RequestTimeoutError(f"request timed out on worker {self.name}")
+                    by_deadline = remaining < TOKEN_TIMEOUT_S
+                    event = self._receive(min(remaining, TOKEN_TIMEOUT_S), "generating", by_deadline)
                     if event.type == "error":
                         finished = True
                         raise WorkerError(event.error or "worker error")
@@ -111,6 +127,8 @@ class WorkerHandle:
             finally:
                 if not finished and self.alive:
                     self._cancel(request.id)
+        finally:
+            self._lock.release()
 
     def _cancel(self, request_id: str) -> None:
         """Stop a generation whose consumer went away and wait for the worker to be idle again."""

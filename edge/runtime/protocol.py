@@ -20,7 +20,9 @@ class LoadSpec(_Message):
 
     model_path: str
     n_ctx: Annotated[int, Field(ge=128, le=131072)] = 4096
+    #: Threads for generating tokens and for prompt batches; None: measured at load (see worker).
     n_threads: Annotated[int, Field(ge=1, le=256)] | None = None
+    n_threads_batch: Annotated[int, Field(ge=1, le=256)] | None = None
     n_batch: Annotated[int, Field(ge=1, le=8192)] = 512
     chat_format: str | None = None
     chat_template: str | None = None
@@ -68,4 +70,5 @@ class WorkerEvent(_Message):
     prompt_ms: float = 0.0
     total_ms: float = 0.0
     n_threads: int = 0
+    n_threads_batch: int = 0
     error: str | None = None

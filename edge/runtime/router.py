@@ -1,8 +1,11 @@
-"""Which worker serves which model name, and how many requests may wait for it."""
+"""Which worker serves which model name, how many requests may wait, and who is still using a model
+that is being swapped out."""
 
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from edge.runtime.handle import WorkerHandle
@@ -12,13 +15,41 @@ class UnknownModelError(LookupError):
     """No model (or alias) of that name is served here."""
 
 
+class NoModelError(RuntimeError):
+    """Nothing is being served (none installed yet, or a swap took longer than the request could wait)."""
+
+
 class QueueFullError(RuntimeError):
     """Too many requests already running or waiting."""
 
 
 @dataclass
+class ServingStats:
+    """Outcomes of the requests one model served, for its trial window and metrics."""
+
+    ok: int = 0
+    failed: int = 0
+    crashes: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    decode_rates: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+
+    def record(self, ok: bool, tokens_per_second: float | None = None) -> None:
+        if ok:
+            self.ok += 1
+            if tokens_per_second is not None:
+                self.decode_rates.append(tokens_per_second)
+        else:
+            self.failed += 1
+
+    def crashes_since(self, since: float) -> int:
+        return sum(1 for at in self.crashes if at >= since)
+
+
+@dataclass(eq=False)
 class ServedModel:
-    """The worker behind a public model name, and the limits of its runtime profile."""
+    """The worker behind a public model name, and the limits of its runtime profile.
+
+    ``worker`` is replaced in place when the supervisor restarts a crashed process, so requests
+    holding this object reach the new process."""
 
     name: str
     worker: WorkerHandle
@@ -27,46 +58,98 @@ class ServedModel:
     created: int
     aliases: tuple[str, ...] = ()
     defaults: dict[str, float | int] = field(default_factory=dict)
+    system_prompt: str | None = None
+    #: (channel, serial) of the installed model; None for `immune-edge serve`.
+    key: tuple[str, int] | None = None
+    stats: ServingStats = field(default_factory=ServingStats)
+    inflight: int = 0
+
+    def names(self) -> list[str]:
+        return [self.name, *self.aliases]
 
 
 class ModelRouter:
-    """Routes requests by model name and bounds the queue (one running + ``max_waiting`` waiting)."""
+    """Routes requests by model name and bounds the queue (one running + ``max_waiting`` waiting).
+
+    During a swap without RAM for two workers the router is *held*: new requests wait for the next
+    model instead of failing."""
 
     def __init__(self, max_waiting: int = 8) -> None:
         self.max_waiting = max_waiting
         self._active: ServedModel | None = None
-        self._lock = threading.Lock()
+        self._held = False
         self._admitted = 0
+        self._changed = threading.Condition()
 
-    def serve(self, model: ServedModel) -> ServedModel | None:
-        """Route to ``model`` from now on; return the one it replaces."""
-        with self._lock:
+    # -- what is served --------------------------------------------------------------------------
+    def serve(self, model: ServedModel | None) -> ServedModel | None:
+        """Route to ``model`` from now on (and stop holding); return the one it replaces."""
+        with self._changed:
             old, self._active = self._active, model
+            self._held = False
+            self._changed.notify_all()
+        return old
+
+    def hold(self) -> ServedModel | None:
+        """Stop routing: new requests wait until ``serve``. Returns the model taken out of service."""
+        with self._changed:
+            old, self._active = self._active, None
+            self._held = True
         return old
 
     @property
     def active(self) -> ServedModel | None:
         return self._active
 
-    def resolve(self, name: str | None) -> ServedModel:
-        """The model for a request's ``model`` field (empty means the active one)."""
-        model = self._active
-        if model is None:
-            raise UnknownModelError("no model is loaded yet")
-        if not name or name == model.name or name in model.aliases:
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    # -- per request -------------------------------------------------------------------------------
+    def checkout(self, name: str | None, timeout_s: float) -> ServedModel:
+        """The model for a request's ``model`` field (empty: the active one), counted as in use until
+        ``checkin``; waits up to ``timeout_s`` while a swap holds the router."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self._active is None:
+                remaining = deadline - time.monotonic()
+                if not self._held:
+                    raise NoModelError("no model is loaded yet")
+                if remaining <= 0:
+                    raise NoModelError(f"a model swap is still in progress after {timeout_s:.0f} s")
+                self._changed.wait(remaining)
+            model = self._active
+            if name and name not in model.names():
+                known = ", ".join(model.names())
+                raise UnknownModelError(f"model {name!r} is not served here (available: {known})")
+            model.inflight += 1
             return model
-        known = ", ".join([model.name, *model.aliases])
-        raise UnknownModelError(f"model {name!r} is not served here (available: {known})")
+
+    def checkin(self, model: ServedModel) -> None:
+        with self._changed:
+            model.inflight -= 1
+            self._changed.notify_all()
+
+    def drain(self, model: ServedModel, timeout_s: float) -> bool:
+        """Wait until no request uses ``model`` (already out of service); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while model.inflight > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return True
 
     def admit(self) -> None:
         """Take a queue slot for one request (give it back with ``release``); QueueFullError if none."""
-        with self._lock:
+        with self._changed:
             if self._admitted >= self.max_waiting + 1:
                 raise QueueFullError(f"{self._admitted} requests are running or queued")
             self._admitted += 1
 
     def release(self) -> None:
-        with self._lock:
+        with self._changed:
             self._admitted -= 1
 
     @property

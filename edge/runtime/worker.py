@@ -21,11 +21,45 @@ def _send(conn: Connection, event: WorkerEvent) -> None:
     conn.send_bytes(event.model_dump_json(exclude_defaults=True).encode())
 
 
+def _thread_candidates() -> list[int]:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return sorted({n for n in (1, 2, 4, cpus) if n <= cpus})
+
+
+def _timed_eval(llm: Any, batches: list[list[int]]) -> float:
+    llm.reset()
+    started = time.perf_counter()
+    for batch in batches:
+        llm.eval(batch)
+    return time.perf_counter() - started
+
+
+def _tune_threads(llm: Any, spec: LoadSpec) -> tuple[int, int]:
+    """Pick thread counts by measuring, since the best count depends on the machine and its load
+    (on a shared 2-core VM one thread can beat two): single-token decodes for generation, one
+    prompt batch for prompt processing. Takes well under a second on small models."""
+    candidates = _thread_candidates()
+    sample = llm.tokenize(b"Slips detected a horizontal port scan from 10.0.0.5 to 120 hosts. " * 8)
+    prompt, decode = sample[: min(64, spec.n_batch)], [[t] for t in sample[:8]]
+    context = llm._ctx  # llama-cpp-python has no public setter for the thread counts of a live context
+    best_decode, best_batch = {}, {}
+    _timed_eval(llm, decode)  # warm caches and pages before measuring
+    for n in candidates:
+        context.set_n_threads(n, n)
+        best_decode[n] = _timed_eval(llm, decode)
+        best_batch[n] = _timed_eval(llm, [prompt])
+    llm.reset()
+    chosen = min(best_decode, key=best_decode.__getitem__), min(best_batch, key=best_batch.__getitem__)
+    context.set_n_threads(*chosen)
+    llm.n_threads, llm.n_threads_batch = chosen
+    return chosen
+
+
 def _load(spec: LoadSpec) -> Any:
     from llama_cpp import Llama, LlamaRAMCache
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    threads = spec.n_threads or max(1, (os.cpu_count() or 1))
+    threads = spec.n_threads or 1
     handler = None
     if spec.chat_template is not None:
         handler = Jinja2ChatFormatter(spec.chat_template, eos_token="", bos_token="").to_chat_handler()
@@ -34,11 +68,13 @@ def _load(spec: LoadSpec) -> Any:
         n_ctx=spec.n_ctx,
         n_batch=spec.n_batch,
         n_threads=threads,
-        n_threads_batch=threads,
+        n_threads_batch=spec.n_threads_batch or threads,
         chat_format=spec.chat_format,
         chat_handler=handler,
         verbose=False,
     )
+    if spec.n_threads is None:
+        _tune_threads(llm, spec)
     if spec.prompt_cache_mb:
         llm.set_cache(LlamaRAMCache(capacity_bytes=spec.prompt_cache_mb * 1024 * 1024))
     return llm
@@ -108,7 +144,14 @@ def worker_main(conn: Connection, spec_json: str) -> None:
     except Exception as exc:  # report any load failure to the parent instead of dying silently
         _send(conn, WorkerEvent(type="error", error=f"cannot load {spec.model_path}: {exc}"))
         return
-    _send(conn, WorkerEvent(type="ready", n_threads=int(llm.n_threads)))
+    _send(
+        conn,
+        WorkerEvent(
+            type="ready",
+            n_threads=int(llm.n_threads),
+            n_threads_batch=int(llm.n_threads_batch),
+        ),
+    )
     while True:
         try:
             raw = conn.recv_bytes()

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from shared.signing import Keyring, SigningKey, sign_envelope
 from shared.topics import Topics
 from tests.factories import manifest_dict
 from tests.harness.broker import Mosquitto
+from tests.harness.net import free_port
 from tests.harness.pki import CertPair
 
 FLEET = "lab"
@@ -47,14 +49,20 @@ def write_edge_config(
     extra: str = "",
     device: str = DEVICE,
     mqtt: str = "",
+    serving: ServingOptions | None = None,
 ) -> Path:
-    """A daemon config for tests: fast retries and watchdogs, short settle time, RAM from a fixture."""
+    """A daemon config for tests: fast retries and watchdogs, short settle time, RAM from a fixture.
+    Without ``serving`` the runtime is off (control-plane tests use fake GGUFs)."""
     directory.mkdir(parents=True, exist_ok=True)
     keyring_file = directory / "keyring.json"
     keyring_file.write_bytes(keyring.to_json())
     proc = directory / "proc"
     proc.mkdir(exist_ok=True)
-    (proc / "meminfo").write_text("MemTotal:        8245360 kB\nMemFree:         6000000 kB\n")
+    available_kb = (serving.mem_available_mb if serving else 6000) * 1024
+    (proc / "meminfo").write_text(
+        f"MemTotal:        8245360 kB\nMemFree:         6000000 kB\nMemAvailable:    {available_kb} kB\n"
+    )
+    sections = serving.toml(directory) if serving else "[runtime]\nenabled = false\n"
     config = directory / "edge.toml"
     config.write_text(
         f"""
@@ -86,10 +94,48 @@ free_space_margin_mb = 0
 [deploy]
 settle_s = 0.3
 retry_failed_s = 1.0
+
+{sections}
 {extra}
 """
     )
     return config
+
+
+@dataclass
+class ServingOptions:
+    """The data plane of a test daemon: loopback TCP on a free port plus a Unix socket, one thread
+    (tests run side by side on 2 cores), a short trial window."""
+
+    port: int = field(default_factory=free_port)
+    trial_s: float = 1.0
+    mem_available_mb: int = 6000
+    swap: str = "auto"
+    request_timeout_s: float = 120.0
+    crash_limit: int = 3
+    runtime: str = ""
+    api: str = ""
+
+    def toml(self, directory: Path) -> str:
+        return f"""[api]
+host = "127.0.0.1"
+port = {self.port}
+socket = "{directory / "api.sock"}"
+aliases = ["slips"]
+request_timeout_s = {self.request_timeout_s}
+{self.api}
+
+[runtime]
+n_threads = 1
+trial_s = {self.trial_s}
+swap = "{self.swap}"
+crash_limit = {self.crash_limit}
+{self.runtime}
+"""
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
 
 @contextmanager

@@ -1,0 +1,280 @@
+"""The runtime behind the deployer's Activator: blue/green model swaps with a health gate, a trial
+window, automatic restore, and a supervisor that restarts crashed workers.
+
+A swap: start a worker for the new model (beside the old one when RAM allows; otherwise the router
+holds new requests and the old worker is drained and stopped first), warm it up, run the health gate,
+flip routing, and keep the old worker as a warm standby until the new model is committed, so a
+failed trial flips straight back.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.config import ApiSettings, RuntimeSettings, read_meminfo_mb
+from edge.control.activation import ActivationError
+from edge.delivery.store import ContentStore
+from edge.metrics import Metrics
+from edge.runtime.handle import WorkerError, WorkerHandle
+from edge.runtime.health import GateCriteria, GateError, run_health_gate
+from edge.runtime.protocol import LoadSpec
+from edge.runtime.router import ModelRouter, ServedModel
+from edge.state.ledger import InstalledModel
+from shared.manifest import FileRole, Manifest
+
+log = logging.getLogger(__name__)
+
+#: Chat templates are small Jinja files; anything larger is not one.
+MAX_TEMPLATE_BYTES = 32 * 1024
+#: Beyond the file itself: KV cache, compute buffers and the Python worker (measured ~60-120 MiB
+#: for the bundled models at n_ctx 4096).
+WORKER_OVERHEAD_MB = 160
+
+
+@dataclass(frozen=True)
+class _Plan:
+    spec: LoadSpec
+    criteria: GateCriteria
+    manifest: Manifest
+
+
+class ServingRuntime:
+    """Runs the installed models and routes the API to the healthy one."""
+
+    def __init__(
+        self,
+        router: ModelRouter,
+        store: ContentStore,
+        runtime: RuntimeSettings,
+        api: ApiSettings,
+        procfs_root: Path,
+        metrics: Metrics,
+    ) -> None:
+        self.router = router
+        self.store = store
+        self.settings = runtime
+        self.api = api
+        self.procfs_root = procfs_root
+        self.metrics = metrics
+        self._lock = threading.RLock()
+        self._standby: ServedModel | None = None
+        self._restart_at: dict[int, float] = {}
+        self._closing = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+
+    # -- Activator ----------------------------------------------------------------------------------
+    def activate(self, model: InstalledModel) -> None:
+        """Load ``model``, gate it and route to it; the model it replaces stays warm until commit."""
+        with self._lock:
+            old = self._bring_up(model, gate=True)
+            if old is not None:
+                self._retire(self._standby)
+                self._standby = old
+
+    def trial(self, model: InstalledModel) -> None:
+        """Watch the new model for ``trial_s``: crashes, error rate and decode speed."""
+        served = self.router.active
+        if served is None or served.key != _key(model):
+            raise ActivationError("not-serving", f"{model.name} serial {model.serial} is not being served")
+        settings = self.settings
+        started = time.monotonic()
+        while time.monotonic() - started < settings.trial_s:
+            if self._closing.wait(0.2):
+                raise ActivationError("shutdown", "the daemon stopped during the trial window")
+            crashes = served.stats.crashes_since(started)
+            if crashes >= settings.crash_limit:
+                raise ActivationError(
+                    "crash-loop", f"the worker crashed {crashes} times within the trial window"
+                )
+            total = served.stats.ok + served.stats.failed
+            if (
+                total >= settings.trial_min_requests
+                and served.stats.failed / total > settings.trial_max_error_rate
+            ):
+                raise ActivationError(
+                    "trial-errors",
+                    f"{served.stats.failed} of {total} requests failed during the trial window",
+                )
+        health = model.manifest().health
+        floor = health.min_tokens_per_second if health else 0.0
+        if served.stats.decode_rates and (rate := statistics.median(served.stats.decode_rates)) < floor:
+            raise ActivationError(
+                "trial-slow", f"served {rate:.1f} tokens/s during the trial, floor {floor:.1f}"
+            )
+
+    def commit(self, model: InstalledModel) -> None:
+        """The new model stays: stop the standby."""
+        with self._lock:
+            self._retire(self._standby)
+            self._standby = None
+
+    def restore(self, model: InstalledModel | None) -> None:
+        """Serve ``model`` again (warm standby if there is one, else load it without a gate: it
+        passed one before); ``None`` serves nothing."""
+        with self._lock:
+            active = self.router.active
+            if model is None:
+                self._retire(self.router.serve(None))
+                self._retire(self._standby)
+                self._standby = None
+                self.metrics.now_serving(None, None)
+                return
+            if active is not None and active.key == _key(model) and not self.router.held:
+                return  # the failure happened before routing changed
+            if self._standby is not None and self._standby.key == _key(model) and self._standby.worker.alive:
+                failed, self._standby = self.router.serve(self._standby), None
+                self.metrics.swaps.labels(kind="restore").inc()
+                self.metrics.now_serving(model.name, model.serial)
+                self._retire(failed)
+                return
+            self._retire(self._standby)
+            self._standby = None
+            try:
+                self._retire(self._bring_up(model, gate=False))
+            except ActivationError as exc:
+                log.error("cannot serve %s serial %d again: %s", model.name, model.serial, exc)
+                if self.router.held:
+                    self.router.serve(None)  # waiting requests get a clear 503 instead of a timeout
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Supervise; requests wait (held) until the start-up ``restore`` decides what to serve."""
+        self.router.hold()
+        self._supervisor.start()
+
+    def interrupt(self) -> None:
+        """End a trial window early (the daemon is stopping); the deployment rolls back."""
+        self._closing.set()
+
+    def close(self) -> None:
+        """Stop supervising and stop every worker."""
+        self._closing.set()
+        with self._lock:
+            for served in (self.router.serve(None), self._standby):
+                if served is not None:
+                    served.worker.stop()
+            self._standby = None
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _plan(self, model: InstalledModel) -> _Plan:
+        manifest = model.manifest()
+        runtime = manifest.runtime
+        template = runtime.chat_template
+        for entry in manifest.files:
+            if entry.role is FileRole.CHAT_TEMPLATE:
+                if entry.size > MAX_TEMPLATE_BYTES:
+                    raise ActivationError("bad-template", f"chat template {entry.name} is over 32 KiB")
+                template = self.store.blob_path(entry.sha256).read_text(encoding="utf-8")
+        spec = LoadSpec(
+            model_path=str(self.store.blob_path(manifest.model_file.sha256)),
+            n_ctx=runtime.n_ctx,
+            n_threads=self.settings.n_threads,
+            n_batch=self.settings.n_batch,
+            chat_format=None if template else runtime.chat_format,
+            chat_template=template,
+            stop=runtime.stop,
+            prompt_cache_mb=self.settings.prompt_cache_mb,
+        )
+        gate = manifest.health
+        criteria = GateCriteria(
+            golden_prompts=tuple(gate.golden_prompts if gate else self.settings.golden_prompts),
+            min_tokens_per_second=gate.min_tokens_per_second if gate else 0.0,
+            max_rss_mb=gate.max_rss_mb if gate else None,
+            max_tokens=self.settings.gate_max_tokens,
+        )
+        return _Plan(spec, criteria, manifest)
+
+    def _fits_beside(self, plan: _Plan) -> bool:
+        """Whether the new worker can load while the current one keeps serving."""
+        if self.settings.swap != "auto":
+            return self.settings.swap == "parallel"
+        try:
+            available = read_meminfo_mb(self.procfs_root, "MemAvailable")
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read MemAvailable (%s): swapping sequentially", exc)
+            return False
+        needed = plan.manifest.model_file.size // (1024 * 1024) + WORKER_OVERHEAD_MB
+        return available >= needed + self.settings.swap_headroom_mb
+
+    def _bring_up(self, model: InstalledModel, gate: bool) -> ServedModel | None:
+        """Start, (gate) and route to ``model``; return the model routing moved away from, still
+        running (parallel swap) or None (sequential swap: it was drained and stopped first)."""
+        if self._closing.is_set():
+            raise ActivationError("shutdown", "the daemon is stopping")
+        plan = self._plan(model)
+        if self.router.active is not None and not self._fits_beside(plan):
+            log.info("not enough RAM for two workers: holding requests while %s loads", model.name)
+            self._retire(self.router.hold())
+        label = f"{model.name}#{model.serial}"
+        try:
+            worker = WorkerHandle(plan.spec, label).start(self.settings.load_timeout_s)
+        except WorkerError as exc:
+            raise ActivationError("load-failed", str(exc)) from None
+        if gate:
+            try:
+                report = run_health_gate(worker, plan.criteria, plan.manifest.runtime.system_prompt)
+            except GateError as exc:
+                worker.stop()
+                raise ActivationError(exc.reason, str(exc)) from None
+            log.info("%s passed its health gate at %.1f tokens/s", label, report.tokens_per_second)
+        served = ServedModel(
+            name=model.name,
+            worker=worker,
+            n_ctx=plan.spec.n_ctx,
+            max_tokens_cap=self.api.max_tokens_cap,
+            created=int(model.installed_at),
+            aliases=self.api.aliases_for(model.name),
+            defaults=plan.manifest.runtime.sampling.model_dump(),
+            system_prompt=plan.manifest.runtime.system_prompt,
+            key=_key(model),
+        )
+        old = self.router.serve(served)
+        self.metrics.swaps.labels(kind="activate" if gate else "restore").inc()
+        self.metrics.now_serving(model.name, model.serial)
+        log.info("now serving %s", label)
+        return old
+
+    def _retire(self, served: ServedModel | None) -> None:
+        """Let requests already on ``served`` (out of routing) finish, then stop its worker."""
+        if served is None:
+            return
+        if not self.router.drain(served, self.settings.drain_timeout_s):
+            log.warning("%s still had %d requests after draining; stopping it", served.name, served.inflight)
+        served.worker.stop()
+
+    def _supervise(self) -> None:
+        """Restart the serving worker when it dies, with backoff; the trial window counts crashes."""
+        while not self._closing.wait(0.25):
+            with self._lock:
+                served = self.router.active
+                if served is None or served.worker.alive or self._closing.is_set():
+                    continue
+                now = time.monotonic()
+                if id(served.worker) not in self._restart_at:
+                    served.stats.crashes.append(now)
+                    recent = served.stats.crashes_since(now - self.settings.crash_window_s)
+                    self._restart_at[id(served.worker)] = now + min(2.0 ** (recent - 1) - 1, 30.0)
+                    log.error("worker for %s died (%d crashes recently)", served.name, recent)
+                if now < self._restart_at[id(served.worker)]:
+                    continue
+                self._restart(served)
+
+    def _restart(self, served: ServedModel) -> None:
+        dead = served.worker
+        self._restart_at.pop(id(dead), None)
+        try:
+            served.worker = WorkerHandle(dead.spec, dead.name).start(self.settings.load_timeout_s)
+        except WorkerError as exc:
+            log.error("restart of %s failed: %s", served.name, exc)
+            return  # counted as another crash on the next pass, with a longer backoff
+        dead.stop()
+        self.metrics.worker_restarts.inc()
+
+
+def _key(model: InstalledModel) -> tuple[str, int]:
+    return (model.channel, model.serial)

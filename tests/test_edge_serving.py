@@ -1,0 +1,206 @@
+"""The daemon's data plane end to end: real mosquitto, real artifact server, real llama-cpp-python
+workers on the real SmolLM2 and Gemma-3 GGUFs, real HTTP clients sending requests throughout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.factories import gguf_bytes
+from tests.harness.edge import (
+    TOPICS,
+    FleetObserver,
+    ServingOptions,
+    running_daemon,
+    sign_manifest,
+    write_edge_config,
+)
+from tests.harness.load import ALERT_PROMPT, LoadClients
+
+SMOL_RUNTIME = {"chat_format": "chatml", "n_ctx": 2048, "stop": ["<|im_end|>"]}
+GEMMA_RUNTIME = {"chat_format": "gemma", "n_ctx": 2048, "stop": ["<end_of_turn>"]}
+
+
+class Fleet:
+    """Signs manifests for the two real models and publishes them as fleet desired state."""
+
+    def __init__(self, observer: FleetObserver, server, keys, smollm2: Path, gemma3: Path) -> None:
+        self.observer = observer
+        self.keys = keys
+        self.models = {
+            "smol": (smollm2, server.add_file(smollm2), SMOL_RUNTIME, "slips-summary-smol"),
+            "gemma": (gemma3, server.add_file(gemma3), GEMMA_RUNTIME, "slips-summary-gemma"),
+        }
+        self.server = server
+
+    def envelope(self, which: str, serial: int, **overrides: Any) -> bytes:
+        path, url, runtime, name = self.models[which]
+        overrides.setdefault("runtime", runtime)
+        return sign_manifest(
+            [self.keys.trainer], path.read_bytes(), url, serial=serial, name=name, **overrides
+        )
+
+    def deploy(self, envelope: bytes, timeout: float = 180.0) -> dict[str, Any]:
+        ends = len(self.observer.terminal_events())
+        self.observer.publish(TOPICS.desired_fleet(), envelope)
+        return self.observer.wait_terminal(ends + 1, timeout=timeout)[-1]
+
+
+@pytest.fixture
+def observer(mqtt_broker):
+    watcher = FleetObserver(mqtt_broker)
+    yield watcher
+    watcher.close()
+
+
+@pytest.fixture
+def fleet(observer, artifact_server, fleet_keys, smollm2_model, gemma3_model) -> Fleet:
+    return Fleet(observer, artifact_server, fleet_keys, smollm2_model, gemma3_model)
+
+
+def _config(tmp_path, broker, keys, options: ServingOptions) -> Path:
+    return write_edge_config(tmp_path / "device", broker, keys.keyring(), serving=options)
+
+
+def _ended(end: dict[str, Any]) -> tuple[str, str]:
+    """(state, reason code) of a terminal event; its reason reads ``code: explanation``."""
+    return end["state"], end["reason"].split(":")[0]
+
+
+def _ask(base_url: str, **extra: Any) -> httpx.Response:
+    body = {"model": "slips", "messages": [{"role": "user", "content": ALERT_PROMPT}], "max_tokens": 8}
+    return httpx.post(f"{base_url}/v1/chat/completions", json=body | extra, timeout=120)
+
+
+@pytest.mark.parametrize("swap", ["parallel", "sequential"])
+def test_hot_swaps_under_load_fail_no_request(tmp_path, mqtt_broker, fleet_keys, fleet, swap) -> None:
+    options = ServingOptions(swap=swap)
+    with running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon:
+        assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
+        with LoadClients(options.base_url, clients=4) as load:
+            load.wait_for_requests(8)
+            for serial, which in ((2, "gemma"), (3, "smol"), (4, "gemma")):
+                end = fleet.deploy(fleet.envelope(which, serial))
+                assert end["state"] == "committed", end
+                load.wait_for_requests(8)
+        outcomes = load.snapshot()
+        assert load.failures() == []
+        served = {o.model for o in outcomes}
+        assert served == {"slips-summary-smol", "slips-summary-gemma"}
+        assert daemon.dataplane.router.active.key == ("stable", 4)
+        metrics = httpx.get(f"{options.base_url}/metrics").text
+        assert 'immune_edge_model_swaps_total{kind="activate"} 4.0' in metrics
+        assert 'immune_edge_serving{model="slips-summary-gemma",serial="4"} 1.0' in metrics
+
+
+def test_unhealthy_models_are_refused_while_slips_stays_served(
+    tmp_path, mqtt_broker, fleet_keys, fleet, observer
+) -> None:
+    options = ServingOptions()
+    with running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon:
+        assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
+        broken = gguf_bytes(architecture="llama", padding=64 * 1024)
+        url = fleet.server.add("broken.gguf", broken)
+        with LoadClients(options.base_url, clients=2) as load:
+            # A valid GGUF header over tensors that are not there: llama.cpp refuses to load it.
+            end = fleet.deploy(sign_manifest([fleet_keys.trainer], broken, url, serial=2))
+            assert _ended(end) == ("failed", "load-failed"), end
+            # Loads, but cannot reach the signed tokens/s floor.
+            slow = {"golden_prompts": ["Say hello."], "min_tokens_per_second": 1e6}
+            end = fleet.deploy(fleet.envelope("gemma", 3, health=slow))
+            assert _ended(end) == ("failed", "health-gate-slow"), end
+            # Loads and answers, but is over its memory budget.
+            fat = {"golden_prompts": ["Say hello."], "max_rss_mb": 1}
+            end = fleet.deploy(fleet.envelope("gemma", 4, health=fat))
+            assert _ended(end) == ("failed", "health-gate-rss"), end
+            load.wait_for_requests(4)
+        assert load.failures() == []
+        assert {o.model for o in load.snapshot()} == {"slips-summary-smol"}
+        assert daemon.node.ledger.current().serial == 1
+        assert daemon.dataplane.router.active.key == ("stable", 1)
+        observer.wait_for(
+            lambda: any("health-gate-rss" in (s.get("last_result") or "") for s in observer.statuses),
+            what="the refusal in the device status",
+        )
+
+
+def test_crashed_worker_is_restarted_and_requests_survive(tmp_path, mqtt_broker, fleet_keys, fleet) -> None:
+    options = ServingOptions()
+    with running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon:
+        assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
+        router = daemon.dataplane.router
+        with LoadClients(options.base_url, clients=2) as load:
+            load.wait_for_requests(2)
+            first_pid = router.active.worker.pid
+            os.kill(first_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while router.active.worker.pid == first_pid or not router.active.worker.alive:
+                assert time.monotonic() < deadline, "the worker was not restarted"
+                time.sleep(0.1)
+            load.wait_for_requests(4)
+        # A request that had produced nothing yet is retried on the new worker; one cut off
+        # mid-generation cannot be and gets a 503 with Retry-After.
+        assert all(o.status == 503 for o in load.failures())
+        assert len(load.failures()) <= 2
+        assert "immune_edge_worker_restarts_total 1.0" in httpx.get(f"{options.base_url}/metrics").text
+        assert daemon.node.ledger.current().serial == 1
+
+
+def test_crash_loop_during_trial_rolls_back(tmp_path, mqtt_broker, fleet_keys, fleet, observer) -> None:
+    options = ServingOptions(trial_s=60.0, crash_limit=2)
+    with running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon:
+        assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
+        router = daemon.dataplane.router
+        ends = len(observer.terminal_events())
+        observer.publish(TOPICS.desired_fleet(), fleet.envelope("gemma", 2))
+        observer.wait_for(
+            lambda: any((e["serial"], e["state"]) == (2, "trial") for e in observer.unique_events()),
+            timeout=120,
+            what="serial 2 on trial",
+        )
+        for _ in range(options.crash_limit):
+            worker = router.active.worker
+            assert router.active.key == ("stable", 2)
+            observer.wait_for(lambda w=worker: w.alive, what="worker up")
+            os.kill(worker.pid, signal.SIGKILL)
+            observer.wait_for(lambda w=worker: router.active.worker is not w, timeout=60, what="restart")
+        end = observer.wait_terminal(ends + 1, timeout=120)[-1]
+        assert (*_ended(end), end["serial"]) == ("rolled_back", "crash-loop", 2), end
+        assert router.active.key == ("stable", 1)
+        assert daemon.node.ledger.current().serial == 1
+        response = _ask(options.base_url)
+        assert response.status_code == 200 and response.json()["model"] == "slips-summary-smol"
+
+
+def test_bearer_token_on_tcp_socket_by_file_mode(tmp_path, mqtt_broker, fleet_keys, fleet) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-for-slips-0123456789\n")
+    options = ServingOptions(api=f'bearer_token_file = "{token_file}"')
+    with running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)):
+        assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
+        missing = _ask(options.base_url)
+        assert missing.status_code == 401 and "missing bearer token" in missing.json()["error"]["message"]
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = httpx.get(f"{options.base_url}/api/tags", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json() == {"error": "wrong bearer token"}
+        assert httpx.get(f"{options.base_url}/health").status_code == 200
+        headers = {"Authorization": "Bearer s3cret-token-for-slips-0123456789"}
+        assert _ask(options.base_url).status_code == 401
+        ok = httpx.post(
+            f"{options.base_url}/v1/chat/completions",
+            json={"model": "slips", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            headers=headers,
+            timeout=60,
+        )
+        assert ok.status_code == 200
+        socket = tmp_path / "device" / "api.sock"
+        assert oct(socket.stat().st_mode & 0o777) == "0o660"
+        transport = httpx.HTTPTransport(uds=str(socket))
+        with httpx.Client(transport=transport, base_url="http://edge", timeout=60) as client:
+            assert client.get("/api/tags").json()["models"][0]["name"] == "slips-summary-smol"
