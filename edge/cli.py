@@ -280,6 +280,12 @@ def serve(
     ] = None,
     max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 8,
+    prefix_reuse: Annotated[
+        bool, typer.Option(help="Reuse the KV state of shared prompt prefixes (off only to measure it).")
+    ] = True,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may take, waiting included.")
+    ] = 300.0,
 ) -> None:
     """Serve one local GGUF over the OpenAI/Ollama-compatible API, without MQTT (development, single box)."""
     import time
@@ -303,10 +309,17 @@ def serve(
         queue=queue,
         max_tokens_cap=max_tokens_cap,
         aliases=alias or [],
+        request_timeout_s=request_timeout,
     )
     sockets = bind_sockets(api)
     served_name = name or model.stem
-    spec = LoadSpec(model_path=str(model), n_ctx=n_ctx, n_threads=threads, chat_format=chat_format)
+    spec = LoadSpec(
+        model_path=str(model),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        chat_format=chat_format,
+        prefix_reuse=prefix_reuse,
+    )
     worker = WorkerHandle(spec, served_name).start()
     router = ModelRouter(max_waiting=queue)
     router.serve(

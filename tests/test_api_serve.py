@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,40 +34,13 @@ class Server:
         )
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2_model) -> Iterator[Server]:
+@contextmanager
+def serving(model: Path, socket: Path, *options: str) -> Iterator[Server]:
+    """`immune-edge serve` in a subprocess, ready to answer."""
     port = free_port()
-    socket = tmp_path_factory.mktemp("sock") / "immune-edge.sock"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge.cli",
-            "serve",
-            "--model",
-            str(smollm2_model),
-            "--port",
-            str(port),
-            "--socket",
-            str(socket),
-            "--chat-format",
-            "chatml",
-            "--name",
-            "slips-summary-smol",
-            "--alias",
-            "slips-fast",
-            "--threads",
-            "1",
-            "--max-tokens-cap",
-            "64",
-            "--n-ctx",
-            "512",
-            "--queue",
-            "2",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    command = [sys.executable, "-m", "edge.cli", "serve", "--model", str(model), "--port", str(port)]
+    command += ["--socket", str(socket), "--threads", "1", *options]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -80,9 +54,20 @@ def server(tmp_path_factory, smollm2_model) -> Iterator[Server]:
                 f"serve did not start: {process.stderr.read().decode() if process.stderr else ''}"
             )
         time.sleep(0.2)
-    yield Server(base, socket, process)
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        yield Server(base, socket, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_model) -> Iterator[Server]:
+    socket = tmp_path_factory.mktemp("sock") / "immune-edge.sock"
+    options = ["--chat-format", "chatml", "--name", "slips-summary-smol", "--alias", "slips-fast"]
+    options += ["--max-tokens-cap", "64", "--n-ctx", "512", "--queue", "2"]
+    with serving(smollm2_model, socket, *options) as running:
+        yield running
 
 
 def test_openai_client_over_tcp(server) -> None:
@@ -217,3 +202,16 @@ def test_more_connections_than_the_queue_get_429_and_the_server_recovers(server)
     assert set(statuses) <= {200, 429}
     assert statuses.count(429) > 0 and statuses.count(200) >= 1
     assert call(0) == 200
+
+
+def test_request_timeout_cancels_and_the_server_stays_healthy(tmp_path, gemma3_model) -> None:
+    with serving(gemma3_model, tmp_path / "s.sock", "--request-timeout", "1", "--name", "gemma") as server:
+        # A base model counting on and on: far more than one second of tokens.
+        body = {"model": "gemma", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1000, "temperature": 0}
+        started = time.monotonic()
+        response = httpx.post(f"{server.base}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 504, response.text
+        assert response.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - started < 30
+        quick = httpx.post(f"{server.base}/v1/completions", json=body | {"max_tokens": 4}, timeout=60)
+        assert quick.status_code == 200 and quick.json()["choices"][0]["text"]

@@ -27,7 +27,9 @@ class LoadSpec(_Message):
     chat_format: str | None = None
     chat_template: str | None = None
     stop: list[str] = []
-    #: Keep the KV state of recent prompts so a shared prefix (Slips' system prompt) is not re-evaluated.
+    #: Reuse the KV state of a shared prefix (Slips' system prompt and instructions, a retried prompt):
+    #: llama.cpp keeps the last prompt's; the RAM cache keeps those of recent prompts besides.
+    prefix_reuse: bool = True
     prompt_cache_mb: Annotated[int, Field(ge=0)] = 256
 
 

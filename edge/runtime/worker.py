@@ -75,7 +75,7 @@ def _load(spec: LoadSpec) -> Any:
     )
     if spec.n_threads is None:
         _tune_threads(llm, spec)
-    if spec.prompt_cache_mb:
+    if spec.prefix_reuse and spec.prompt_cache_mb:
         llm.set_cache(LlamaRAMCache(capacity_bytes=spec.prompt_cache_mb * 1024 * 1024))
     return llm
 
@@ -104,6 +104,8 @@ def _chunks(llm: Any, request: GenerateRequest, spec: LoadSpec) -> Iterator[dict
 
 
 def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateRequest) -> None:
+    if not spec.prefix_reuse:
+        llm.reset()  # forget the previous prompt's KV state so every prompt is evaluated in full
     started = time.perf_counter()
     first: float | None = None
     produced = 0
