@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed-edge-dev
 DEMO_DIR := demo-out
 
-.PHONY: test demo lint system-deps venv clean
+.PHONY: test demo bench lint system-deps venv clean
 
 ## Debian packages: mosquitto (real broker for tests), venv support and a C++ compiler
 ## (llama-cpp-python is built from source; PyPI has no wheel).
@@ -43,9 +43,19 @@ test: venv lint
 	$(PY) -m pytest
 
 ## The delivery path end to end on this machine: keys, signed manifest for the bundled SmolLM2 GGUF,
-## loopback artifact server, local mosquitto, and `immune-edge run` taking the model to `committed`.
+## loopback artifact server, local mosquitto, `immune-edge run` taking the model to `committed`,
+## then a Slips alert summary through the API and a live swap to Gemma-3 under load.
 demo: venv
 	$(PY) -m tests.harness.demo $(DEMO_DIR)
+
+## Every benchmark (ratios against a baseline measured in the same run; see docs/benchmarks.md).
+## The `bench` extra adds llama-cpp-python's own server, one of the baselines.
+bench: venv
+	$(PIP) install -q -e '.[edge,dev,bench]'
+	$(PY) -m bench.verify_cost
+	$(PY) -m bench.download_throughput
+	$(PY) -m bench.api_throughput
+	$(PY) -m bench.swap_latency
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache .hypothesis

@@ -23,9 +23,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench.slips_prompts import INSTRUCTIONS, SYSTEM_PROMPT, incident_texts, summary_messages
 from tests.harness.models import smollm2_gguf
 from tests.harness.net import free_port
+from tests.harness.slips_prompts import INSTRUCTIONS, SYSTEM_PROMPT, incident_texts, summary_messages
 
 console = Console()
 N_CTX = 4096
@@ -154,7 +154,9 @@ def overhead(rounds: int, threads: int, tokens: int) -> None:
             "immune-edge": HttpEngine(f"http://127.0.0.1:{ours_port}", {"temperature": 0.0}),
             "llama_cpp.server": HttpEngine(f"http://127.0.0.1:{theirs_port}", SAMPLING),
         }
-        results: dict[str, dict[str, list[Sample]]] = {n: {"gen": [], "stream": [], "pp": []} for n in engines}
+        results: dict[str, dict[str, list[Sample]]] = {
+            n: {"gen": [], "stream": [], "pp": []} for n in engines
+        }
         for engine in engines.values():
             engine.complete(GEN_PROMPT, 8)  # warm-up
         for r in range(rounds):
@@ -168,7 +170,9 @@ def overhead(rounds: int, threads: int, tokens: int) -> None:
     report_overhead(results, threads, len(same) == 1)
 
 
-def _ratio(results: dict[str, dict[str, list[Sample]]], name: str, kind: str, value: Callable[[Sample], float]) -> float:
+def _ratio(
+    results: dict[str, dict[str, list[Sample]]], name: str, kind: str, value: Callable[[Sample], float]
+) -> float:
     pairs = zip(results[name][kind], results["direct"][kind], strict=True)
     return statistics.median(value(a) / value(b) for a, b in pairs)
 
@@ -192,7 +196,10 @@ def report_overhead(results: dict[str, dict[str, list[Sample]]], threads: int, s
     row("time to first token, streaming (ms)", "stream", lambda s: s.ttft * 1000, "{:.0f}")
     row("prompt tokens/s (~2.8k-token Slips prompt)", "pp", lambda s: s.prompt_tokens / s.seconds, "{:.0f}")
     console.print(table)
-    ttft = [(a.ttft - b.ttft) * 1000 for a, b in zip(results["immune-edge"]["stream"], results["direct"]["stream"])]
+    ttft = [
+        (a.ttft - b.ttft) * 1000
+        for a, b in zip(results["immune-edge"]["stream"], results["direct"]["stream"], strict=True)
+    ]
     console.print(f"TTFT overhead of immune-edge over direct: median {statistics.median(ttft):.1f} ms")
     console.print(f"all engines generated identical text: {'yes' if same_tokens else 'NO'}")
 
@@ -232,16 +239,26 @@ def _chat_tokens(model: str, messages: list[dict[str, str]]) -> int:
     return len(llm.tokenize(format_chatml(messages).prompt.encode(), special=True))
 
 
-def report_prefix(rows: list[tuple[bool, list[tuple[float, int]], tuple[float, int]]], prefix_tokens: int) -> None:
+def report_prefix(
+    rows: list[tuple[bool, list[tuple[float, int]], tuple[float, int]]], prefix_tokens: int
+) -> None:
     table = Table(title="Slips alert summaries: prompt time (max_tokens=1) with and without prefix reuse")
-    for column in ("prefix reuse", "incidents", "median prompt tokens", "median TTFT (s)", "identical retry TTFT (s)"):
+    for column in (
+        "prefix reuse",
+        "incidents",
+        "median prompt tokens",
+        "median TTFT (s)",
+        "identical retry TTFT (s)",
+    ):
         table.add_column(column, justify="right")
     medians = {}
     for reuse, distinct, retry in rows:
         ttft = statistics.median(t for t, _ in distinct)
         tokens = statistics.median(n for _, n in distinct)
         medians[reuse] = (ttft, tokens, retry[0])
-        table.add_row("on" if reuse else "off", str(len(distinct)), f"{tokens:.0f}", f"{ttft:.2f}", f"{retry[0]:.3f}")
+        table.add_row(
+            "on" if reuse else "off", str(len(distinct)), f"{tokens:.0f}", f"{ttft:.2f}", f"{retry[0]:.3f}"
+        )
     console.print(table)
     off, on = medians[False], medians[True]
     console.print(

@@ -60,7 +60,12 @@ def main() -> None:
             serial += 1
             path, runtime = MODELS[name]
             envelope = sign_manifest(
-                [keys.trainer], path().read_bytes(), urls[name], serial=serial, name=f"slips-{name}", runtime=runtime
+                [keys.trainer],
+                path().read_bytes(),
+                urls[name],
+                serial=serial,
+                name=f"slips-{name}",
+                runtime=runtime,
             )
             ends = len(observer.terminal_events())
             observer.publish(TOPICS.desired_fleet(), envelope)
@@ -70,7 +75,8 @@ def main() -> None:
             return end
 
         daemon = subprocess.Popen(
-            [Path(sys.executable).parent / "immune-edge", "run", "--config", config], stderr=subprocess.DEVNULL
+            [Path(sys.executable).parent / "immune-edge", "run", "--config", config],
+            stderr=subprocess.DEVNULL,
         )
         try:
             deploy("smol")
@@ -98,7 +104,12 @@ def main() -> None:
 
 
 def report(
-    steady: list[Outcome], swapping: list[Outcome], args: argparse.Namespace, swap_s: float, control: float, workers: list[float]
+    steady: list[Outcome],
+    swapping: list[Outcome],
+    args: argparse.Namespace,
+    swap_s: float,
+    control: float,
+    workers: list[float],
 ) -> None:
     table = Table(title=f"{args.clients} clients, {args.swaps} swaps ({args.swap_mode}), latency per request")
     for column in ("phase", "requests", "failed", "p50 (s)", "p99 (s)"):
@@ -108,7 +119,9 @@ def report(
         seconds = [o.seconds for o in outcomes if o.ok]
         rows[phase] = (percentile(seconds, 50), percentile(seconds, 99))
         failed = sum(not o.ok for o in outcomes)
-        table.add_row(phase, str(len(outcomes)), str(failed), f"{rows[phase][0]:.3f}", f"{rows[phase][1]:.3f}")
+        table.add_row(
+            phase, str(len(outcomes)), str(failed), f"{rows[phase][0]:.3f}", f"{rows[phase][1]:.3f}"
+        )
     console.print(table)
     p50 = rows["during swaps"][0] / rows["steady state"][0]
     p99 = rows["during swaps"][1] / rows["steady state"][1]

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: Inbound messages waiting for the control loop; beyond this a flood is dropped, not buffered.
 INBOX_LIMIT = 1000
+#: How often the served model is compared with the store's current pointer, which
+#: `immune-edge install` may move while the daemon runs.
+SERVED_CHECK_S = 5.0
 
 
 @dataclass
@@ -72,6 +75,8 @@ class EdgeDaemon:
         self._desired = _Desired()
         self._desired_lock = threading.Lock()
         self._reconcile_queued = threading.Event()
+        self._next_served_check = 0.0
+        self._served_request: tuple[str, int] | None = None
         self._stop = threading.Event()
         self.commands = CommandHandler(
             self.node.topics,
@@ -121,6 +126,7 @@ class EdgeDaemon:
                 if message is not None:
                     self._handle(message)
                 self._schedule_reconcile()
+                self._check_served()
         finally:
             self._shutdown()
 
@@ -224,6 +230,17 @@ class EdgeDaemon:
             self.agent.wake()
         else:
             self._jobs.put(lambda: self.commands.execute(command, reply))
+
+    def _check_served(self) -> None:
+        """Serve the current model if something else (a local install) changed the pointer."""
+        if self.dataplane is None or time.monotonic() < self._next_served_check:
+            return
+        self._next_served_check = time.monotonic() + SERVED_CHECK_S
+        current, active = self.node.ledger.current(), self.dataplane.router.active
+        key = (current.channel, current.serial) if current else None
+        if key is not None and key != (active.key if active else None) and key != self._served_request:
+            self._served_request = key  # once per pointer change: a model that cannot load is not retried
+            self._jobs.put(self.node.deployer.serve_current)  # runs after any deployment in progress
 
     # -- desired state ---------------------------------------------------------------------------
     def _desired_changed(self) -> None:

@@ -255,7 +255,8 @@ class Deployer:
         self.ledger.switch_to(model, accept_serial=True)
         run.advance(DeploymentState.TRIAL)
         try:
-            self.activator.trial(model)
+            if before is not None:  # with nothing to go back to, an unhealthy model beats none
+                self.activator.trial(model)
         except ActivationError as exc:
             self._restore_pointers(before, before_previous)
             self.activator.restore(before)

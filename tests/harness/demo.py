@@ -2,7 +2,9 @@
 
 Generates keys, signs a manifest for the bundled SmolLM2 GGUF, serves it from a loopback artifact
 server, publishes it retained on a local mosquitto, and watches ``immune-edge run`` take it to
-``committed``; then shows a forged manifest being rejected and an operator status command.
+``committed``; then shows a forged manifest being rejected and an operator status command. Then
+Slips' side: an alert summary asked over the Ollama API, and a live swap to Gemma-3 while four
+clients keep sending requests, with tokens/sec before and after.
 Everything lands in ``demo-out/``.
 """
 
@@ -15,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 from rich.table import Table
 
@@ -22,7 +25,10 @@ from shared.signing import load_private_key
 from tests.harness.artifact_server import ArtifactServer
 from tests.harness.broker import Mosquitto
 from tests.harness.edge import DEVICE, FLEET, HOST_ARCH, TOPICS, FleetObserver, sign_command
-from tests.harness.models import SMOLLM2_FILE, smollm2_gguf
+from tests.harness.load import LoadClients
+from tests.harness.models import SMOLLM2_FILE, gemma3_gguf, smollm2_gguf
+from tests.harness.net import free_port
+from tests.harness.slips_prompts import incident_texts, summary_messages
 
 console = Console()
 BIN = Path(sys.executable).parent
@@ -46,6 +52,35 @@ def show_events(observer: FleetObserver, deployment_id: str | None = None) -> No
     for event in observer.unique_events(deployment_id):
         table.add_row(event["state"], str(event.get("serial", "-")), event["source"], event.get("reason", ""))
     console.print(table)
+
+
+def sign_model_manifest(
+    out: Path, model: Path, url: str, name: str, serial: int, chat: str, stop: str
+) -> Path:
+    """``immune-fleet manifest create`` then ``sign`` with the trainer key; returns the envelope file."""
+    manifest = out / f"{name}-{serial}.json"
+    tool(
+        BIN / "immune-fleet", "manifest", "create", model, "--name", name, "--serial", str(serial),
+        "--chat-format", chat, "--stop", stop, "--url", url, "--arch", HOST_ARCH, "-o", manifest,
+    )  # fmt: skip
+    envelope = manifest.with_suffix(".dsse.json")
+    tool(BIN / "immune-fleet", "sign", manifest, "--key", out / "keys" / "trainer-1.key", "-o", envelope)
+    return envelope
+
+
+def ask_summary(api: str, incident: str) -> dict[str, object]:
+    """What Slips' LLM module sends (Ollama provider): a non-streaming /api/chat with options."""
+    body = {
+        "model": "slips",
+        "messages": summary_messages(incident),
+        "stream": False,
+        "options": {"temperature": 0.2, "num_predict": 96},
+    }
+    return httpx.post(f"{api}/api/chat", json=body, timeout=600).raise_for_status().json()
+
+
+def tokens_per_second(reply: dict[str, object]) -> float:
+    return float(reply["eval_count"]) / (float(reply["eval_duration"]) / 1e9)  # type: ignore[arg-type]
 
 
 def main(out: Path) -> None:
@@ -79,44 +114,20 @@ def main(out: Path) -> None:
     with Mosquitto(out / "broker") as broker, ArtifactServer(out / "artifacts") as server:
         url = server.add_file(model)
         step(f"manifest for {model.name}, signed by the trainer key")
-        tool(
-            BIN / "immune-fleet",
-            "manifest",
-            "create",
-            model,
-            "--name",
-            "slips-summary-smol",
-            "--serial",
-            "1",
-            "--chat-format",
-            "chatml",
-            "--stop",
-            "<|im_end|>",
-            "--url",
-            url,
-            "--arch",
-            HOST_ARCH,
-            "-o",
-            out / "manifest.json",
-        )
-        tool(
-            BIN / "immune-fleet",
-            "sign",
-            out / "manifest.json",
-            "--key",
-            out / "keys" / "trainer-1.key",
-            "-o",
-            out / "manifest.dsse.json",
-        )
+        envelope_file = sign_model_manifest(out, model, url, "slips-summary-smol", 1, "chatml", "<|im_end|>")
         console.print(f"artifact server: {url}\nbroker: mqtt://{broker.host}:{broker.port}")
 
         device = out / "device"
         device.mkdir()
         config = device / "edge.toml"
+        port = free_port()  # 11434 in production (where Slips looks); a free one here
+        api = f"http://127.0.0.1:{port}"
         config.write_text(
             f'keyring_file = "{out / "keyring.json"}"\n\n[device]\nid = "{DEVICE}"\nfleet = "{FLEET}"\n'
             f'groups = ["canary"]\n\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n\n'
-            f'[store]\nstate_dir = "{device / "state"}"\n'
+            f'[store]\nstate_dir = "{device / "state"}"\n\n'
+            f'[api]\nport = {port}\nsocket = "{device / "api.sock"}"\naliases = ["slips"]\n\n'
+            f"[runtime]\ntrial_s = 5.0\n"
         )
         step("device config")
         console.print(config.read_text())
@@ -126,12 +137,12 @@ def main(out: Path) -> None:
         daemon = subprocess.Popen([BIN / "immune-edge", "run", "--config", config], stderr=log_file)
         try:
             step("publish the signed manifest as the fleet's retained desired state")
-            observer.publish(TOPICS.desired_fleet(), (out / "manifest.dsse.json").read_bytes())
+            observer.publish(TOPICS.desired_fleet(), envelope_file.read_bytes())
             (end,) = observer.wait_terminal(timeout=120)
             show_events(observer, end["deployment_id"])
 
             step("a tampered manifest (download URL changed after signing) is rejected")
-            envelope = json.loads((out / "manifest.dsse.json").read_bytes())
+            envelope = json.loads(envelope_file.read_bytes())
             payload = json.loads(base64.b64decode(envelope["payload"]))
             payload["serial"] = 2
             payload["files"][0]["urls"] = ["http://198.51.100.7/evil.gguf"]
@@ -147,6 +158,42 @@ def main(out: Path) -> None:
             for key, value in response["result"].items():
                 table.add_row(key, str(value))
             console.print(table)
+
+            step("Slips asks for an alert summary (Ollama /api/chat, as Slips' LLM module sends it)")
+            incident = incident_texts(1, max_words=200)[0]
+            console.print(f"[dim]{incident[:600]}...[/]")
+            reply = ask_summary(api, incident)
+            console.print(f"[bold]{reply['model']}[/]: {reply['message']['content']}")  # type: ignore[index]
+            before = tokens_per_second(reply)
+            console.print(
+                f"prompt_eval_count {reply['prompt_eval_count']}, eval_count {reply['eval_count']}, "
+                f"{before:.1f} tokens/s"
+            )
+
+            step("live swap to Gemma-3-270M while 4 clients keep sending requests")
+            gemma = gemma3_gguf()
+            gemma_envelope = sign_model_manifest(
+                out, gemma, server.add_file(gemma), "slips-summary-gemma", 3, "gemma", "<end_of_turn>"
+            )
+            with LoadClients(api, clients=4, max_tokens=16) as load:
+                load.wait_for_requests(4)
+                ends = len(observer.terminal_events())
+                observer.publish(TOPICS.desired_fleet(), gemma_envelope.read_bytes())
+                swapped = observer.wait_terminal(ends + 1, timeout=300)[-1]
+                load.wait_for_requests(4)
+            show_events(observer, swapped["deployment_id"])
+            outcomes = load.snapshot()
+            served = sorted({o.model for o in outcomes if o.ok})
+            console.print(
+                f"{len(outcomes)} requests during the swap, {len(load.failures())} failed; served by {served}"
+            )
+            after_reply = ask_summary(api, incident)
+            after = tokens_per_second(after_reply)
+            console.print(f"[bold]{after_reply['model']}[/]: {after_reply['message']['content']}")  # type: ignore[index]
+            speed = Table("model", "tokens/s (alert summary)")
+            speed.add_row(str(reply["model"]), f"{before:.1f}")
+            speed.add_row(str(after_reply["model"]), f"{after:.1f}")
+            console.print(speed)
         finally:
             daemon.terminate()
             daemon.wait(timeout=30)

@@ -7,7 +7,9 @@ import gzip
 import json
 from pathlib import Path
 
-DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "slips" / "summarization_dataset_v3.json.gz"
+DATASET = (
+    Path(__file__).resolve().parents[3] / "shared" / "datasets" / "slips" / "summarization_dataset_v3.json.gz"
+)
 
 SYSTEM_PROMPT = (
     "You assist the analysts of a network intrusion detection system. You receive one incident that "
