@@ -13,6 +13,7 @@ from shared.signing import Keyring, Role, SigningKey, TrustedKey, generate_key
 from shared.signing.keyring import Thresholds
 from tests.harness.artifact_server import ArtifactServer
 from tests.harness.broker import Mosquitto, TlsMaterial
+from tests.harness.edge import FleetObserver
 from tests.harness.models import gemma3_gguf, smollm2_gguf
 from tests.harness.pki import TestCA
 
@@ -43,6 +44,14 @@ def tls_broker_factory(tmp_path: Path) -> Iterator[Callable[[str | None], Mosqui
     yield start
     for broker in started:
         broker.stop()
+
+
+@pytest.fixture
+def observer(mqtt_broker: Mosquitto) -> Iterator[FleetObserver]:
+    """The fleet's side of the plain broker: publishes desired state, collects events and status."""
+    watcher = FleetObserver(mqtt_broker)
+    yield watcher
+    watcher.close()
 
 
 @pytest.fixture

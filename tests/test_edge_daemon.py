@@ -33,13 +33,6 @@ FORWARD = ["queued", "downloading", "verifying", "staged", "activating", "trial"
 
 
 @pytest.fixture
-def observer(mqtt_broker):
-    watcher = FleetObserver(mqtt_broker)
-    yield watcher
-    watcher.close()
-
-
-@pytest.fixture
 def config_file(tmp_path, mqtt_broker, fleet_keys) -> Path:
     return write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring())
 

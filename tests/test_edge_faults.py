@@ -27,13 +27,6 @@ from tests.harness.edge import (
 from tests.test_edge_daemon import FORWARD, model_blob
 
 
-@pytest.fixture
-def observer(mqtt_broker) -> Iterator[FleetObserver]:
-    watcher = FleetObserver(mqtt_broker)
-    yield watcher
-    watcher.close()
-
-
 def _daemon_process(config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],

@@ -53,13 +53,6 @@ class Fleet:
 
 
 @pytest.fixture
-def observer(mqtt_broker):
-    watcher = FleetObserver(mqtt_broker)
-    yield watcher
-    watcher.close()
-
-
-@pytest.fixture
 def fleet(observer, artifact_server, fleet_keys, smollm2_model, gemma3_model) -> Fleet:
     return Fleet(observer, artifact_server, fleet_keys, smollm2_model, gemma3_model)
 
