@@ -208,12 +208,13 @@ def prefix_reuse(count: int, threads: int) -> None:
     """TTFT of alert summaries with and without prefix reuse, and of an identical retry."""
     model = str(smollm2_gguf())
     texts = incident_texts(count)
-    rows = []
-    for reuse in (False, True):
+    rows: list[tuple[str, list[tuple[float, int]], float, float]] = []
+    for reuse in ("off", "previous prompt", "+ RAM cache"):
         port = free_port()
         command = [sys.executable, "-m", "edge.cli", "serve", "--model", model, "--port", str(port)]
         command += ["--threads", str(threads), "--n-ctx", str(N_CTX), "--chat-format", "chatml"]
-        command += ["--prefix-reuse" if reuse else "--no-prefix-reuse"]
+        command += ["--no-prefix-reuse" if reuse == "off" else "--prefix-reuse"]
+        command += ["--prompt-cache-mb", "512" if reuse == "+ RAM cache" else "0"]
         base = f"http://127.0.0.1:{port}"
         with process(command, f"{base}/ready"), httpx.Client(base_url=base, timeout=600) as client:
 
@@ -225,8 +226,9 @@ def prefix_reuse(count: int, threads: int) -> None:
 
             ask(summary_messages("warm-up"))
             distinct = [ask(summary_messages(text)) for text in texts]
-            retry = ask(summary_messages(texts[-1]))
-        rows.append((reuse, distinct, retry))
+            again = ask(summary_messages(texts[-1]))[0]  # Slips retrying the same alert at once
+            earlier = ask(summary_messages(texts[0]))[0]  # an alert from a few requests back
+        rows.append((reuse, distinct, again, earlier))
     prefix_tokens = _chat_tokens(model, summary_messages(""))
     report_prefix(rows, prefix_tokens)
 
@@ -239,34 +241,36 @@ def _chat_tokens(model: str, messages: list[dict[str, str]]) -> int:
     return len(llm.tokenize(format_chatml(messages).prompt.encode(), special=True))
 
 
-def report_prefix(
-    rows: list[tuple[bool, list[tuple[float, int]], tuple[float, int]]], prefix_tokens: int
-) -> None:
-    table = Table(title="Slips alert summaries: prompt time (max_tokens=1) with and without prefix reuse")
+def report_prefix(rows: list[tuple[str, list[tuple[float, int]], float, float]], prefix_tokens: int) -> None:
+    table = Table(title="Slips alert summaries: prompt time (max_tokens=1) by prefix reuse mode")
     for column in (
         "prefix reuse",
         "incidents",
-        "median prompt tokens",
-        "median TTFT (s)",
-        "identical retry TTFT (s)",
+        "prompt tokens",
+        "TTFT (s)",
+        "same alert again (s)",
+        "earlier alert again (s)",
     ):
         table.add_column(column, justify="right")
-    medians = {}
-    for reuse, distinct, retry in rows:
+    for mode, distinct, again, earlier in rows:
         ttft = statistics.median(t for t, _ in distinct)
         tokens = statistics.median(n for _, n in distinct)
-        medians[reuse] = (ttft, tokens, retry[0])
         table.add_row(
-            "on" if reuse else "off", str(len(distinct)), f"{tokens:.0f}", f"{ttft:.2f}", f"{retry[0]:.3f}"
+            mode, str(len(distinct)), f"{tokens:.0f}", f"{ttft:.2f}", f"{again:.3f}", f"{earlier:.3f}"
         )
     console.print(table)
-    off, on = medians[False], medians[True]
+    off = statistics.median(t for t, _ in rows[0][1])
+    tokens = statistics.median(n for _, n in rows[0][1])
     console.print(
         f"shared prefix (system prompt + instructions, {len(SYSTEM_PROMPT) + len(INSTRUCTIONS)} chars): "
-        f"{prefix_tokens} tokens = {prefix_tokens / off[1]:.1%} of the median prompt; "
-        f"TTFT saving on distinct incidents {1 - on[0] / off[0]:.1%}; "
-        f"identical retry {on[2] / off[2]:.3f}x the time without reuse"
+        f"{prefix_tokens} tokens = {prefix_tokens / tokens:.1%} of the median prompt"
     )
+    for mode, distinct, again, earlier in rows[1:]:
+        ttft = statistics.median(t for t, _ in distinct)
+        console.print(
+            f"{mode}: distinct alerts {ttft / off:.3f}x the TTFT without reuse; same alert again "
+            f"{again / rows[0][2]:.3f}x; earlier alert again {earlier / rows[0][3]:.3f}x"
+        )
 
 
 def main() -> None:

@@ -283,6 +283,9 @@ def serve(
     prefix_reuse: Annotated[
         bool, typer.Option(help="Reuse the KV state of shared prompt prefixes (off only to measure it).")
     ] = True,
+    prompt_cache_mb: Annotated[
+        int, typer.Option(help="RAM for KV states of older prompts (0: reuse the previous prompt's only).")
+    ] = 0,
     request_timeout: Annotated[
         float, typer.Option(help="Seconds a request may take, waiting included.")
     ] = 300.0,

@@ -118,7 +118,8 @@ class RuntimeSettings(ConfigModel):
     #: None: measured when each model loads.
     n_threads: Annotated[int, Field(ge=1, le=256)] | None = None
     n_batch: Annotated[int, Field(ge=1, le=8192)] = 512
-    prompt_cache_mb: Annotated[int, Field(ge=0, le=65536)] = 256
+    #: RAM for the states of older prompts (0: only the previous prompt's prefix is reused).
+    prompt_cache_mb: Annotated[int, Field(ge=0, le=65536)] = 0
     load_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     #: auto: keep the old model serving while the new one loads when MemAvailable allows two;
     #: sequential: always stop the old first (requests wait); parallel: always keep both.

@@ -27,10 +27,13 @@ class LoadSpec(_Message):
     chat_format: str | None = None
     chat_template: str | None = None
     stop: list[str] = []
-    #: Reuse the KV state of a shared prefix (Slips' system prompt and instructions, a retried prompt):
-    #: llama.cpp keeps the last prompt's; the RAM cache keeps those of recent prompts besides.
+    #: Reuse the KV state of the prefix shared with the previous prompt (Slips' system prompt and
+    #: instructions, a retried prompt).
     prefix_reuse: bool = True
-    prompt_cache_mb: Annotated[int, Field(ge=0)] = 256
+    #: Also keep the states of older prompts in RAM (llama-cpp-python's LlamaRAMCache). Off by
+    #: default: saving and searching states costs ~5 % throughput and ~30 ms TTFT per request
+    #: (docs/benchmarks.md), and Slips' prompts share their prefix with the previous one anyway.
+    prompt_cache_mb: Annotated[int, Field(ge=0)] = 0
 
 
 class ChatMessage(_Message):
