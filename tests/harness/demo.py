@@ -150,6 +150,9 @@ def main(out: Path) -> None:
             observer.publish(TOPICS.desired_device(DEVICE), json.dumps(envelope).encode())
             rejected = observer.wait_terminal(2, timeout=60)[-1]
             show_events(observer, rejected["deployment_id"])
+            # Device-level desired state outranks the fleet's: clear the rejected one, or later
+            # fleet-wide manifests would never apply to this device.
+            observer.publish(TOPICS.desired_device(DEVICE), b"")
 
             step("operator status command (MQTT v5 request/response, operator-signed)")
             operator_key = load_private_key(out / "keys" / "operator-1.key")
