@@ -6,7 +6,7 @@ import platform
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edge.delivery.downloader import DownloadPolicy
 from edge.delivery.gguf_header import DEFAULT_ARCHITECTURES
@@ -28,6 +28,7 @@ class DeviceSettings(ConfigModel):
     ram_mb: Annotated[int, Field(ge=1)] | None = None
     #: Pointed at a fixture tree in tests; a Pi's real values live under /proc and /sys.
     procfs_root: ConfigPath = Path("/proc")
+    sysfs_root: ConfigPath = Path("/sys")
 
 
 class StoreSettings(ConfigModel):
@@ -90,6 +91,11 @@ class ApiSettings(ConfigModel):
     queue: Annotated[int, Field(ge=0, le=1024)] = 8
     request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
     max_tokens_cap: Annotated[int, Field(ge=1, le=32768)] = 1024
+    #: Model names (usually aliases, e.g. "slips-batch") whose requests may be deferred while the
+    #: device is hot; a request can also say so itself with the header ``X-Immune-Priority: low``.
+    low_priority_models: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=16)
+    ] = []
 
     def aliases_for(self, name: str) -> tuple[str, ...]:
         """The aliases that add a name to model ``name``."""
@@ -141,6 +147,40 @@ class RuntimeSettings(ConfigModel):
     drain_timeout_s: Annotated[float, Field(gt=0)] = 600.0
 
 
+class TelemetrySettings(ConfigModel):
+    """Device telemetry: sampled every ``interval_s``, published QoS 0, summarised in the status."""
+
+    enabled: bool = True
+    interval_s: Annotated[float, Field(ge=1, le=3600)] = 10.0
+    #: How often the retained status carries a fresh summary (it is also refreshed on thermal changes).
+    status_every_s: Annotated[float, Field(ge=1, le=86400)] = 60.0
+    #: Used for the throttling flags only when the firmware's sysfs node is missing.
+    vcgencmd: str | None = "vcgencmd"
+
+
+class ThermalSettings(ConfigModel):
+    """Backing off when hot: fewer inference threads, low-priority requests deferred."""
+
+    enabled: bool = True
+    #: A Pi 5 starts throttling at 80 C; backing off a little earlier keeps the firmware from doing it.
+    soft_limit_c: Annotated[float, Field(ge=30, le=110)] = 78.0
+    #: Back to normal at or below this (hysteresis, so the state does not flap around one value).
+    restore_c: Annotated[float, Field(ge=20, le=105)] = 70.0
+    #: Also back off while the firmware reports throttling or its soft temperature limit now.
+    react_to_throttled: bool = True
+    #: Threads per worker while hot.
+    hot_threads: Annotated[int, Field(ge=1, le=256)] = 1
+    defer_low_priority: bool = True
+    #: Retry-After of a deferred request.
+    defer_retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 60
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> ThermalSettings:
+        if self.restore_c >= self.soft_limit_c:
+            raise ValueError("restore_c must be below soft_limit_c")
+        return self
+
+
 class EdgeConfig(ConfigModel):
     """Everything ``immune-edge run`` needs."""
 
@@ -153,6 +193,8 @@ class EdgeConfig(ConfigModel):
     deploy: DeploySettings = DeploySettings()
     api: ApiSettings = ApiSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    thermal: ThermalSettings = ThermalSettings()
 
     @property
     def state_dir(self) -> Path:

@@ -2,9 +2,9 @@
 
 Threads: paho's network loop and the outbox pump (edge.mqtt.agent); this control loop, which
 validates every inbound message and answers quick commands; one worker that runs deployments
-and other state changes in order, so a long download never blocks status queries; and the data
-plane (edge.dataplane): the HTTP API thread and the worker supervisor, with inference in child
-processes.
+and other state changes in order, so a long download never blocks status queries; telemetry and
+thermal back-off (edge.telemetry); and the data plane (edge.dataplane): the HTTP API thread and
+the worker supervisor, with inference in child processes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ from edge.control.deployer import TRANSIENT_REASONS, envelope_digest
 from edge.dataplane import DataPlane
 from edge.mqtt.agent import Inbound, MqttAgent
 from edge.node import EdgeConfig, EdgeNode
+from edge.telemetry.host import HostSensors
+from edge.telemetry.loop import TelemetryLoop
+from edge.telemetry.sampler import TelemetrySampler
+from edge.telemetry.thermal import ThermalGovernor
 from shared.errors import ContractError
-from shared.messages import DeviceStatus
+from shared.messages import DeviceStatus, Telemetry
 from shared.signing import Envelope
 from shared.topics import TopicError, TopicKind, TopicRef
 
@@ -108,6 +112,34 @@ class EdgeDaemon:
             on_connected=self._connected,
         )
         self._worker = threading.Thread(target=self._work, name="deployer", daemon=True)
+        self.telemetry = self._telemetry_loop() if config.telemetry.enabled else None
+
+    def _telemetry_loop(self) -> TelemetryLoop:
+        config, dataplane = self.config, self.dataplane
+        sensors = HostSensors(config.device.sysfs_root, config.device.procfs_root, config.telemetry.vcgencmd)
+        sampler = TelemetrySampler(
+            self.device_id,
+            self.node.topics.fleet,
+            sensors,
+            self.node.ledger,
+            config.store_dir,
+            dataplane.runtime if dataplane else None,
+            dataplane.metrics if dataplane else None,
+        )
+        if dataplane is not None:
+            dataplane.metrics.watch_telemetry(lambda: sampler.latest)
+        governor = ThermalGovernor(config.thermal, dataplane.runtime if dataplane else None)
+        return TelemetryLoop(
+            config.telemetry, sampler, governor, self._publish_telemetry, self._report_telemetry
+        )
+
+    def _publish_telemetry(self, sample: Telemetry) -> None:
+        self.agent.publish_direct(self.node.topics.telemetry(self.device_id), sample.to_json())
+
+    def _report_telemetry(self, summary: dict[str, float], change: str | None) -> None:
+        self.node.reporter.summary = summary
+        self.node.reporter.status(note=change)
+        self.agent.wake()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -117,6 +149,8 @@ class EdgeDaemon:
         self._worker.start()
         self._jobs.put(self._resume)
         self.agent.start()
+        if self.telemetry is not None:
+            self.telemetry.start()
         try:
             while not self._stop.is_set():
                 try:
@@ -136,6 +170,8 @@ class EdgeDaemon:
             self.dataplane.runtime.interrupt()  # a trial window in progress ends now
 
     def _shutdown(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.stop()
         self._jobs.put(None)
         self._worker.join(timeout=30)
         status = self.node.reporter.status_message(online=False)

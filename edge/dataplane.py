@@ -32,7 +32,13 @@ class DataPlane:
             config.device.procfs_root,
             self.metrics,
         )
-        serving = Serving(self.router, self.metrics, api.request_timeout_s)
+        serving = Serving(
+            self.router,
+            self.metrics,
+            api.request_timeout_s,
+            frozenset(api.low_priority_models),
+            config.thermal.defer_retry_after_s,
+        )
         app = create_app(serving, api.max_body_bytes, api.bearer_token())
         self._server = ApiServerThread(app, bind_sockets(api))
 

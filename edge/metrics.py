@@ -3,17 +3,46 @@ that start several apps in one process do not share counters."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edge.runtime.protocol import WorkerEvent
+from edge.telemetry.host import THROTTLE_BITS
+from shared.messages import Telemetry
+
+#: Telemetry fields that are not figures (identity) or are exported with labels instead.
+_NOT_GAUGES = {"device_id", "fleet", "model_name", "ts"} | {
+    f"{flag}_{when}" for flag in THROTTLE_BITS for when in ("now", "since_boot")
+}
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    """Running totals since start; telemetry reports the difference between two snapshots."""
+
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    completion_tokens: int = 0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+    ttft_count: int = 0
 
 
 class Metrics:
     """Counters and histograms the API and the runtime update."""
 
     def __init__(self) -> None:
+        self._usage = UsageTotals()
+        self._usage_lock = threading.Lock()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -47,6 +76,43 @@ class Metrics:
             "immune_edge_serving", "1 for the model currently served", ["model", "serial"], registry=r
         )
 
+    def finished(self, endpoint: str, status: int, seconds: float, done: WorkerEvent | None) -> None:
+        """Account for one finished request (``done`` is None when it produced no result)."""
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        with self._usage_lock:
+            usage = replace(
+                self._usage, requests=self._usage.requests + 1, errors=self._usage.errors + (status >= 500)
+            )
+            if done is not None:
+                usage = replace(
+                    usage,
+                    prompt_tokens=usage.prompt_tokens + done.prompt_tokens,
+                    prompt_s=usage.prompt_s + done.prompt_ms / 1000,
+                    completion_tokens=usage.completion_tokens + done.completion_tokens,
+                    decode_s=usage.decode_s + max(done.total_ms - done.prompt_ms, 0.0) / 1000,
+                )
+            self._usage = usage
+        if done is not None:
+            self.latency.observe(seconds)
+            self.prompt_tokens.inc(done.prompt_tokens)
+            self.completion_tokens.inc(done.completion_tokens)
+
+    def first_token(self, seconds: float) -> None:
+        """Time from admission to a request's first token."""
+        self.ttft.observe(seconds)
+        with self._usage_lock:
+            self._usage = replace(
+                self._usage, ttft_s=self._usage.ttft_s + seconds, ttft_count=self._usage.ttft_count + 1
+            )
+
+    def usage(self) -> UsageTotals:
+        with self._usage_lock:
+            return self._usage
+
+    def watch_telemetry(self, latest: Callable[[], Telemetry | None]) -> None:
+        """Export the device's telemetry (temperatures, throttling, memory...) on /metrics too."""
+        self.registry.register(TelemetryCollector(latest))
+
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
 
@@ -54,3 +120,39 @@ class Metrics:
         self.serving.clear()
         if name is not None:
             self.serving.labels(model=name, serial=str(serial or 0)).set(1)
+
+
+class TelemetryCollector(Collector):
+    """The latest telemetry sample as Prometheus gauges, read at scrape time."""
+
+    def __init__(self, latest: Callable[[], Telemetry | None]) -> None:
+        self.latest = latest
+
+    def collect(self) -> Iterator[Metric]:
+        sample = self.latest()
+        if sample is None:
+            return
+        for name, info in Telemetry.model_fields.items():
+            value = getattr(sample, name)
+            if name in _NOT_GAUGES or value is None:
+                continue
+            yield GaugeMetricFamily(
+                f"immune_edge_device_{name}", info.description or name, value=float(value)
+            )
+        zones = GaugeMetricFamily(
+            "immune_edge_thermal_zone_celsius", "Temperature of each thermal zone", labels=["zone"]
+        )
+        for zone, temp in sample.zone_temps().items():
+            zones.add_metric([zone], temp)
+        yield zones
+        flags = GaugeMetricFamily(
+            "immune_edge_throttle_flag",
+            "Pi firmware throttling flags (1: set), now and since boot",
+            labels=["flag", "when"],
+        )
+        for flag in THROTTLE_BITS:
+            for when in ("now", "since_boot"):
+                value = getattr(sample, f"{flag}_{when}")
+                if value is not None:
+                    flags.add_metric([flag, when], float(value))
+        yield flags

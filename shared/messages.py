@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import AwareDatetime, ConfigDict, Field, model_validator
 
 from shared.errors import SchemaError
 from shared.manifest import ModelName
@@ -77,35 +78,78 @@ class DeviceStatus(Contract):
     summary: dict[Annotated[str, Field(max_length=64)], float] = {}
 
 
-class Telemetry(Contract):
-    """One flat telemetry sample: scalars only, so collectors (Telegraf, Prometheus) ingest it as is."""
+#: Per-zone temperatures travel as top-level keys, so the payload stays flat for collectors.
+ZONE_TEMP_KEY = re.compile(r"temp_([a-z0-9_]{1,40})_c")
+MAX_THERMAL_ZONES = 16
 
+Mb = Annotated[float, Field(ge=0)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class Telemetry(Contract):
+    """One flat telemetry sample: scalars only, so collectors (Telegraf, Prometheus) ingest it as is.
+
+    Rates and TTFT cover the requests of the last interval (absent when there were none); counters
+    are totals since the daemon started. Besides the fields below, ``temp_<zone>_c`` keys carry each
+    thermal zone."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
     MAX_BYTES: ClassVar[int] = 8 * 1024
     WHAT: ClassVar[str] = "telemetry"
 
     device_id: Identifier
     fleet: Identifier
     ts: Annotated[float, Field(gt=0, description="unix time, seconds")]
+    interval_s: Annotated[float, Field(gt=0)] | None = None
     model_name: ModelName | None = None
     model_serial: Serial | None = None
     uptime_s: Annotated[float, Field(ge=0)] | None = None
     tokens_per_second: Annotated[float, Field(ge=0)] | None = None
     prompt_tokens_per_second: Annotated[float, Field(ge=0)] | None = None
     ttft_ms: Annotated[float, Field(ge=0)] | None = None
-    requests_total: Annotated[int, Field(ge=0)] | None = None
-    errors_total: Annotated[int, Field(ge=0)] | None = None
-    queue_depth: Annotated[int, Field(ge=0)] | None = None
-    rss_mb: Annotated[float, Field(ge=0)] | None = None
-    worker_rss_mb: Annotated[float, Field(ge=0)] | None = None
-    mem_available_mb: Annotated[float, Field(ge=0)] | None = None
-    swap_used_mb: Annotated[float, Field(ge=0)] | None = None
+    requests_total: Count | None = None
+    errors_total: Count | None = None
+    queue_depth: Count | None = None
+    rss_mb: Mb | None = None
+    worker_rss_mb: Mb | None = None
+    standby_worker_rss_mb: Mb | None = None
+    mem_available_mb: Mb | None = None
+    swap_used_mb: Mb | None = None
     cpu_load_1m: Annotated[float, Field(ge=0)] | None = None
     cpu_freq_mhz: Annotated[float, Field(ge=0)] | None = None
     soc_temp_c: float | None = None
-    throttled_bits: Annotated[int, Field(ge=0)] | None = None
+    throttled_bits: Count | None = None
+    under_voltage_now: bool | None = None
+    freq_capped_now: bool | None = None
+    throttled_now: bool | None = None
+    soft_temp_limit_now: bool | None = None
+    under_voltage_since_boot: bool | None = None
+    freq_capped_since_boot: bool | None = None
+    throttled_since_boot: bool | None = None
+    soft_temp_limit_since_boot: bool | None = None
     fan_rpm: Annotated[float, Field(ge=0)] | None = None
-    disk_free_mb: Annotated[float, Field(ge=0)] | None = None
+    fan_state: Count | None = None
+    disk_free_mb: Mb | None = None
     n_threads: Annotated[int, Field(ge=1)] | None = None
+    #: True while the thermal governor has cut threads / defers low-priority requests.
+    thermal_limited: bool | None = None
+
+    @model_validator(mode="after")
+    def _zone_temperatures(self) -> Telemetry:
+        extra = self.model_extra or {}
+        if len(extra) > MAX_THERMAL_ZONES:
+            raise ValueError(f"at most {MAX_THERMAL_ZONES} thermal zones")
+        for key, value in extra.items():
+            if not ZONE_TEMP_KEY.fullmatch(key):
+                raise ValueError(f"unknown field {key!r} (only temp_<zone>_c keys may be added)")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{key} must be a number")
+        return self
+
+    def zone_temps(self) -> dict[str, float]:
+        """Temperature per thermal zone name."""
+        extra = self.model_extra or {}
+        return {match[1]: float(v) for k, v in extra.items() if (match := ZONE_TEMP_KEY.fullmatch(k))}
 
 
 class DeploymentEvent(Contract):

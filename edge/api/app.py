@@ -88,7 +88,7 @@ async def _nothing() -> Message:
 
 def _error(path: str, error: ApiError) -> JSONResponse:
     """OpenAI-shaped errors under /v1, Ollama-shaped elsewhere."""
-    headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+    headers = {"Retry-After": str(error.retry_after_s)} if error.status in (429, 503) else None
     if path.startswith("/v1"):
         kind = "invalid_request_error" if error.status < 500 and error.status != 429 else "server_error"
         body: dict[str, object] = {

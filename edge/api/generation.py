@@ -14,21 +14,33 @@ from edge.metrics import Metrics
 from edge.runtime.handle import RequestTimeoutError, WorkerError
 from edge.runtime.health import decode_rate
 from edge.runtime.protocol import ChatMessage, GenerateRequest, WorkerEvent
-from edge.runtime.router import ModelRouter, NoModelError, QueueFullError, ServedModel, UnknownModelError
+from edge.runtime.router import (
+    DeferredError,
+    ModelRouter,
+    NoModelError,
+    QueueFullError,
+    ServedModel,
+    UnknownModelError,
+)
 
 #: How long a request waits for a crashed worker to be restarted before failing.
 RESTART_WAIT_S = 30.0
+#: A client marks a request it can wait for (batch summaries) with ``X-Immune-Priority: low``.
+PRIORITY_HEADER = "x-immune-priority"
 
 
 class ApiError(Exception):
     """An error with its HTTP status; each API renders it in its own shape."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str, param: str | None = None, retry_after_s: int = 1
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,16 @@ class Serving:
     router: ModelRouter
     metrics: Metrics
     request_timeout_s: float = 300.0
+    #: Model names (aliases) whose requests are low priority: deferred while the device is hot.
+    low_priority_models: frozenset[str] = frozenset()
+    #: What a deferred request is told to wait before retrying.
+    defer_retry_after_s: int = 60
+
+    def low_priority(self, model_name: str | None, priority_header: str | None) -> bool:
+        """Whether a request may be deferred: by its header, else by the model name it asks for."""
+        if priority_header is not None:
+            return priority_header.strip().lower() == "low"
+        return model_name is not None and model_name in self.low_priority_models
 
 
 def _request(
@@ -119,14 +141,21 @@ class Generation:
         sampling: Sampling,
         messages: list[ChatMessage] | None = None,
         prompt: str | None = None,
+        priority: str | None = None,
     ) -> Generation:
-        """Admit the request and check out its model (waiting out a swap in progress)."""
+        """Admit the request and check out its model (waiting out a swap in progress). ``priority``
+        is the request's priority header, if any."""
         router = serving.router
         try:
-            router.admit()
+            router.admit(serving.low_priority(model_name, priority))
         except QueueFullError as exc:
             serving.metrics.requests.labels(endpoint=endpoint, status="429").inc()
             raise ApiError(429, f"server busy: {exc}; retry shortly", "queue_full") from None
+        except DeferredError as exc:
+            serving.metrics.requests.labels(endpoint=endpoint, status="503").inc()
+            raise ApiError(
+                503, f"{exc}; retry later", "deferred_thermal", retry_after_s=serving.defer_retry_after_s
+            ) from None
         try:
             model = await run_in_threadpool(router.checkout, model_name, serving.request_timeout_s)
         except (UnknownModelError, NoModelError) as exc:
@@ -151,11 +180,7 @@ class Generation:
         router, metrics = self._serving.router, self._serving.metrics
         router.checkin(self.model)
         router.release()
-        metrics.requests.labels(endpoint=self._endpoint, status=str(status)).inc()
-        if done is not None:
-            metrics.latency.observe(time.monotonic() - self._started)
-            metrics.prompt_tokens.inc(done.prompt_tokens)
-            metrics.completion_tokens.inc(done.completion_tokens)
+        metrics.finished(self._endpoint, status, time.monotonic() - self._started, done)
         if status == 200 or status >= 500:  # client errors and hang-ups say nothing about the model
             rate = decode_rate(done.completion_tokens, done.total_ms, done.prompt_ms) if done else None
             self.model.stats.record(status == 200, rate)
@@ -168,7 +193,7 @@ class Generation:
             try:
                 for event in worker.generate(self.request, self._deadline):
                     if not produced:
-                        self._serving.metrics.ttft.observe(time.monotonic() - self._started)
+                        self._serving.metrics.first_token(time.monotonic() - self._started)
                     produced = True
                     yield event
                 return

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.generation import Generation, Sampling, Serving
+from edge.api.generation import PRIORITY_HEADER, Generation, Sampling, Serving
 from edge.runtime.protocol import ChatMessage, WorkerEvent
 from edge.runtime.router import ModelRouter
 
@@ -98,7 +98,12 @@ def _ndjson(lines: AsyncIterator[dict[str, object]]) -> StreamingResponse:
 async def chat(body: ChatRequest, request: Request) -> dict[str, object] | StreamingResponse:
     """Chat; NDJSON stream by default, one object with token counts and durations with stream false."""
     generation = await Generation.open(
-        _serving(request), "/api/chat", body.model, body.options.sampling(), messages=body.messages
+        _serving(request),
+        "/api/chat",
+        body.model,
+        body.options.sampling(),
+        messages=body.messages,
+        priority=request.headers.get(PRIORITY_HEADER),
     )
     name = generation.model.name
     if body.stream:
@@ -135,13 +140,23 @@ async def generate(body: GenerateApiRequest, request: Request) -> dict[str, obje
     """Prompt completion: through the chat template (with ``system``) unless ``raw`` is true."""
     if body.raw:
         generation = await Generation.open(
-            _serving(request), "/api/generate", body.model, body.options.sampling(), prompt=body.prompt
+            _serving(request),
+            "/api/generate",
+            body.model,
+            body.options.sampling(),
+            prompt=body.prompt,
+            priority=request.headers.get(PRIORITY_HEADER),
         )
     else:
         messages = [ChatMessage(role="system", content=body.system)] if body.system else []
         messages.append(ChatMessage(role="user", content=body.prompt))
         generation = await Generation.open(
-            _serving(request), "/api/generate", body.model, body.options.sampling(), messages=messages
+            _serving(request),
+            "/api/generate",
+            body.model,
+            body.options.sampling(),
+            messages=messages,
+            priority=request.headers.get(PRIORITY_HEADER),
         )
     name = generation.model.name
     if body.stream:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.generation import Generation, Result, Sampling, Serving
+from edge.api.generation import PRIORITY_HEADER, Generation, Result, Sampling, Serving
 from edge.runtime.protocol import ChatMessage
 from edge.runtime.router import ModelRouter
 
@@ -92,7 +92,12 @@ async def chat_completions(
 ) -> dict[str, object] | StreamingResponse:
     """Chat completion, optionally streamed as server-sent events."""
     generation = await Generation.open(
-        _serving(request), "/v1/chat/completions", body.model, body.sampling(), messages=body.messages
+        _serving(request),
+        "/v1/chat/completions",
+        body.model,
+        body.sampling(),
+        messages=body.messages,
+        priority=request.headers.get(PRIORITY_HEADER),
     )
     ident, created, name = f"chatcmpl-{generation.request.id}", int(time.time()), generation.model.name
     if body.stream:
@@ -122,7 +127,12 @@ async def chat_completions(
 async def completions(body: CompletionRequest, request: Request) -> dict[str, object] | StreamingResponse:
     """Raw text completion (no chat template), optionally streamed."""
     generation = await Generation.open(
-        _serving(request), "/v1/completions", body.model, body.sampling(), prompt=body.prompt
+        _serving(request),
+        "/v1/completions",
+        body.model,
+        body.sampling(),
+        prompt=body.prompt,
+        priority=request.headers.get(PRIORITY_HEADER),
     )
     ident, created, name = f"cmpl-{generation.request.id}", int(time.time()), generation.model.name
     if body.stream:

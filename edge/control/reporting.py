@@ -41,6 +41,8 @@ class Reporter:
         self.software_version = software_version
         self.clock = clock
         self.last_result: str | None = None
+        #: Latest telemetry figures, carried in the retained status.
+        self.summary: dict[str, float] = {}
 
     def transition(
         self,
@@ -88,6 +90,7 @@ class Reporter:
             deployment_state=last.state if last else None,
             pinned=self.ledger.pinned,
             last_result=self.last_result[:2048] if self.last_result else None,
+            summary=self.summary,
         )
 
     def status(self, note: str | None = None) -> None:

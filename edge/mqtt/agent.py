@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ MAX_INBOUND_PACKET = 1024 * 1024
 INFLIGHT_WINDOW = 64
 #: Keep our session (subscriptions, queued QoS 1 commands) on the broker across short outages.
 SESSION_EXPIRY_S = 24 * 3600
+#: QoS 0 messages (telemetry) waiting for the connection; older ones are dropped, never persisted.
+DIRECT_BACKLOG = 16
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class MqttAgent:
         #: Set once the subscriptions of the current connection are acknowledged.
         self.subscribed = threading.Event()
         self._pump: threading.Thread | None = None
+        self._direct: deque[tuple[str, bytes]] = deque(maxlen=DIRECT_BACKLOG)
 
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -114,6 +118,12 @@ class MqttAgent:
 
     def wake(self) -> None:
         """New rows in the outbox: publish them now."""
+        self._wake.set()
+
+    def publish_direct(self, topic: str, payload: bytes) -> None:
+        """Send at QoS 0 without the outbox: nothing is stored, and while offline only the newest
+        few wait (telemetry is worth little once stale)."""
+        self._direct.append((topic, payload))
         self._wake.set()
 
     def wait_drained(self, timeout_s: float) -> bool:
@@ -210,6 +220,9 @@ class MqttAgent:
     def _pump_outbox(self) -> None:
         inflight: dict[int, int] = {}  # paho mid -> outbox row id
         early: set[int] = set()  # acks that arrived before publish() returned the mid
+        # QoS 0 sends also get an on_publish (when written); they must not land in `early`, where a
+        # reused mid would acknowledge an unrelated QoS 1 row.
+        fire_and_forget: set[int] = set()
         while not self._stop.is_set():
             self._wake.wait(timeout=1.0)
             self._wake.clear()
@@ -222,11 +235,21 @@ class MqttAgent:
                     # Unacknowledged rows are published again after a reconnect (at least once).
                     inflight.clear()
                     early.clear()
+                    fire_and_forget.clear()
+                elif mid in fire_and_forget:
+                    fire_and_forget.discard(mid)
                 elif mid in inflight:
                     self.outbox.ack(inflight.pop(mid))
                 else:
                     early.add(mid)
-            if not self._connected.is_set() or len(inflight) >= INFLIGHT_WINDOW:
+            if not self._connected.is_set():
+                continue
+            while self._direct:
+                topic, payload = self._direct.popleft()
+                info = self.client.publish(topic, payload, qos=0)
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    fire_and_forget.add(info.mid)
+            if len(inflight) >= INFLIGHT_WINDOW:
                 continue
             for row in self.outbox.pending(INFLIGHT_WINDOW - len(inflight), set(inflight.values())):
                 properties = None
@@ -238,7 +261,10 @@ class MqttAgent:
                 )
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
                     break  # not connected after all; the row stays queued
-                if row.qos == 0 or info.mid in early:
+                if row.qos == 0:
+                    fire_and_forget.add(info.mid)
+                    self.outbox.ack(row.id)
+                elif info.mid in early:
                     early.discard(info.mid)
                     self.outbox.ack(row.id)
                 else:

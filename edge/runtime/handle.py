@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
-from edge.runtime.protocol import Cancel, GenerateRequest, LoadSpec, WorkerEvent
+from edge.runtime.protocol import Cancel, GenerateRequest, LoadSpec, SetThreads, WorkerEvent
 from edge.runtime.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ class WorkerHandle:
         self.name = name
         self.n_threads = 0
         self.n_threads_batch = 0
+        #: The counts chosen at load (measured or configured), restored when a thermal limit ends.
+        self.tuned_threads = (0, 0)
         self.load_ms = 0.0
         self._lock = threading.Lock()
         self._conn: Connection | None = None
@@ -60,6 +62,7 @@ class WorkerHandle:
             self.stop()
             raise WorkerError(event.error or f"worker for {self.name} did not start")
         self.n_threads, self.n_threads_batch = event.n_threads, event.n_threads_batch
+        self.tuned_threads = (event.n_threads, event.n_threads_batch)
         self.load_ms = (time.perf_counter() - started) * 1000
         log.info(
             "worker %s ready (pid %s, %d/%d threads for tokens/prompts, %.0f ms)",
@@ -127,6 +130,22 @@ class WorkerHandle:
             finally:
                 if not finished and self.alive:
                     self._cancel(request.id)
+        finally:
+            self._lock.release()
+
+    def set_threads(self, n_threads: int, n_threads_batch: int, timeout_s: float = TOKEN_TIMEOUT_S) -> None:
+        """Change the thread counts once the running request (if any) is done; WorkerError on failure."""
+        if not self._lock.acquire(timeout=timeout_s):
+            raise WorkerError(f"worker {self.name} stayed busy for {timeout_s:.0f} s")
+        try:
+            if self._conn is None or not self.alive:
+                raise WorkerError(f"worker {self.name} is not running")
+            change = SetThreads(set_threads=n_threads, set_threads_batch=n_threads_batch)
+            self._conn.send_bytes(change.model_dump_json().encode())
+            event = self._receive(timeout_s, "changing threads")
+            if event.type != "ready":
+                raise WorkerError(event.error or f"worker {self.name} refused the thread change")
+            self.n_threads, self.n_threads_batch = event.n_threads, event.n_threads_batch
         finally:
             self._lock.release()
 

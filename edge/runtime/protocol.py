@@ -63,6 +63,14 @@ class Cancel(_Message):
     cancel: str
 
 
+class SetThreads(_Message):
+    """Change the thread counts of the loaded model between requests (thermal back-off); the worker
+    answers with a ``ready`` event carrying the counts now in use."""
+
+    set_threads: Annotated[int, Field(ge=1, le=256)]
+    set_threads_batch: Annotated[int, Field(ge=1, le=256)]
+
+
 class WorkerEvent(_Message):
     """What a worker sends back: ready once, then deltas and one done (or error) per request."""
 

@@ -23,6 +23,10 @@ class QueueFullError(RuntimeError):
     """Too many requests already running or waiting."""
 
 
+class DeferredError(RuntimeError):
+    """A low-priority request refused for now (the device is hot); the client should retry later."""
+
+
 @dataclass
 class ServingStats:
     """Outcomes of the requests one model served, for its trial window and metrics."""
@@ -80,6 +84,8 @@ class ModelRouter:
         self._held = False
         self._admitted = 0
         self._changed = threading.Condition()
+        #: Set by the thermal governor while the device is hot.
+        self.defer_low_priority = threading.Event()
 
     # -- what is served --------------------------------------------------------------------------
     def serve(self, model: ServedModel | None) -> ServedModel | None:
@@ -141,8 +147,11 @@ class ModelRouter:
                 self._changed.wait(remaining)
         return True
 
-    def admit(self) -> None:
-        """Take a queue slot for one request (give it back with ``release``); QueueFullError if none."""
+    def admit(self, low_priority: bool = False) -> None:
+        """Take a queue slot for one request (give it back with ``release``); QueueFullError if none,
+        DeferredError for a low-priority request while the device is hot."""
+        if low_priority and self.defer_low_priority.is_set():
+            raise DeferredError("the device is running hot: low-priority requests are deferred")
         with self._changed:
             if self._admitted >= self.max_waiting + 1:
                 raise QueueFullError(f"{self._admitted} requests are running or queued")

@@ -64,6 +64,7 @@ class ServingRuntime:
         self._lock = threading.RLock()
         self._standby: ServedModel | None = None
         self._restart_at: dict[int, float] = {}
+        self._thread_cap: int | None = None
         self._closing = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
 
@@ -141,6 +142,46 @@ class ServingRuntime:
                 if self.router.held:
                     self.router.serve(None)  # waiting requests get a clear 503 instead of a timeout
 
+    # -- thermal back-off -------------------------------------------------------------------------
+    def limit_threads(self, cap: int | None) -> None:
+        """Run every worker on at most ``cap`` threads (None: back to the counts chosen at load).
+        Workers started later (swap, restart) get the same cap."""
+        with self._lock:
+            self._thread_cap = cap
+            for served in (self.router.active, self._standby):
+                if served is not None:
+                    self._apply_cap(served.worker)
+
+    def defer_low_priority(self, on: bool) -> None:
+        """While on, requests marked low priority are refused with a retry hint."""
+        if on:
+            self.router.defer_low_priority.set()
+        else:
+            self.router.defer_low_priority.clear()
+
+    @property
+    def standby(self) -> ServedModel | None:
+        """The previous model, kept warm until the new one is committed."""
+        return self._standby
+
+    @property
+    def threads(self) -> int | None:
+        """Threads the serving worker generates with now."""
+        active = self.router.active
+        return active.worker.n_threads if active is not None and active.worker.alive else None
+
+    def _apply_cap(self, worker: WorkerHandle) -> None:
+        tuned, tuned_batch = worker.tuned_threads
+        cap = self._thread_cap
+        wanted = (tuned, tuned_batch) if cap is None else (min(tuned, cap), min(tuned_batch, cap))
+        if wanted == (worker.n_threads, worker.n_threads_batch) or not worker.alive:
+            return
+        try:
+            worker.set_threads(*wanted)
+            log.info("%s now uses %d/%d threads", worker.name, *wanted)
+        except WorkerError as exc:
+            log.warning("cannot change the threads of %s: %s", worker.name, exc)
+
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         """Supervise; requests wait (held) until the start-up ``restore`` decides what to serve."""
@@ -215,6 +256,7 @@ class ServingRuntime:
             worker = WorkerHandle(plan.spec, label).start(self.settings.load_timeout_s)
         except WorkerError as exc:
             raise ActivationError("load-failed", str(exc)) from None
+        self._apply_cap(worker)  # the gate measures the model as it will run now
         if gate:
             try:
                 report = run_health_gate(worker, plan.criteria, plan.manifest.runtime.system_prompt)
@@ -273,6 +315,7 @@ class ServingRuntime:
             log.error("restart of %s failed: %s", served.name, exc)
             return  # counted as another crash on the next pass, with a longer backoff
         dead.stop()
+        self._apply_cap(served.worker)
         self.metrics.worker_restarts.inc()
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edge.runtime.protocol import Cancel, GenerateRequest, LoadSpec, WorkerEvent
+from edge.runtime.protocol import Cancel, GenerateRequest, LoadSpec, SetThreads, WorkerEvent
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,26 @@ def _tune_threads(llm: Any, spec: LoadSpec) -> tuple[int, int]:
     candidates = _thread_candidates()
     sample = llm.tokenize(b"Slips detected a horizontal port scan from 10.0.0.5 to 120 hosts. " * 8)
     prompt, decode = sample[: min(64, spec.n_batch)], [[t] for t in sample[:8]]
-    context = llm._ctx  # llama-cpp-python has no public setter for the thread counts of a live context
     best_decode, best_batch = {}, {}
     _timed_eval(llm, decode)  # warm caches and pages before measuring
     for n in candidates:
-        context.set_n_threads(n, n)
+        _set_threads(llm, n, n)
         best_decode[n] = _timed_eval(llm, decode)
         best_batch[n] = _timed_eval(llm, [prompt])
     llm.reset()
     chosen = min(best_decode, key=best_decode.__getitem__), min(best_batch, key=best_batch.__getitem__)
-    context.set_n_threads(*chosen)
-    llm.n_threads, llm.n_threads_batch = chosen
+    _set_threads(llm, *chosen)
     return chosen
+
+
+def _set_threads(llm: Any, n_threads: int, n_threads_batch: int) -> None:
+    # llama-cpp-python has no public setter for the thread counts of a live context.
+    llm._ctx.set_n_threads(n_threads, n_threads_batch)
+    llm.n_threads, llm.n_threads_batch = n_threads, n_threads_batch
+
+
+def _ready(llm: Any) -> WorkerEvent:
+    return WorkerEvent(type="ready", n_threads=int(llm.n_threads), n_threads_batch=int(llm.n_threads_batch))
 
 
 def _load(spec: LoadSpec) -> Any:
@@ -146,14 +154,7 @@ def worker_main(conn: Connection, spec_json: str) -> None:
     except Exception as exc:  # report any load failure to the parent instead of dying silently
         _send(conn, WorkerEvent(type="error", error=f"cannot load {spec.model_path}: {exc}"))
         return
-    _send(
-        conn,
-        WorkerEvent(
-            type="ready",
-            n_threads=int(llm.n_threads),
-            n_threads_batch=int(llm.n_threads_batch),
-        ),
-    )
+    _send(conn, _ready(llm))
     while True:
         try:
             raw = conn.recv_bytes()
@@ -162,6 +163,11 @@ def worker_main(conn: Connection, spec_json: str) -> None:
         try:
             if b'"cancel"' in raw:
                 Cancel.model_validate_json(raw)  # late cancel of a finished request: nothing to do
+                continue
+            if b'"set_threads"' in raw:
+                change = SetThreads.model_validate_json(raw)
+                _set_threads(llm, change.set_threads, change.set_threads_batch)
+                _send(conn, _ready(llm))
                 continue
             request = GenerateRequest.model_validate_json(raw)
         except ValidationError as exc:

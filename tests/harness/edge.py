@@ -32,6 +32,7 @@ from shared.topics import Topics
 from tests.factories import manifest_dict
 from tests.harness.broker import Mosquitto
 from tests.harness.net import free_port
+from tests.harness.pi5 import Pi5Tree
 from tests.harness.pki import CertPair
 
 FLEET = "lab"
@@ -56,12 +57,7 @@ def write_edge_config(
     directory.mkdir(parents=True, exist_ok=True)
     keyring_file = directory / "keyring.json"
     keyring_file.write_bytes(keyring.to_json())
-    proc = directory / "proc"
-    proc.mkdir(exist_ok=True)
-    available_kb = (serving.mem_available_mb if serving else 6000) * 1024
-    (proc / "meminfo").write_text(
-        f"MemTotal:        8245360 kB\nMemFree:         6000000 kB\nMemAvailable:    {available_kb} kB\n"
-    )
+    pi = Pi5Tree(directory).create(mem_available_mb=serving.mem_available_mb if serving else 6000)
     sections = serving.toml(directory) if serving else "[runtime]\nenabled = false\n"
     config = directory / "edge.toml"
     config.write_text(
@@ -72,7 +68,8 @@ keyring_file = "{keyring_file}"
 id = "{device}"
 fleet = "{FLEET}"
 groups = {json.dumps(list(GROUPS))}
-procfs_root = "{proc}"
+procfs_root = "{pi.procfs}"
+sysfs_root = "{pi.sysfs}"
 
 [mqtt]
 host = "{broker.host}"
@@ -115,18 +112,20 @@ class ServingOptions:
     crash_limit: int = 3
     runtime: str = ""
     api: str = ""
+    aliases: tuple[str, ...] = ("slips",)
+    n_threads: int = 1
 
     def toml(self, directory: Path) -> str:
         return f"""[api]
 host = "127.0.0.1"
 port = {self.port}
 socket = "{directory / "api.sock"}"
-aliases = ["slips"]
+aliases = {json.dumps(list(self.aliases))}
 request_timeout_s = {self.request_timeout_s}
 {self.api}
 
 [runtime]
-n_threads = 1
+n_threads = {self.n_threads}
 trial_s = {self.trial_s}
 swap = "{self.swap}"
 crash_limit = {self.crash_limit}

@@ -1,0 +1,1 @@
+"""Device telemetry (host sensors, serving figures) and thermal back-off."""

@@ -1,0 +1,97 @@
+"""The daemon's telemetry thread: sample, let the thermal governor act, publish QoS 0, and refresh the
+summary in the retained status now and then (and at once when the thermal state changes)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from edge.config import TelemetrySettings
+from edge.telemetry.sampler import TelemetrySampler
+from edge.telemetry.thermal import ThermalGovernor
+from shared.messages import Telemetry
+
+log = logging.getLogger(__name__)
+
+#: The figures the retained status carries, so `immune-fleet status` has them without waiting.
+SUMMARY_FIELDS = (
+    "tokens_per_second",
+    "prompt_tokens_per_second",
+    "ttft_ms",
+    "rss_mb",
+    "worker_rss_mb",
+    "mem_available_mb",
+    "soc_temp_c",
+    "throttled_bits",
+    "cpu_load_1m",
+    "disk_free_mb",
+    "n_threads",
+    "requests_total",
+    "errors_total",
+    "uptime_s",
+    "thermal_limited",
+)
+
+
+def summarise(sample: Telemetry, previous: dict[str, float]) -> dict[str, float]:
+    """Summary figures; rates keep their last known value through idle intervals."""
+    summary = dict(previous)
+    for name in SUMMARY_FIELDS:
+        value = getattr(sample, name)
+        if value is not None:
+            summary[name] = float(value)
+    return summary
+
+
+class TelemetryLoop:
+    """Runs in its own thread so slow sources or a busy worker never delay MQTT handling."""
+
+    def __init__(
+        self,
+        settings: TelemetrySettings,
+        sampler: TelemetrySampler,
+        governor: ThermalGovernor,
+        publish: Callable[[Telemetry], None],
+        report: Callable[[dict[str, float], str | None], None],
+    ) -> None:
+        self.settings = settings
+        self.sampler = sampler
+        self.governor = governor
+        self.publish = publish
+        self.report = report
+        self.summary: dict[str, float] = {}
+        self._next_report = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def tick(self) -> Telemetry:
+        """One sample: read, govern, publish, and report when due."""
+        readings = self.sampler.sensors.read()
+        change = self.governor.observe(readings)
+        sample = self.sampler.sample(readings, thermal_limited=self.governor.limited)
+        self.publish(sample)
+        self.summary = summarise(sample, self.summary)
+        now = time.monotonic()
+        if change is not None or now >= self._next_report:
+            self._next_report = now + self.settings.status_every_s
+            self.report(self.summary, change)
+        return sample
+
+    def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.tick()
+            except Exception:  # one bad reading must not end telemetry for good
+                log.exception("telemetry sample failed")
+            if self._stop.wait(max(self.settings.interval_s - (time.monotonic() - started), 0.05)):
+                return

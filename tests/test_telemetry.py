@@ -1,0 +1,245 @@
+"""Telemetry and thermal back-off against a Raspberry Pi 5 fixture tree: flag decoding, every source,
+the flat MQTT payload, /metrics, and a real daemon that lowers its inference threads when hot."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+
+from edge.config import ThermalSettings
+from edge.telemetry.host import HostSensors, decode_throttled, parse_throttled
+from edge.telemetry.thermal import ThermalGovernor
+from shared.errors import SchemaError
+from shared.messages import Telemetry
+from tests.conftest import FleetKeys
+from tests.harness.artifact_server import ArtifactServer
+from tests.harness.broker import Mosquitto
+from tests.harness.edge import (
+    DEVICE,
+    TOPICS,
+    FleetObserver,
+    ServingOptions,
+    running_daemon,
+    sign_manifest,
+    write_edge_config,
+)
+from tests.harness.pi5 import Pi5Tree
+
+
+@pytest.mark.parametrize(
+    ("bits", "expected"),
+    [
+        (0x0, set()),
+        (0x50000, {"under_voltage_since_boot", "throttled_since_boot"}),
+        (0x50005, {"under_voltage_now", "throttled_now", "under_voltage_since_boot", "throttled_since_boot"}),
+        (0x80008, {"soft_temp_limit_now", "soft_temp_limit_since_boot"}),
+        (0x2, {"freq_capped_now"}),
+    ],
+)
+def test_throttled_bits_decode_to_named_flags(bits: int, expected: set[str]) -> None:
+    flags = decode_throttled(bits)
+    assert len(flags) == 8
+    assert {name for name, on in flags.items() if on} == expected
+
+
+def test_throttled_text_formats() -> None:
+    assert parse_throttled("throttled=0x50005\n") == 0x50005  # vcgencmd
+    assert parse_throttled("50005") == 0x50005  # firmware sysfs node (hex without prefix)
+    with pytest.raises(ValueError):
+        parse_throttled("garbage")
+
+
+def test_pi5_tree_readings(tmp_path: Path) -> None:
+    pi = Pi5Tree(tmp_path).create(temp_c=61.25, throttled=0x80008)
+    readings = HostSensors(pi.sysfs, pi.procfs, vcgencmd=None).read()
+    assert readings.zone_temps_c == {"cpu_thermal": 61.25}
+    assert readings.soc_temp_c == 61.25
+    assert readings.throttled_bits == 0x80008
+    assert readings.cpu_freq_mhz == 2400.0
+    assert readings.fan_rpm == 2843 and readings.fan_state == 2
+    assert readings.cpu_load_1m == 0.52
+    assert readings.mem_available_mb == 6000.0
+    assert readings.swap_used_mb == 50.0
+
+
+def test_missing_sources_read_as_none(tmp_path: Path) -> None:
+    readings = HostSensors(tmp_path / "sys", tmp_path / "proc", vcgencmd=None).read()
+    assert readings.soc_temp_c is None and readings.throttled_bits is None and readings.fan_rpm is None
+
+
+def test_vcgencmd_used_when_the_firmware_node_is_missing(tmp_path: Path) -> None:
+    # vcgencmd exists only on a Pi: a stand-in prints what the real one prints.
+    tool = tmp_path / "vcgencmd"
+    tool.write_text("#!/bin/sh\necho throttled=0x50005\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    readings = HostSensors(tmp_path / "sys", tmp_path / "proc", vcgencmd=str(tool)).read()
+    assert readings.throttled_bits == 0x50005
+
+
+def test_telemetry_contract_is_flat_and_strict() -> None:
+    sample = Telemetry.from_json(
+        json.dumps({"device_id": "pi-1", "fleet": "lab", "ts": 1.0, "temp_cpu_thermal_c": 50.5}).encode()
+    )
+    assert sample.zone_temps() == {"cpu_thermal": 50.5}
+    for bad in ({"evil": 1}, {"temp_cpu_c": "hot"}, {"temp_cpu_c": True}, {"throttled_now": "yes"}):
+        with pytest.raises(SchemaError):
+            Telemetry.from_json(json.dumps({"device_id": "pi-1", "fleet": "lab", "ts": 1.0, **bad}).encode())
+    too_many = {f"temp_z{i}_c": 1.0 for i in range(17)}
+    with pytest.raises(SchemaError, match="at most 16"):
+        Telemetry.from_json(json.dumps({"device_id": "pi-1", "fleet": "lab", "ts": 1.0, **too_many}).encode())
+
+
+class _Controls:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def limit_threads(self, cap: int | None) -> None:
+        self.calls.append(("threads", cap))
+
+    def defer_low_priority(self, on: bool) -> None:
+        self.calls.append(("defer", on))
+
+
+def test_governor_hysteresis_and_firmware_flags(tmp_path: Path) -> None:
+    pi = Pi5Tree(tmp_path).create(temp_c=60)
+    sensors = HostSensors(pi.sysfs, pi.procfs, vcgencmd=None)
+    controls = _Controls()
+    governor = ThermalGovernor(ThermalSettings(soft_limit_c=78, restore_c=70, hot_threads=1), controls)
+    assert governor.observe(sensors.read()) is None
+    pi.set_temperature(79.5)
+    change = governor.observe(sensors.read())
+    assert change is not None and "79.5 C" in change and governor.limited
+    assert controls.calls == [("threads", 1), ("defer", True)]
+    pi.set_temperature(74)  # below the soft limit but above restore: stays limited
+    assert governor.observe(sensors.read()) is None and governor.limited
+    pi.set_temperature(69)
+    assert "thermal limit off" in (governor.observe(sensors.read()) or "")
+    assert controls.calls[-2:] == [("threads", None), ("defer", False)]
+    pi.set_throttled(0x80008)  # the firmware's soft limit, whatever the zone says
+    assert "soft_temp_limit_now" in (governor.observe(sensors.read()) or "")
+
+
+def _telemetry_listener(broker: Mosquitto) -> tuple[mqtt.Client, list[dict[str, object]]]:
+    received: list[dict[str, object]] = []
+    ready = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_connect = lambda c, *a: c.subscribe(f"{TOPICS.base}/device/+/telemetry", 0)
+    client.on_subscribe = lambda *a: ready.set()
+    client.on_message = lambda c, u, m: received.append(json.loads(m.payload))
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    assert ready.wait(10)
+    return client, received
+
+
+def _wait(condition: object, timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():  # type: ignore[operator]
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _metric(base_url: str, line_start: str) -> float | None:
+    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(line_start):
+            return float(line.split()[-1])
+    return None
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to show a thread cut")
+def test_daemon_backs_off_when_hot_and_reports_telemetry(
+    tmp_path: Path,
+    mqtt_broker: Mosquitto,
+    observer: FleetObserver,
+    artifact_server: ArtifactServer,
+    fleet_keys: FleetKeys,
+    smollm2_model: Path,
+) -> None:
+    serving = ServingOptions(
+        n_threads=2, api='low_priority_models = ["slips-batch"]', aliases=("slips", "slips-batch")
+    )
+    config = write_edge_config(
+        tmp_path / "device",
+        mqtt_broker,
+        fleet_keys.keyring(),
+        serving=serving,
+        extra="[telemetry]\ninterval_s = 1\nstatus_every_s = 2\n\n"
+        "[thermal]\nsoft_limit_c = 78\nrestore_c = 70\nhot_threads = 1\ndefer_retry_after_s = 30\n",
+    )
+    pi = Pi5Tree(tmp_path / "device")
+    listener, samples = _telemetry_listener(mqtt_broker)
+    url = artifact_server.add_file(smollm2_model)
+    envelope = sign_manifest([fleet_keys.trainer], smollm2_model.read_bytes(), url)
+    with running_daemon(config):
+        observer.publish(TOPICS.desired_device(DEVICE), envelope)
+        observer.wait_terminal(1, timeout=120)
+        chat = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+        assert httpx.post(f"{serving.base_url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
+        threads_line = "immune_edge_device_n_threads "
+        _wait(lambda: _metric(serving.base_url, threads_line) == 2.0, 30, "2 threads before")
+
+        sample = _wait(
+            lambda: next((s for s in reversed(samples) if "tokens_per_second" in s), None), 30, "rates"
+        )
+        Telemetry.model_validate(sample)
+        assert sample["device_id"] == DEVICE and sample["model_name"] and sample["model_serial"] >= 1
+        assert sample["temp_cpu_thermal_c"] == 52.3 and sample["soc_temp_c"] == 52.3
+        assert sample["fan_rpm"] == 2843 and sample["cpu_freq_mhz"] == 2400.0
+        for key in ("rss_mb", "worker_rss_mb", "mem_available_mb", "disk_free_mb", "ttft_ms", "uptime_s"):
+            assert key in sample, key
+        assert sample["requests_total"] >= 1 and sample["throttled_now"] is False
+
+        pi.set_temperature(83.0)
+        pi.set_throttled(0x20002)
+        observer.wait_for(
+            lambda: any("thermal limit on" in (s.get("last_result") or "") for s in observer.statuses),
+            30,
+            "thermal limit reported",
+        )
+        _wait(lambda: _metric(serving.base_url, threads_line) == 1.0, 30, "threads cut to 1")
+        assert _metric(serving.base_url, 'immune_edge_throttle_flag{flag="freq_capped",when="now"}') == 1.0
+        assert _metric(serving.base_url, 'immune_edge_thermal_zone_celsius{zone="cpu_thermal"}') == 83.0
+        deferred = httpx.post(
+            f"{serving.base_url}/v1/chat/completions", json={**chat, "model": "slips-batch"}, timeout=60
+        )
+        assert deferred.status_code == 503 and deferred.headers["retry-after"] == "30"
+        assert deferred.json()["error"]["code"] == "deferred_thermal"
+        low = httpx.post(
+            f"{serving.base_url}/api/chat",
+            json={**chat, "stream": False},
+            headers={"X-Immune-Priority": "low"},
+            timeout=60,
+        )
+        assert low.status_code == 503 and "hot" in low.json()["error"]
+        assert httpx.post(f"{serving.base_url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
+        hot = _wait(lambda: next((s for s in reversed(samples) if s.get("thermal_limited")), None), 30, "hot")
+        assert hot["n_threads"] == 1 and hot["freq_capped_now"] is True
+
+        pi.set_temperature(65.0)
+        pi.set_throttled(0x20000)
+        observer.wait_for(
+            lambda: any("thermal limit off" in (s.get("last_result") or "") for s in observer.statuses),
+            30,
+            "thermal limit lifted",
+        )
+        _wait(lambda: _metric(serving.base_url, threads_line) == 2.0, 30, "threads restored")
+        assert (
+            httpx.post(
+                f"{serving.base_url}/v1/chat/completions", json={**chat, "model": "slips-batch"}, timeout=60
+            ).status_code
+            == 200
+        )
+        summary = observer.statuses[-1]["summary"]
+        assert summary["soc_temp_c"] == 65.0 and summary["n_threads"] == 2.0
+    listener.loop_stop()
+    listener.disconnect()
