@@ -11,14 +11,16 @@ DEMO_DIR := demo-out
 
 .PHONY: test demo bench lint system-deps venv clean
 
-## Debian packages: mosquitto (real broker for tests), venv support and a C++ compiler
-## (llama-cpp-python is built from source; PyPI has no wheel).
+## Debian packages: mosquitto (real broker for tests), venv support, a C++ compiler
+## (llama-cpp-python is built from source; PyPI has no wheel) and chromium (the fleet report is
+## checked in a real headless browser).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v g++ >/dev/null || missing="$$missing build-essential"; \
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \

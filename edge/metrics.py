@@ -12,8 +12,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edge.runtime.protocol import WorkerEvent
-from edge.telemetry.host import THROTTLE_BITS
 from shared.messages import Telemetry
+from shared.throttle import THROTTLE_BITS
 
 #: Telemetry fields that are not figures (identity) or are exported with labels instead.
 _NOT_GAUGES = {"device_id", "fleet", "model_name", "ts"} | {

@@ -15,10 +15,11 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge.config import ThermalSettings
-from edge.telemetry.host import HostSensors, decode_throttled, parse_throttled
+from edge.telemetry.host import HostSensors, parse_throttled
 from edge.telemetry.thermal import ThermalGovernor
 from shared.errors import SchemaError
 from shared.messages import Telemetry
+from shared.throttle import decode_throttled
 from tests.conftest import FleetKeys
 from tests.harness.artifact_server import ArtifactServer
 from tests.harness.broker import Mosquitto

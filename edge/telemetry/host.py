@@ -14,14 +14,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: Bit positions of the Pi firmware's get_throttled word; bit + 16 is the same condition "since boot".
-THROTTLE_BITS: dict[str, int] = {
-    "under_voltage": 0,
-    "freq_capped": 1,
-    "throttled": 2,
-    "soft_temp_limit": 3,
-}
-SINCE_BOOT_SHIFT = 16
 #: Where the firmware driver exposes get_throttled (Pi 4 and Pi 5 kernels name the soc node differently).
 _THROTTLED_GLOBS = (
     "devices/platform/soc/soc:firmware/get_throttled",
@@ -29,15 +21,6 @@ _THROTTLED_GLOBS = (
     "devices/platform/*firmware*/get_throttled",
 )
 _ZONE_NAME = re.compile(r"[^a-z0-9]+")
-
-
-def decode_throttled(bits: int) -> dict[str, bool]:
-    """Named flags of a get_throttled word: ``<flag>_now`` and ``<flag>_since_boot``."""
-    flags: dict[str, bool] = {}
-    for name, bit in THROTTLE_BITS.items():
-        flags[f"{name}_now"] = bool(bits >> bit & 1)
-        flags[f"{name}_since_boot"] = bool(bits >> (bit + SINCE_BOOT_SHIFT) & 1)
-    return flags
 
 
 def parse_throttled(text: str) -> int:

@@ -15,8 +15,9 @@ from edge.metrics import Metrics, UsageTotals
 from edge.runtime.health import worker_rss_mb
 from edge.runtime.serving import ServingRuntime
 from edge.state.ledger import Ledger
-from edge.telemetry.host import HostReadings, HostSensors, decode_throttled
+from edge.telemetry.host import HostReadings, HostSensors
 from shared.messages import Telemetry
+from shared.throttle import decode_throttled
 
 
 def _rate(amount: float, seconds: float) -> float | None:

@@ -8,7 +8,8 @@ import logging
 from typing import Protocol
 
 from edge.config import ThermalSettings
-from edge.telemetry.host import HostReadings, decode_throttled
+from edge.telemetry.host import HostReadings
+from shared.throttle import decode_throttled
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from shared.errors import ContractError
+from shared.fleet import ops
 from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest, Quantization, RuntimeProfile
 from shared.messages import COMMAND_PAYLOAD_TYPE, Command
 from shared.schema import Contract
@@ -37,7 +38,7 @@ from shared.verification import describe_artifact, open_signed_manifest, verify_
 app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Operate an immune-edge fleet: keys, manifests, signatures.",
+    help="Operate an immune-edge fleet: keys, manifests, signatures, rollouts, status and reports.",
 )
 keys_app = typer.Typer(no_args_is_help=True, help="Generate and inspect signing keys.")
 keyring_app = typer.Typer(no_args_is_help=True, help="Build trusted keyrings.")
@@ -266,6 +267,9 @@ def verify(
         command = Command.from_json(verified.payload)
         summary = f"command {command.action.action} for {command.device_id} (nonce {command.nonce})"
     console.print(f"OK: {summary}")
+
+
+ops.register(app)
 
 
 def main() -> None:

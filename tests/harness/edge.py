@@ -51,6 +51,7 @@ def write_edge_config(
     device: str = DEVICE,
     mqtt: str = "",
     serving: ServingOptions | None = None,
+    groups: tuple[str, ...] = GROUPS,
 ) -> Path:
     """A daemon config for tests: fast retries and watchdogs, short settle time, RAM from a fixture.
     Without ``serving`` the runtime is off (control-plane tests use fake GGUFs)."""
@@ -67,7 +68,7 @@ keyring_file = "{keyring_file}"
 [device]
 id = "{device}"
 fleet = "{FLEET}"
-groups = {json.dumps(list(GROUPS))}
+groups = {json.dumps(list(groups))}
 procfs_root = "{pi.procfs}"
 sysfs_root = "{pi.sysfs}"
 

@@ -1,0 +1,230 @@
+"""The operator's MQTT session: sees every device's status, telemetry and deployment events (each
+validated against its topic), sends signed commands as MQTT v5 requests and collects the answers."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from shared.errors import ContractError
+from shared.fleet.settings import FleetSettings
+from shared.messages import (
+    COMMAND_PAYLOAD_TYPE,
+    Command,
+    CommandResponse,
+    DeploymentEvent,
+    DeviceStatus,
+    Telemetry,
+    decode_payload,
+)
+from shared.signing import load_private_key, sign_envelope
+from shared.topics import TopicKind, Topics
+
+log = logging.getLogger(__name__)
+
+
+class FleetError(ContractError):
+    """The broker cannot be reached, or a device did not answer in time."""
+
+
+@dataclass
+class DeviceView:
+    """What the operator knows about one device."""
+
+    device_id: str
+    status: DeviceStatus | None = None
+    telemetry: Telemetry | None = None
+    last_seen: float = 0.0
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self.status.groups) if self.status else []
+
+    def online(self, stale_after_s: float, now: float | None = None) -> bool:
+        fresh = (now or time.time()) - self.last_seen <= stale_after_s
+        return bool(self.status and self.status.online and fresh)
+
+
+Listener = Callable[[str, Any], None]
+
+
+class FleetClient:
+    """One operator connection; use as a context manager."""
+
+    def __init__(self, settings: FleetSettings, listener: Listener | None = None) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.fleet, settings.mqtt.topic_root)
+        self.listener = listener
+        self.devices: dict[str, DeviceView] = {}
+        self.events: dict[str, DeploymentEvent] = {}
+        self._responses: dict[bytes, CommandResponse] = {}
+        self._lock = threading.Condition()
+        self._subscribed = threading.Event()
+        self._keys = [load_private_key(path) for path in settings.operator_keys]
+        self.response_topic = self.topics.response(settings.operator)
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"{settings.operator}-{secrets.token_hex(4)}",
+            protocol=mqtt.MQTTv5,
+        )
+        mqtt_settings = settings.mqtt
+        if mqtt_settings.tls is not None:
+            tls = mqtt_settings.tls
+            client.tls_set(
+                ca_certs=str(tls.ca_file),
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+            )
+        if mqtt_settings.username is not None:
+            client.username_pw_set(mqtt_settings.username, mqtt_settings.password())
+        client.on_connect = self._on_connect
+        client.on_subscribe = lambda *args: self._subscribed.set()
+        client.on_message = self._on_message
+        self.client = client
+
+    # -- connection --------------------------------------------------------------------------------
+    def __enter__(self) -> FleetClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self, timeout_s: float = 15.0) -> None:
+        """Connect and subscribe; retained statuses start arriving at once."""
+        m = self.settings.mqtt
+        try:
+            self.client.connect(m.host, m.port, keepalive=m.keepalive_s)
+        except OSError as exc:
+            raise FleetError(
+                "broker-unreachable", f"cannot reach the broker at {m.host}:{m.port}: {exc}"
+            ) from None
+        self.client.loop_start()
+        if not self._subscribed.wait(timeout_s):
+            self.close()
+            raise FleetError("broker-unreachable", f"no subscription acknowledgement from {m.host}:{m.port}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def settle(self, seconds: float = 1.0) -> None:
+        """Give retained statuses time to arrive."""
+        time.sleep(seconds)
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: object, flags: object, reason: Any, props: object
+    ) -> None:
+        if reason.is_failure:
+            log.error("broker refused the operator connection: %s", reason)
+            return
+        base = self.topics.base
+        client.subscribe(
+            [
+                (f"{base}/device/+/status", 1),
+                (f"{base}/device/+/telemetry", 0),
+                (f"{base}/device/+/events", 1),
+                (self.response_topic, 1),
+            ]
+        )
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        try:
+            ref = self.topics.parse(message.topic)
+            payload = decode_payload(ref, bytes(message.payload))
+        except ContractError as exc:
+            log.warning("ignoring a message on %s: %s", message.topic, exc)
+            return
+        if payload is None:
+            return
+        with self._lock:
+            if ref.kind is TopicKind.RESPONSE:
+                correlation = getattr(message.properties, "CorrelationData", None)
+                if correlation is not None and isinstance(payload, CommandResponse):
+                    self._responses[bytes(correlation)] = payload
+            else:
+                view = self.devices.setdefault(ref.device or "", DeviceView(ref.device or ""))
+                view.last_seen = time.time()
+                if isinstance(payload, DeviceStatus):
+                    view.status = payload
+                elif isinstance(payload, Telemetry):
+                    view.telemetry = payload
+                elif isinstance(payload, DeploymentEvent):
+                    if payload.event_id in self.events:
+                        return  # at-least-once delivery: already seen
+                    self.events[payload.event_id] = payload
+            self._lock.notify_all()
+        if self.listener is not None:
+            self.listener(ref.kind.value, payload)
+
+    # -- queries -----------------------------------------------------------------------------------
+    def snapshot(self, group: str | None = None) -> list[DeviceView]:
+        """Devices known so far (optionally one group's), sorted by id."""
+        with self._lock:
+            views = [v for v in self.devices.values() if v.status is not None]
+        if group is not None:
+            views = [v for v in views if group in v.groups]
+        return sorted(views, key=lambda v: v.device_id)
+
+    def wait_for(self, condition: Callable[[], Any], timeout_s: float) -> Any:
+        """Wait until ``condition()`` is truthy (re-checked on every message); return it or None."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while not (result := condition()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._lock.wait(min(remaining, 0.5))
+            return result
+
+    # -- commands ----------------------------------------------------------------------------------
+    def send_command(self, device: str, action: dict[str, Any]) -> bytes:
+        """Sign and send a command; returns the correlation data its response will carry."""
+        issued = datetime.now(UTC).replace(microsecond=0)
+        command = Command.model_validate(
+            {
+                "nonce": secrets.token_hex(16),
+                "issued_at": issued,
+                "expires_at": issued + timedelta(seconds=self.settings.command_lifetime_s),
+                "fleet": self.settings.fleet,
+                "device_id": device,
+                "action": action,
+            },
+            strict=False,
+        )
+        envelope = sign_envelope(command.to_json(), COMMAND_PAYLOAD_TYPE, self._keys)
+        correlation = secrets.token_bytes(12)
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ResponseTopic = self.response_topic
+        properties.CorrelationData = correlation
+        info = self.client.publish(
+            self.topics.command(device), envelope.to_json(), qos=1, properties=properties
+        )
+        info.wait_for_publish(10)
+        return correlation
+
+    def response(self, correlation: bytes, timeout_s: float) -> CommandResponse | None:
+        """The answer to a command sent with ``send_command``, or None after ``timeout_s``."""
+        return self.wait_for(lambda: self._responses.get(correlation), timeout_s)
+
+    def command(self, device: str, action: dict[str, Any], timeout_s: float) -> CommandResponse:
+        """Send a command and wait for its answer; FleetError when none comes."""
+        response = self.response(self.send_command(device, action), timeout_s)
+        if response is None:
+            raise FleetError("no-response", f"{device} did not answer within {timeout_s:.0f} s")
+        return response
+
+    def publish_desired(self, topic: str, envelope: bytes) -> None:
+        """Publish retained desired state (a trainer-signed manifest envelope)."""
+        self.client.publish(topic, envelope, qos=1, retain=True).wait_for_publish(10)

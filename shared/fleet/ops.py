@@ -1,0 +1,375 @@
+"""`immune-fleet` operations over MQTT: status, watch, staged rollout, rollback, pin/unpin, history,
+collect and report. Commands are signed with the operator's keys; every answer is validated."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from shared.config import load_config
+from shared.fleet.client import DeviceView, FleetClient, FleetError
+from shared.fleet.report import render_report
+from shared.fleet.rollout import Rollout, RolloutState, start_or_resume
+from shared.fleet.settings import DEFAULT_FLEET_CONFIG, FleetSettings
+from shared.fleet.store import FleetStore
+from shared.messages import CommandResponse
+from shared.throttle import active_flags
+
+console = Console()
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="Operator config (env IMMUNE_FLEET_CONFIG).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+GroupOption = Annotated[str | None, typer.Option("--group", "-g", help="Only this device group.")]
+
+
+def _settings(path: Path) -> FleetSettings:
+    return load_config(path, FleetSettings)
+
+
+def _figure(view: DeviceView, name: str) -> float | None:
+    """A figure from the latest telemetry, else from the retained status summary."""
+    if view.telemetry is not None and (value := getattr(view.telemetry, name, None)) is not None:
+        return float(value)
+    return view.status.summary.get(name) if view.status else None
+
+
+def device_row(view: DeviceView, stale_after_s: float, now: float) -> dict[str, Any]:
+    """One device as plain values (the table and --json share it)."""
+    status = view.status
+    bits = _figure(view, "throttled_bits")
+    return {
+        "device": view.device_id,
+        "online": view.online(stale_after_s, now),
+        "groups": view.groups,
+        "model": status.model.name if status and status.model else None,
+        "serial": status.model.serial if status and status.model else None,
+        "deployment": status.deployment_state.value if status and status.deployment_state else None,
+        "pinned": bool(status and status.pinned),
+        "tokens_per_second": _figure(view, "tokens_per_second"),
+        "ttft_ms": _figure(view, "ttft_ms"),
+        "worker_rss_mb": _figure(view, "worker_rss_mb"),
+        "mem_available_mb": _figure(view, "mem_available_mb"),
+        "soc_temp_c": _figure(view, "soc_temp_c"),
+        "throttled": active_flags(int(bits) if bits is not None else None),
+        "last_seen_s": round(now - view.last_seen, 1) if view.last_seen else None,
+        "last_result": status.last_result if status else None,
+    }
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def device_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for column in (
+        "device",
+        "online",
+        "model",
+        "state",
+        "tok/s",
+        "TTFT ms",
+        "RAM MiB",
+        "temp °C",
+        "throttled",
+        "seen",
+    ):
+        table.add_column(
+            column, justify="right" if column in ("tok/s", "TTFT ms", "temp °C", "seen") else "left"
+        )
+    for row in rows:
+        temp = row["soc_temp_c"]
+        table.add_row(
+            row["device"],
+            "[green]yes[/]" if row["online"] else "[red]no[/]",
+            f"{row['model'] or '-'} #{row['serial'] or '-'}"
+            + (" [yellow](pinned)[/]" if row["pinned"] else ""),
+            _state_markup(row["deployment"]),
+            _num(row["tokens_per_second"]),
+            _num(row["ttft_ms"], 0),
+            f"{_num(row['worker_rss_mb'], 0)} / {_num(row['mem_available_mb'], 0)} free",
+            f"[red]{temp:.1f}[/]" if temp is not None and temp >= 78 else _num(temp),
+            f"[red]{', '.join(row['throttled'])}[/]" if row["throttled"] else "-",
+            f"{row['last_seen_s']:.0f}s" if row["last_seen_s"] is not None else "-",
+        )
+    return table
+
+
+def _state_markup(state: str | None) -> str:
+    colour = {"committed": "green", "failed": "red", "rejected": "red", "rolled_back": "yellow"}.get(
+        state or ""
+    )
+    return f"[{colour}]{state}[/]" if colour else (state or "-")
+
+
+def _rows(client: FleetClient, group: str | None) -> list[dict[str, Any]]:
+    now = time.time()
+    return [device_row(v, client.settings.stale_after_s, now) for v in client.snapshot(group)]
+
+
+def status(
+    config: ConfigOption = DEFAULT_FLEET_CONFIG,
+    group: GroupOption = None,
+    as_json: JsonOption = False,
+    wait: Annotated[float, typer.Option(help="Seconds to gather retained statuses.")] = 1.5,
+) -> None:
+    """A table of devices: online, model, deployment state, tok/s, TTFT, RAM, temperature, throttling."""
+    settings = _settings(config)
+    with FleetClient(settings) as client:
+        client.settle(wait)
+        rows = _rows(client, group)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        console.print(device_table(rows, f"fleet {settings.fleet}" + (f", group {group}" if group else "")))
+
+
+def watch(
+    config: ConfigOption = DEFAULT_FLEET_CONFIG,
+    group: GroupOption = None,
+    interval: Annotated[float, typer.Option(help="Refresh period, seconds.")] = 2.0,
+) -> None:
+    """The status table, live (Ctrl-C to stop)."""
+    settings = _settings(config)
+    with FleetClient(settings) as client, Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                live.update(
+                    device_table(_rows(client, group), f"fleet {settings.fleet} (live)"), refresh=True
+                )
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+
+def rollout(
+    manifest: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="Trainer-signed manifest envelope.")
+    ],
+    config: ConfigOption = DEFAULT_FLEET_CONFIG,
+    group: GroupOption = None,
+    canary: Annotated[int, typer.Option(min=0, help="Devices in the first (canary) wave.")] = 1,
+    waves: Annotated[str, typer.Option(help="Cumulative share of devices per wave.")] = "10%,50%,100%",
+    max_failures: Annotated[int, typer.Option(min=0, help="Halt when more devices fail than this.")] = 0,
+    wave_timeout: Annotated[float, typer.Option(help="Seconds a wave may take to commit.")] = 900.0,
+    rollback: Annotated[
+        bool, typer.Option(help="On halt, roll the halted wave's committed devices back.")
+    ] = True,
+    publish_desired: Annotated[
+        bool, typer.Option(help="When done, publish the manifest as the group's (or fleet's) desired state.")
+    ] = True,
+    state_file: Annotated[
+        Path | None, typer.Option("--state", help="Rollout state file (resumes if present).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Staged rollout: canary first, then waves; each wave waits for `committed` from all of its devices."""
+    settings = _settings(config)
+    envelope = manifest.read_bytes()
+    store = FleetStore(settings.db_path)  # the rollout's events go to `history` too
+    with FleetClient(settings, listener=store.add) as client:
+        client.settle(1.5)
+        state, path = start_or_resume(
+            client, envelope, state_file, group, canary, waves, max_failures, wave_timeout, rollback
+        )
+        if not as_json:
+            plan = " -> ".join(f"[{', '.join(w)}]" for w in state.waves)
+            console.print(f"rollout of {state.manifest_name} #{state.serial}: {plan}\nstate: {path}")
+
+        def progress(message: str, current: RolloutState) -> None:
+            if not as_json:
+                console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}")
+
+        final = Rollout(client, envelope, state, path, progress).run()
+        if final.status == "done" and publish_desired:
+            topic = client.topics.desired_group(group) if group else client.topics.desired_fleet()
+            client.publish_desired(topic, envelope)
+            progress(f"published as retained desired state on {topic}", final)
+    store.close()
+    if as_json:
+        typer.echo(final.model_dump_json(indent=2))
+    else:
+        table = Table("device", "result", "reason", title=f"rollout {final.status}")
+        for device, result in sorted(final.devices.items()):
+            table.add_row(device, _state_markup(result.state), result.reason or "")
+        console.print(table)
+    if final.status != "done":
+        raise typer.Exit(2)
+
+
+def _targets(client: FleetClient, device: str | None, group: str | None) -> list[str]:
+    if (device is None) == (group is None):
+        raise FleetError("usage", "give exactly one of --device and --group")
+    if device is not None:
+        return [device]
+    devices = [v.device_id for v in client.snapshot(group)]
+    if not devices:
+        raise FleetError("no-devices", f"no device of group {group} has reported a status")
+    return devices
+
+
+def _fan_out(
+    config: Path,
+    device: str | None,
+    group: str | None,
+    action: dict[str, Any],
+    as_json: bool,
+    timeout_s: float,
+) -> None:
+    """Send one command to each target at once, then show every answer."""
+    settings = _settings(config)
+    with FleetClient(settings) as client:
+        if group is not None:
+            client.settle(1.5)
+        targets = _targets(client, device, group)
+        sent = {target: client.send_command(target, action) for target in targets}
+        deadline = time.monotonic() + timeout_s
+        answers: dict[str, CommandResponse | None] = {
+            target: client.response(correlation, max(deadline - time.monotonic(), 0))
+            for target, correlation in sent.items()
+        }
+    if as_json:
+        typer.echo(
+            json.dumps({t: a.model_dump(mode="json") if a else None for t, a in answers.items()}, indent=2)
+        )
+    else:
+        table = Table("device", "ok", "result", "model", "message", title=action["action"])
+        for target, answer in answers.items():
+            if answer is None:
+                table.add_row(target, "[red]no[/]", "no answer", "-", f"nothing within {timeout_s:.0f} s")
+                continue
+            r = answer.result
+            table.add_row(
+                target,
+                "[green]yes[/]" if answer.ok else "[red]no[/]",
+                str(r.get("result", "-")),
+                f"{r.get('model') or '-'} #{r.get('serial') or '-'}",
+                answer.error or str(r.get("message", "")),
+            )
+        console.print(table)
+    if not all(a is not None and a.ok for a in answers.values()):
+        raise typer.Exit(2)
+
+
+DeviceOption = Annotated[str | None, typer.Option("--device", "-d", help="One device.")]
+SerialOption = Annotated[int | None, typer.Option(help="A cached serial (default: previous / current).")]
+TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds to wait for answers.")]
+
+
+def rollback(
+    config: ConfigOption = DEFAULT_FLEET_CONFIG,
+    device: DeviceOption = None,
+    group: GroupOption = None,
+    serial: SerialOption = None,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 300.0,
+) -> None:
+    """Send devices back to their previous model (or a cached serial)."""
+    _fan_out(config, device, group, {"action": "rollback", "serial": serial}, as_json, timeout)
+
+
+def pin(
+    config: ConfigOption = DEFAULT_FLEET_CONFIG,
+    device: DeviceOption = None,
+    group: GroupOption = None,
+    serial: SerialOption = None,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 300.0,
+) -> None:
+    """Keep devices on their current (or a cached) model; new desired state is ignored until unpin."""
+    _fan_out(config, device, group, {"action": "pin", "serial": serial}, as_json, timeout)
+
+
+def unpin(
+    config: ConfigOption = DEFAULT_FLEET_CONFIG,
+    device: DeviceOption = None,
+    group: GroupOption = None,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 60.0,
+) -> None:
+    """Let devices follow desired state again."""
+    _fan_out(config, device, group, {"action": "unpin"}, as_json, timeout)
+
+
+def collect(
+    config: ConfigOption = DEFAULT_FLEET_CONFIG,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+) -> None:
+    """Record telemetry, events and statuses in the SQLite collector (until Ctrl-C or --duration)."""
+    settings = _settings(config)
+    store = FleetStore(settings.db_path)
+    counts = {"telemetry": 0, "events": 0, "status": 0}
+
+    def record(kind: str, message: object) -> None:
+        store.add(kind, message)
+        if kind in counts:
+            counts[kind] += 1
+
+    started = time.monotonic()
+    try:
+        with FleetClient(settings, listener=record) as client, console.status("collecting") as spinner:
+            while duration is None or time.monotonic() - started < duration:
+                spinner.update(
+                    f"collecting into {settings.db_path}: {len(client.devices)} device(s), "
+                    + ", ".join(f"{n} {k}" for k, n in counts.items())
+                )
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+    console.print(f"collected {', '.join(f'{n} {k}' for k, n in counts.items())} into {settings.db_path}")
+
+
+def history(
+    config: ConfigOption = DEFAULT_FLEET_CONFIG,
+    device: DeviceOption = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """Deployment events recorded by `collect` and `rollout`."""
+    settings = _settings(config)
+    store = FleetStore(settings.db_path)
+    events = store.events(device, limit)
+    store.close()
+    if as_json:
+        typer.echo(json.dumps([e.__dict__ for e in events], indent=2))
+        return
+    table = Table("at (UTC)", "device", "model", "state", "source", "reason", title="deployment history")
+    for e in events:
+        table.add_row(
+            e.at[:19],
+            e.device_id,
+            f"{e.name or '-'} #{e.serial or '-'}",
+            _state_markup(e.state),
+            e.source or "",
+            e.reason or "",
+        )
+    console.print(table)
+
+
+def report(
+    html_file: Annotated[Path, typer.Option("--html", help="Where to write the page.")],
+    config: ConfigOption = DEFAULT_FLEET_CONFIG,
+) -> None:
+    """A self-contained HTML page with charts per device over time (from the `collect` database)."""
+    settings = _settings(config)
+    store = FleetStore(settings.db_path)
+    page = render_report(store, settings.fleet)
+    store.close()
+    html_file.write_text(page, encoding="utf-8")
+    console.print(f"wrote {html_file} ({len(page) // 1024} KiB)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the operations to the `immune-fleet` command."""
+    for command in (status, watch, rollout, rollback, pin, unpin, history, collect, report):
+        app.command(command.__name__)(command)

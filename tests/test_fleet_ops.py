@@ -1,0 +1,241 @@
+"""`immune-fleet` against three real `immune-edge run` processes (own ids and state dirs) on a real
+mosquitto: staged rollouts wave by wave, a canary that fails its health gate halts the rollout,
+fleet rollback, telemetry from every device, history, and the HTML report in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.signing import generate_key, write_private_key
+from tests.conftest import FleetKeys
+from tests.harness.artifact_server import ArtifactServer
+from tests.harness.broker import Mosquitto
+from tests.harness.edge import FLEET, TOPICS, FleetObserver, ServingOptions, sign_manifest, write_edge_config
+from tests.harness.models import smollm2_gguf
+
+DEVICES = ("pi-a", "pi-b", "pi-c")
+GROUP = "lab-group"
+FLEET_CLI = [sys.executable, "-m", "shared.fleet.cli"]
+EDGE_CLI = [sys.executable, "-m", "edge.cli"]
+
+
+@dataclass
+class Fleet:
+    root: Path
+    broker: Mosquitto
+    server: ArtifactServer
+    keys: FleetKeys
+    observer: FleetObserver
+    operator_config: Path
+    model: Path
+    apis: dict[str, str]
+
+    def envelope(self, serial: int, **overrides: Any) -> Path:
+        path = self.root / f"manifest-{serial}.dsse.json"
+        url = self.server.add_file(self.model)
+        path.write_bytes(
+            sign_manifest([self.keys.trainer], self.model.read_bytes(), url, serial=serial, **overrides)
+        )
+        return path
+
+    def cli(self, *args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*FLEET_CLI, *map(str, args), "--config", str(self.operator_config)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        result = self.cli("status", "--json", "--wait", "2")
+        assert result.returncode == 0, result.stderr
+        return {row["device"]: row for row in json.loads(result.stdout)}
+
+    def committed(self, device: str, serial: int) -> dict[str, Any] | None:
+        return next(
+            (
+                e
+                for e in self.observer.unique_events()
+                if e["device_id"] == device and e["serial"] == serial and e["state"] == "committed"
+            ),
+            None,
+        )
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("fleet")
+    keys = FleetKeys(*(generate_key() for _ in range(6)))
+    write_private_key(keys.operator, root / "operator.key")
+    with Mosquitto(root / "broker") as broker, ArtifactServer(root / "artifacts") as server:
+        observer = FleetObserver(broker)
+        operator_config = root / "fleet.toml"
+        operator_config.write_text(
+            f'fleet = "{FLEET}"\noperator = "op-1"\noperator_keys = ["{root / "operator.key"}"]\n'
+            f'data_dir = "{root / "operator"}"\n\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        )
+        daemons, apis = [], {}
+        for device in DEVICES:
+            serving = ServingOptions(trial_s=1.0)
+            apis[device] = serving.base_url
+            config = write_edge_config(
+                root / device,
+                broker,
+                keys.keyring(),
+                device=device,
+                groups=(GROUP,),
+                serving=serving,
+                extra="[telemetry]\ninterval_s = 1\nstatus_every_s = 2\n",
+            )
+            log = (root / f"{device}.log").open("w")
+            daemons.append(subprocess.Popen([*EDGE_CLI, "run", "--config", str(config)], stderr=log))
+        fleet = Fleet(root, broker, server, keys, observer, operator_config, smollm2_gguf(), apis)
+        try:
+            observer.wait_for(
+                lambda: {s["device_id"] for s in observer.statuses if s["online"]} >= set(DEVICES),
+                60,
+                "3 online",
+            )
+            observer.publish(TOPICS.desired_group(GROUP), fleet.envelope(1).read_bytes())
+            observer.wait_for(lambda: all(fleet.committed(d, 1) for d in DEVICES), 300, "serial 1 everywhere")
+            yield fleet
+        finally:
+            for daemon in daemons:
+                daemon.terminate()
+            for daemon in daemons:
+                daemon.wait(timeout=60)
+            observer.close()
+
+
+def _at(event: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(event["at"])
+
+
+def test_staged_rollout_advances_wave_by_wave_then_fleet_rollback(fleet: Fleet) -> None:
+    envelope = fleet.envelope(2)
+    result = fleet.cli(
+        "rollout", envelope, "--group", GROUP, "--canary", "1", "--waves", "50%,100%",
+        "--max-failures", "0", "--wave-timeout", "300", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = json.loads(result.stdout)
+    assert state["status"] == "done" and state["waves"] == [["pi-a"], ["pi-b"], ["pi-c"]]
+    assert {d: p["state"] for d, p in state["devices"].items()} == dict.fromkeys(DEVICES, "committed")
+    # Each wave started only after the previous one committed.
+    first_event = {
+        d: min(_at(e) for e in fleet.observer.unique_events() if e["device_id"] == d and e["serial"] == 2)
+        for d in DEVICES
+    }
+    commits = {d: _at(fleet.committed(d, 2) or {}) for d in DEVICES}
+    assert commits["pi-a"] <= first_event["pi-b"] and commits["pi-b"] <= first_event["pi-c"]
+
+    status = fleet.status()
+    assert set(status) == set(DEVICES)
+    for row in status.values():
+        assert row["online"] and row["serial"] == 2 and row["deployment"] == "committed", row
+        assert row["soc_temp_c"] == 52.3 and row["mem_available_mb"] == 6000.0 and row["worker_rss_mb"] > 0
+        assert row["throttled"] == []
+
+    rolled = fleet.cli("rollback", "--group", GROUP, "--json", "--timeout", "300")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    answers = json.loads(rolled.stdout)
+    assert {d: (a["ok"], a["result"]["serial"]) for d, a in answers.items()} == dict.fromkeys(
+        DEVICES, (True, 1)
+    )
+    assert all(row["serial"] == 1 for row in fleet.status().values())
+
+    history = fleet.cli("history", "--json")
+    assert history.returncode == 0, history.stderr
+    recorded = {(e["device_id"], e["serial"], e["state"]) for e in json.loads(history.stdout)}
+    assert {(d, 2, "committed") for d in DEVICES} <= recorded
+
+
+def test_canary_failing_its_health_gate_halts_the_rollout(fleet: Fleet) -> None:
+    before = fleet.status()
+    slow = fleet.envelope(3, health={"golden_prompts": ["Say hello."], "min_tokens_per_second": 1e6})
+    result = fleet.cli(
+        "rollout",
+        slow,
+        "--group",
+        GROUP,
+        "--canary",
+        "1",
+        "--max-failures",
+        "0",
+        "--wave-timeout",
+        "300",
+        "--json",
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    state = json.loads(result.stdout)
+    assert state["status"] == "halted" and "canary" in state["halted_reason"]
+    assert state["devices"]["pi-a"]["state"] == "failed"
+    assert "health-gate-slow" in state["devices"]["pi-a"]["reason"]
+    assert set(state["devices"]) == {"pi-a"}  # the other waves were never sent
+    after = fleet.status()
+    for device in DEVICES:
+        assert after[device]["serial"] == before[device]["serial"] == 1
+    assert "health-gate-slow" in (after["pi-a"]["last_result"] or "")
+    # A second run does not silently retry a halted rollout.
+    again = fleet.cli("rollout", slow, "--group", GROUP, "--json")
+    assert again.returncode == 1 and "halted" in again.stderr
+
+
+def test_pin_blocks_a_rollout_and_unpin_releases(fleet: Fleet) -> None:
+    pinned = fleet.cli("pin", "--device", "pi-c", "--json")
+    assert pinned.returncode == 0, pinned.stderr
+    assert json.loads(pinned.stdout)["pi-c"]["result"]["pinned"] is True
+    assert fleet.status()["pi-c"]["pinned"]
+    unpinned = fleet.cli("unpin", "--device", "pi-c", "--json")
+    assert unpinned.returncode == 0 and json.loads(unpinned.stdout)["pi-c"]["result"]["pinned"] is False
+
+
+def test_collect_and_html_report_in_headless_chromium(fleet: Fleet) -> None:
+    collector = subprocess.Popen(
+        [*FLEET_CLI, "collect", "--duration", "8", "--config", str(fleet.operator_config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    chat = {
+        "messages": [{"role": "user", "content": "Summarise: port scan from 10.0.0.5."}],
+        "max_tokens": 24,
+    }
+    for _ in range(3):  # traffic, so the generation-speed charts have points
+        for api in fleet.apis.values():
+            assert httpx.post(f"{api}/v1/chat/completions", json=chat, timeout=60).status_code == 200
+    _, errors = collector.communicate(timeout=60)
+    assert collector.returncode == 0, errors
+    page = fleet.root / "report.html"
+    assert fleet.cli("report", "--html", page).returncode == 0
+    text = page.read_text()
+    assert "<script" not in text and "http" not in text.split("<body>")[1]  # self-contained
+    for device in DEVICES:
+        assert f"<h2>{device}</h2>" in text
+    assert text.count("<polyline") >= 3 * len(DEVICES) - 3  # temperature and memory at least, per device
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian chromium is not installed (make test installs it)")
+    shot = fleet.root / "report.png"
+    run = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--screenshot={shot}", "--window-size=1400,1800", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shot.exists() and shot.stat().st_size > 20_000, run.stderr[-2000:]
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "pi-a" in dom.stdout and "<svg" in dom.stdout
