@@ -237,8 +237,8 @@ class CommandResponse(Contract):
     MAX_BYTES: ClassVar[int] = 64 * 1024
     WHAT: ClassVar[str] = "command response"
 
-    #: None when the command was refused before its nonce could be trusted.
-    nonce: Nonce | None
+    #: None (absent) when the command was refused before its nonce could be trusted.
+    nonce: Nonce | None = None
     device_id: Identifier
     ok: bool
     at: AwareDatetime
