@@ -1,0 +1,44 @@
+"""Rollout planning and state files, without a broker: wave sizes, bad --waves, resume rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.fleet.rollout import RolloutError, RolloutState, parse_waves, plan_waves
+
+
+def test_waves_are_cumulative_and_end_at_everyone() -> None:
+    devices = [f"pi-{i:02d}" for i in range(10)]
+    assert parse_waves("10%,50%,100%") == [0.1, 0.5, 1.0]
+    assert parse_waves("25%") == [0.25, 1.0]  # never stops short silently
+    waves = plan_waves(devices, canary=1, fractions=parse_waves("10%,50%,100%"))
+    assert waves == [["pi-00"], devices[1:5], devices[5:]]
+    assert plan_waves(devices[:3], canary=0, fractions=[0.5, 1.0]) == [devices[:2], devices[2:3]]
+    assert sum(len(w) for w in plan_waves(devices, 3, [0.1, 1.0])) == len(devices)
+
+
+@pytest.mark.parametrize("text", ["50%,10%", "0%", "abc", "150%", "50%,50%"])
+def test_bad_waves_are_refused_with_the_option_named(text: str) -> None:
+    with pytest.raises(RolloutError, match="--waves"):
+        parse_waves(text)
+
+
+def test_state_file_round_trip_is_atomic(tmp_path: Path) -> None:
+    state = RolloutState(
+        manifest_sha256="a" * 64,
+        manifest_name="m",
+        serial=3,
+        group="g",
+        canary=1,
+        waves=[["pi-a"], ["pi-b"]],
+        max_failures=0,
+        wave_timeout_s=60,
+        rollback_on_halt=True,
+        next_wave=1,
+    )
+    path = tmp_path / "rollouts" / "m-3.json"
+    state.save(path)
+    assert RolloutState.model_validate_json(path.read_text()) == state
+    assert not list(path.parent.glob("*.tmp"))
