@@ -23,7 +23,7 @@ _NOT_GAUGES = {"device_id", "fleet", "model_name", "ts"} | {
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
-@dataclass(frozen=True)
+@dataclass
 class UsageTotals:
     """Running totals since start; telemetry reports the difference between two snapshots."""
 
@@ -80,18 +80,14 @@ class Metrics:
         """Account for one finished request (``done`` is None when it produced no result)."""
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
         with self._usage_lock:
-            usage = replace(
-                self._usage, requests=self._usage.requests + 1, errors=self._usage.errors + (status >= 500)
-            )
+            usage = self._usage
+            usage.requests += 1
+            usage.errors += status >= 500
             if done is not None:
-                usage = replace(
-                    usage,
-                    prompt_tokens=usage.prompt_tokens + done.prompt_tokens,
-                    prompt_s=usage.prompt_s + done.prompt_ms / 1000,
-                    completion_tokens=usage.completion_tokens + done.completion_tokens,
-                    decode_s=usage.decode_s + max(done.total_ms - done.prompt_ms, 0.0) / 1000,
-                )
-            self._usage = usage
+                usage.prompt_tokens += done.prompt_tokens
+                usage.prompt_s += done.prompt_ms / 1000
+                usage.completion_tokens += done.completion_tokens
+                usage.decode_s += max(done.total_ms - done.prompt_ms, 0.0) / 1000
         if done is not None:
             self.latency.observe(seconds)
             self.prompt_tokens.inc(done.prompt_tokens)
@@ -101,13 +97,13 @@ class Metrics:
         """Time from admission to a request's first token."""
         self.ttft.observe(seconds)
         with self._usage_lock:
-            self._usage = replace(
-                self._usage, ttft_s=self._usage.ttft_s + seconds, ttft_count=self._usage.ttft_count + 1
-            )
+            self._usage.ttft_s += seconds
+            self._usage.ttft_count += 1
 
     def usage(self) -> UsageTotals:
+        """A copy of the running totals."""
         with self._usage_lock:
-            return self._usage
+            return replace(self._usage)
 
     def watch_telemetry(self, latest: Callable[[], Telemetry | None]) -> None:
         """Export the device's telemetry (temperatures, throttling, memory...) on /metrics too."""

@@ -19,6 +19,7 @@ from shared.topics import render_mosquitto_acl
 from tests.conftest import FleetKeys
 from tests.harness.broker import Mosquitto
 from tests.harness.edge import FLEET, TOPICS, FleetObserver, running_daemon, sign_command, write_edge_config
+from tests.harness.waiting import wait_until
 
 
 def _client(broker: Mosquitto, cn: str) -> mqtt.Client:
@@ -32,15 +33,6 @@ def _client(broker: Mosquitto, cn: str) -> mqtt.Client:
     client.loop_start()
     assert connected.wait(10)
     return client
-
-
-def _wait(condition: Callable[[], object], timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.1)
-    return None
 
 
 def test_devices_cannot_impersonate_each_other_and_refuse_unsigned_commands(
@@ -83,7 +75,7 @@ def test_devices_cannot_impersonate_each_other_and_refuse_unsigned_commands(
         running_daemon(config),
         FleetClient(operator, listener=lambda kind, m: received.append((kind, m))) as fleet,
     ):
-        genuine = _wait(lambda: [m for k, m in received if k == "telemetry" and m.device_id == "pi-b"])
+        genuine = wait_until(lambda: [m for k, m in received if k == "telemetry" and m.device_id == "pi-b"])
         assert genuine, "pi-b's own telemetry never arrived"
 
         forger = _client(broker, "pi-a")
@@ -106,7 +98,7 @@ def test_devices_cannot_impersonate_each_other_and_refuse_unsigned_commands(
         for result in results:
             result.wait_for_publish(10)
         # The legitimate last message proves the forger's messages were delivered where allowed.
-        assert _wait(lambda: any(k == "telemetry" and m.device_id == "pi-a" for k, m in received))
+        assert wait_until(lambda: any(k == "telemetry" and m.device_id == "pi-a" for k, m in received))
         time.sleep(2)  # a forged message, if let through, would have arrived by now
         assert not any(getattr(m, "soc_temp_c", None) == 99.9 and m.device_id == "pi-b" for _, m in received)
         assert not any(getattr(m, "manifest_name", None) == "evil" for _, m in received)

@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -33,6 +32,7 @@ from tests.harness.edge import (
     write_edge_config,
 )
 from tests.harness.pi5 import Pi5Tree
+from tests.harness.waiting import wait_until
 
 
 @pytest.mark.parametrize(
@@ -141,15 +141,6 @@ def _telemetry_listener(broker: Mosquitto) -> tuple[mqtt.Client, list[dict[str, 
     return client, received
 
 
-def _wait(condition: object, timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():  # type: ignore[operator]
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _metric(base_url: str, line_start: str) -> float | None:
     for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
         if line.startswith(line_start):
@@ -187,9 +178,9 @@ def test_daemon_backs_off_when_hot_and_reports_telemetry(
         chat = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
         assert httpx.post(f"{serving.base_url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
         threads_line = "immune_edge_device_n_threads "
-        _wait(lambda: _metric(serving.base_url, threads_line) == 2.0, 30, "2 threads before")
+        wait_until(lambda: _metric(serving.base_url, threads_line) == 2.0, 30, "2 threads before")
 
-        sample = _wait(
+        sample = wait_until(
             lambda: next((s for s in reversed(samples) if "tokens_per_second" in s), None), 30, "rates"
         )
         Telemetry.model_validate(sample)
@@ -207,7 +198,7 @@ def test_daemon_backs_off_when_hot_and_reports_telemetry(
             30,
             "thermal limit reported",
         )
-        _wait(lambda: _metric(serving.base_url, threads_line) == 1.0, 30, "threads cut to 1")
+        wait_until(lambda: _metric(serving.base_url, threads_line) == 1.0, 30, "threads cut to 1")
         assert _metric(serving.base_url, 'immune_edge_throttle_flag{flag="freq_capped",when="now"}') == 1.0
         assert _metric(serving.base_url, 'immune_edge_thermal_zone_celsius{zone="cpu_thermal"}') == 83.0
         deferred = httpx.post(
@@ -223,7 +214,9 @@ def test_daemon_backs_off_when_hot_and_reports_telemetry(
         )
         assert low.status_code == 503 and "hot" in low.json()["error"]
         assert httpx.post(f"{serving.base_url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
-        hot = _wait(lambda: next((s for s in reversed(samples) if s.get("thermal_limited")), None), 30, "hot")
+        hot = wait_until(
+            lambda: next((s for s in reversed(samples) if s.get("thermal_limited")), None), 30, "hot"
+        )
         assert hot["n_threads"] == 1 and hot["freq_capped_now"] is True
 
         pi.set_temperature(65.0)
@@ -233,7 +226,7 @@ def test_daemon_backs_off_when_hot_and_reports_telemetry(
             30,
             "thermal limit lifted",
         )
-        _wait(lambda: _metric(serving.base_url, threads_line) == 2.0, 30, "threads restored")
+        wait_until(lambda: _metric(serving.base_url, threads_line) == 2.0, 30, "threads restored")
         assert (
             httpx.post(
                 f"{serving.base_url}/v1/chat/completions", json={**chat, "model": "slips-batch"}, timeout=60

@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.state.outbox import Outbox
 from shared.config import MqttSettings
+from shared.mqtt import mqtt_client
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +73,8 @@ class MqttAgent:
         self._pump: threading.Thread | None = None
         self._direct: deque[tuple[str, bytes]] = deque(maxlen=DIRECT_BACKLOG)
 
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-        )
+        client = mqtt_client(settings, client_id)
         client.will_set(will[0], will[1], qos=1, retain=True)
-        if settings.tls is not None:
-            tls = settings.tls
-            client.tls_set(
-                ca_certs=str(tls.ca_file),
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-            )
-        if settings.username is not None:
-            client.username_pw_set(settings.username, settings.password())
         client.reconnect_delay_set(min_delay=1, max_delay=60)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect

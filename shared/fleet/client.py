@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -28,6 +27,7 @@ from shared.messages import (
     Telemetry,
     decode_payload,
 )
+from shared.mqtt import mqtt_client
 from shared.signing import load_private_key, sign_envelope
 from shared.topics import TopicKind, Topics
 
@@ -73,21 +73,7 @@ class FleetClient:
         self._subscribed = threading.Event()
         self._keys = [load_private_key(path) for path in settings.operator_keys]
         self.response_topic = self.topics.response(settings.operator)
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"{settings.operator}-{secrets.token_hex(4)}",
-            protocol=mqtt.MQTTv5,
-        )
-        mqtt_settings = settings.mqtt
-        if mqtt_settings.tls is not None:
-            tls = mqtt_settings.tls
-            client.tls_set(
-                ca_certs=str(tls.ca_file),
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-            )
-        if mqtt_settings.username is not None:
-            client.username_pw_set(mqtt_settings.username, mqtt_settings.password())
+        client = mqtt_client(settings.mqtt, f"{settings.operator}-{secrets.token_hex(4)}")
         client.on_connect = self._on_connect
         client.on_subscribe = lambda *args: self._subscribed.set()
         client.on_message = self._on_message
