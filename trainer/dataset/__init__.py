@@ -1,0 +1,1 @@
+"""Turning Slips incidents and generic chat data into ChatML training records."""

@@ -1,0 +1,200 @@
+"""``immune-train prepare``: import, choose answers, de-duplicate, fit the token budget, split."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.dataset.chat_jsonl import import_chat_jsonl
+from trainer.dataset.problems import Problems
+from trainer.dataset.records import ChatMessage, ChatRecord, file_sha256, write_records
+from trainer.dataset.slips import DEFAULT_TEACHERS, SlipsTask, import_slips
+from trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+TRUNCATION_MARKER = "\n[... incident truncated by immune-train: {kept} of {total} characters kept ...]"
+
+TokenCounter = Callable[[list[dict[str, str]]], int]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: a Slips dataset for a task, or a generic chat JSONL file."""
+
+    path: Path
+    task: str
+    slips: bool
+
+    @classmethod
+    def parse(cls, spec: str) -> Source:
+        """``slips-summary=FILE``, ``slips-risk=FILE`` or ``[TASK=]FILE.jsonl`` (task defaults to ``chat``)."""
+        task, _, name = spec.rpartition("=")
+        task = task or "chat"
+        return cls(Path(name), task, slips=task in ("slips-summary", "slips-risk"))
+
+
+@dataclass
+class PrepareOptions:
+    max_tokens: int = 4096
+    eval_fraction: float = 0.1
+    seed: int = 3407
+    teachers: Sequence[str] = DEFAULT_TEACHERS
+    fatal_errors: bool = False
+
+
+@dataclass
+class PrepareResult:
+    train: Path
+    eval: Path
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def chat_token_counter(tokenizer: Any) -> TokenCounter:
+    """Count a conversation's tokens as training will see them: rendered by the model's own chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainerError(
+            "missing-chat-template",
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template; "
+            "train from an instruct model or add one to its tokenizer_config.json",
+        )
+
+    def count(messages: list[dict[str, str]]) -> int:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The base model's tokenizer, from a local folder or the local Hugging Face cache (never downloaded)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TrainerError("bad-tokenizer", f"cannot load a tokenizer from {name_or_path}: {exc}") from exc
+
+
+def fit_budget(record: ChatRecord, count: TokenCounter, budget: int) -> ChatRecord | None:
+    """The record with its longest prompt message cut (head kept, visible marker) to fit ``budget``
+    tokens, or None when even an empty prompt would not fit."""
+    messages = [m.model_dump() for m in record.messages]
+    if count(messages) <= budget:
+        return record
+    longest = max(range(len(messages) - 1), key=lambda i: len(messages[i]["content"]))
+    text = messages[longest]["content"]
+
+    def with_prefix(length: int) -> list[dict[str, str]]:
+        cut = text[:length]
+        newline = cut.rfind("\n")
+        if newline > length // 2:  # prefer whole lines
+            cut = cut[:newline]
+        trial = [dict(m) for m in messages]
+        trial[longest]["content"] = cut + TRUNCATION_MARKER.format(kept=len(cut), total=len(text))
+        return trial
+
+    low, high = 0, len(text)  # invariant: a prefix of `low` characters fits
+    if count(with_prefix(0)) > budget:
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count(with_prefix(middle)) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    fitted = with_prefix(low)
+    return record.model_copy(
+        update={"truncated": True, "messages": [ChatMessage.model_validate(m) for m in fitted]}
+    )
+
+
+def split_groups(records: Sequence[ChatRecord], eval_fraction: float, seed: int) -> set[str]:
+    """The groups held out for evaluation: a seeded draw over whole groups, so no incident is in both."""
+    groups = sorted({r.group for r in records})
+    if len(groups) < 2 or eval_fraction <= 0:
+        return set()
+    random.Random(seed).shuffle(groups)
+    count = min(len(groups) - 1, max(1, round(len(groups) * eval_fraction)))
+    return set(groups[:count])
+
+
+def _length_stats(lengths: list[int]) -> dict[str, int]:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    return {
+        "min": ordered[0],
+        "median": int(statistics.median(ordered)),
+        "p95": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
+        "max": ordered[-1],
+    }
+
+
+def prepare(
+    sources: Iterable[Source], output_dir: Path, count: TokenCounter, options: PrepareOptions
+) -> PrepareResult:
+    """Build ``train.jsonl``, ``eval.jsonl`` and ``stats.json`` in ``output_dir`` from ``sources``."""
+    problems = Problems(fatal=options.fatal_errors)
+    imported: list[ChatRecord] = []
+    for source in sources:
+        if source.slips:
+            task: SlipsTask = "slips-summary" if source.task == "slips-summary" else "slips-risk"
+            imported.extend(import_slips(source.path, task, options.teachers, problems))
+        else:
+            imported.extend(import_chat_jsonl(source.path, source.task, problems))
+
+    seen: set[str] = set()
+    unique: list[ChatRecord] = []
+    for record in imported:
+        key = record.content_key()
+        if key not in seen:
+            seen.add(key)
+            unique.append(record)
+
+    kept: list[ChatRecord] = []
+    lengths: dict[str, int] = {}
+    too_long = 0
+    for record in unique:
+        fitted = fit_budget(record, count, options.max_tokens)
+        if fitted is None:
+            too_long += 1
+            log.warning("dropped %s: its answer alone exceeds %d tokens", record.id, options.max_tokens)
+            continue
+        kept.append(fitted)
+        lengths[fitted.id] = count([m.model_dump() for m in fitted.messages])
+    if not kept:
+        raise TrainerError("empty-dataset", "no usable records: " + (problems.found[0] if problems.found else "the inputs are empty"))
+
+    held_out = split_groups(kept, options.eval_fraction, options.seed)
+    train = [r for r in kept if r.group not in held_out]
+    evaluation = [r for r in kept if r.group in held_out]
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = PrepareResult(train=output_dir / "train.jsonl", eval=output_dir / "eval.jsonl")
+    write_records(result.train, train)
+    write_records(result.eval, evaluation)
+    result.stats = {
+        "records": {"imported": len(imported), "duplicates": len(imported) - len(unique), "too_long": too_long,
+                    "train": len(train), "eval": len(evaluation)},
+        "skipped_inputs": len(problems.found),
+        "problems": problems.found[:50],
+        "tasks": {split: dict(Counter(r.task for r in rows)) for split, rows in (("train", train), ("eval", evaluation))},
+        "teachers": dict(Counter(r.teacher for r in kept if r.teacher)),
+        "truncated": sum(r.truncated for r in kept),
+        "tokens": {split: _length_stats([lengths[r.id] for r in rows]) for split, rows in (("train", train), ("eval", evaluation))},
+        "groups": {"train": len({r.group for r in train}), "eval": len(held_out)},
+        "options": {"max_tokens": options.max_tokens, "eval_fraction": options.eval_fraction,
+                    "seed": options.seed, "teachers": list(options.teachers)},
+        "sha256": file_sha256(result.train, result.eval),
+    }  # fmt: skip
+    (output_dir / "stats.json").write_text(json.dumps(result.stats, indent=2) + "\n")
+    log.info("prepared %d train and %d eval records in %s", len(train), len(evaluation), output_dir)
+    return result

@@ -1,0 +1,129 @@
+"""Importers for the Slips incident datasets (Stratosphere's ``summarization_dataset`` and
+``risk_dataset`` formats): one record per incident, answered by the preferred usable teacher."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trainer.dataset.problems import Problems
+from trainer.dataset.records import ChatMessage, ChatRecord
+from trainer.errors import TrainerError
+
+SlipsTask = Literal["slips-summary", "slips-risk"]
+
+DEFAULT_TEACHERS = ("gpt_4o", "gpt4o_mini", "qwen2_5:3b", "qwen2_5")
+
+SUMMARY_SYSTEM_PROMPT = (
+    "You are a network security analyst reading alerts from the Slips intrusion detection system. "
+    "Summarise the incident for an operator: name the source IP, list the key events with their "
+    "severity, and explain what the host is most likely doing."
+)
+RISK_INSTRUCTION = (
+    "Here is an incident reported by the Slips intrusion detection system. Explain its possible "
+    "causes (malicious activity, legitimate activity, misconfiguration) and assess the risk, "
+    "ending with the risk level.\n\n"
+)
+
+# Teacher answers that are really error messages from the generation run.
+_FAILED_ANSWER = re.compile(r"LLM query failed|^error:|Traceback \(most recent", re.IGNORECASE | re.MULTILINE)
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*$", re.MULTILINE)
+
+# Per task: the key holding a teacher's answer, and the answer's parts in order.
+_ANSWERS: dict[SlipsTask, tuple[str, tuple[str, ...]]] = {
+    "slips-summary": ("llm_{teacher}_analysis", ("summary", "behavior_analysis")),
+    "slips-risk": ("cause_risk_{teacher}", ("cause_analysis", "risk_assessment")),
+}
+
+
+class SlipsIncident(BaseModel):
+    """The fields every Slips dataset record must have; teacher answers are read separately."""
+
+    model_config = ConfigDict(extra="allow")
+
+    incident_id: str = Field(min_length=1, max_length=128)
+    source_ip: str = Field(min_length=1, max_length=64)
+    dag_analysis: str = Field(min_length=1)
+    category: str | None = None
+
+
+def load_slips_file(path: Path) -> list[Any]:
+    """The JSON array in a Slips dataset file (gzipped or not)."""
+    if not path.is_file():
+        raise TrainerError("missing-data", f"{path}: no such Slips dataset file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TrainerError("bad-input", f"{path}: not a readable Slips JSON dataset ({exc})") from exc
+    if not isinstance(data, list):
+        raise TrainerError("bad-input", f"{path}: expected a JSON array of incidents, got {type(data).__name__}")
+    return data
+
+
+def clean_answer(text: object) -> str | None:
+    """A teacher's text without Markdown fences, or None when it is missing or an error message."""
+    if not isinstance(text, str):
+        return None
+    text = _FENCE.sub("", text).strip()
+    if not text or _FAILED_ANSWER.search(text):
+        return None
+    return text
+
+
+def pick_answer(raw: dict[str, Any], task: SlipsTask, teachers: Sequence[str]) -> tuple[str, str] | None:
+    """The first teacher in preference order whose answer parts are all usable: (teacher, text)."""
+    key_pattern, parts = _ANSWERS[task]
+    for teacher in teachers:
+        answer = raw.get(key_pattern.format(teacher=teacher))
+        if not isinstance(answer, dict):
+            continue
+        texts = [clean_answer(answer.get(part)) for part in parts]
+        if all(texts):
+            return teacher, "\n\n".join(t for t in texts if t)
+    return None
+
+
+def incident_messages(task: SlipsTask, incident: str) -> list[ChatMessage]:
+    """The prompt as the Slips tooling frames it: a system prompt for summaries, user-only for risk."""
+    if task == "slips-summary":
+        return [ChatMessage(role="system", content=SUMMARY_SYSTEM_PROMPT), ChatMessage(role="user", content=incident)]
+    return [ChatMessage(role="user", content=RISK_INSTRUCTION + incident)]
+
+
+def import_slips(
+    path: Path, task: SlipsTask, teachers: Sequence[str], problems: Problems
+) -> Iterator[ChatRecord]:
+    """One record per incident of ``path``; incidents with no usable teacher answer are reported."""
+    for index, raw in enumerate(load_slips_file(path)):
+        where = f"{path.name}[{index}]"
+        if not isinstance(raw, dict):
+            problems.report(where, f"expected an object, got {type(raw).__name__}")
+            continue
+        try:
+            incident = SlipsIncident.model_validate(raw)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            problems.report(where, f"{'.'.join(map(str, error['loc']))}: {error['msg']}")
+            continue
+        picked = pick_answer(raw, task, teachers)
+        if picked is None:
+            problems.report(where, f"incident {incident.incident_id} has no usable answer from {', '.join(teachers)}")
+            continue
+        teacher, answer = picked
+        yield ChatRecord(
+            id=f"{task}:{incident.incident_id}",
+            group=incident.incident_id,
+            task=task,
+            source=path.name,
+            teacher=teacher,
+            meta={"source_ip": incident.source_ip, "incident_id": incident.incident_id},
+            messages=[*incident_messages(task, incident.dag_analysis), ChatMessage(role="assistant", content=answer)],
+        )
