@@ -96,7 +96,9 @@ class Toolchain:
         """Raise TrainerError naming what is missing from the tree."""
         missing = [name for name in _REQUIRED if not (self.root / name).exists()]
         if missing:
-            raise TrainerError("toolchain", f"{self.root} is not a usable llama.cpp tree: missing {', '.join(missing)}")
+            raise TrainerError(
+                "toolchain", f"{self.root} is not a usable llama.cpp tree: missing {', '.join(missing)}"
+            )
         if not os.access(self.quantize, os.X_OK):
             raise TrainerError("toolchain", f"{self.quantize} is missing or not executable")
         result = subprocess.run(
@@ -111,7 +113,9 @@ def llama_cpp_python_version() -> str:
     try:
         return metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError as exc:
-        raise TrainerError("toolchain", "llama-cpp-python is not installed (pip install 'immune-edge[edge]')") from exc
+        raise TrainerError(
+            "toolchain", "llama-cpp-python is not installed (pip install 'immune-edge[edge]')"
+        ) from exc
 
 
 def prepare_toolchain(cache_dir: Path = DEFAULT_CACHE, sdist: Path | None = None) -> Toolchain:
@@ -151,8 +155,9 @@ def _download_sdist(version: str, directory: Path) -> Path:
     )  # fmt: skip
     archives = sorted(directory.glob("llama_cpp_python-*.tar.gz"))
     if result.returncode != 0 or not archives:
-        raise TrainerError("toolchain", 
-            f"could not fetch the llama-cpp-python {version} sdist: {result.stderr.strip()[-300:]}"
+        raise TrainerError(
+            "toolchain",
+            f"could not fetch the llama-cpp-python {version} sdist: {result.stderr.strip()[-300:]}",
         )
     return archives[0]
 

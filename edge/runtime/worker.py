@@ -68,9 +68,6 @@ def _load(spec: LoadSpec) -> Any:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     threads = spec.n_threads or 1
-    handler = None
-    if spec.chat_template is not None:
-        handler = Jinja2ChatFormatter(spec.chat_template, eos_token="", bos_token="").to_chat_handler()
     llm = Llama(
         model_path=spec.model_path,
         n_ctx=spec.n_ctx,
@@ -78,9 +75,18 @@ def _load(spec: LoadSpec) -> Any:
         n_threads=threads,
         n_threads_batch=spec.n_threads_batch or threads,
         chat_format=spec.chat_format,
-        chat_handler=handler,
         verbose=False,
     )
+    if spec.chat_template is not None:
+        # The template may use the model's own BOS/EOS text; an empty EOS would become an empty
+        # stop string, which ends every answer before its first character.
+        eos, bos = llm.token_eos(), llm.token_bos()
+        llm.chat_handler = Jinja2ChatFormatter(
+            spec.chat_template,
+            eos_token=llm.detokenize([eos], special=True).decode("utf-8", "replace"),
+            bos_token=llm.detokenize([bos], special=True).decode("utf-8", "replace"),
+            stop_token_ids=[eos],
+        ).to_chat_handler()
     if spec.n_threads is None:
         _tune_threads(llm, spec)
     if spec.prefix_reuse and spec.prompt_cache_mb:

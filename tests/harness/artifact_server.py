@@ -95,7 +95,8 @@ class _Handler(BaseHTTPRequestHandler):
         name = self.path.split("?", 1)[0].lstrip("/")
         state = self.server.state
         path = state.root / name
-        if "/" in name or name.startswith(".") or not path.is_file():
+        inside = all(part and not part.startswith(".") for part in name.split("/"))
+        if not inside or not path.is_file():  # sub-folders yes, hidden files and '..' never
             self._error(name, HTTPStatus.NOT_FOUND)
             return
         fault = state.take_fault(name)

@@ -2,7 +2,8 @@
 download: the base model for CPU fine-tuning tests and ``make demo TRAIN=1``.
 
 Sizes follow what converts to GGUF and quantises to real K-quants (hidden and intermediate sizes
-are multiples of 256; a smaller vocabulary than 320 breaks byte fallback)."""
+are multiples of 256); the vocabulary must hold the 256 byte-fallback pieces plus every character
+of the corpus."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-VOCAB_SIZE = 320
+VOCAB_SIZE = 384
 _TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
     "bos_token": "<s>",

@@ -15,7 +15,13 @@ from trainer.dataset.problems import Problems
 from trainer.dataset.records import ChatRecord
 from trainer.errors import TrainerError
 
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 
 
 def _messages(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -47,7 +53,8 @@ def _messages(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def import_chat_jsonl(path: Path, task: str, problems: Problems) -> Iterator[ChatRecord]:
-    """One record per line; a line that is not JSON or not a usable conversation is reported with its number."""
+    """One record per line; a line that is not JSON or not a usable conversation is reported
+    with its line number."""
     if not path.is_file():
         raise TrainerError("missing-data", f"{path}: no such JSONL file")
     with path.open(encoding="utf-8", errors="replace") as handle:

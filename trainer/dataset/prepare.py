@@ -35,7 +35,7 @@ class Source:
 
     @classmethod
     def parse(cls, spec: str) -> Source:
-        """``slips-summary=FILE``, ``slips-risk=FILE`` or ``[TASK=]FILE.jsonl`` (task defaults to ``chat``)."""
+        """``slips-summary=FILE``, ``slips-risk=FILE`` or ``[TASK=]FILE.jsonl`` (task default: ``chat``)."""
         task, _, name = spec.rpartition("=")
         task = task or "chat"
         return cls(Path(name), task, slips=task in ("slips-summary", "slips-risk"))
@@ -121,7 +121,7 @@ def split_groups(records: Sequence[ChatRecord], eval_fraction: float, seed: int)
     groups = sorted({r.group for r in records})
     if len(groups) < 2 or eval_fraction <= 0:
         return set()
-    random.Random(seed).shuffle(groups)
+    random.Random(seed).shuffle(groups)  # noqa: S311 - a reproducible split, not a secret
     count = min(len(groups) - 1, max(1, round(len(groups) * eval_fraction)))
     return set(groups[:count])
 
@@ -171,7 +171,10 @@ def prepare(
         kept.append(fitted)
         lengths[fitted.id] = count([m.model_dump() for m in fitted.messages])
     if not kept:
-        raise TrainerError("empty-dataset", "no usable records: " + (problems.found[0] if problems.found else "the inputs are empty"))
+        raise TrainerError(
+            "empty-dataset",
+            "no usable records: " + (problems.found[0] if problems.found else "the inputs are empty"),
+        )
 
     held_out = split_groups(kept, options.eval_fraction, options.seed)
     train = [r for r in kept if r.group not in held_out]
@@ -181,20 +184,29 @@ def prepare(
     result = PrepareResult(train=output_dir / "train.jsonl", eval=output_dir / "eval.jsonl")
     write_records(result.train, train)
     write_records(result.eval, evaluation)
+    splits = {"train": train, "eval": evaluation}
     result.stats = {
-        "records": {"imported": len(imported), "duplicates": len(imported) - len(unique), "too_long": too_long,
-                    "train": len(train), "eval": len(evaluation)},
+        "records": {
+            "imported": len(imported),
+            "duplicates": len(imported) - len(unique),
+            "too_long": too_long,
+            **{split: len(rows) for split, rows in splits.items()},
+        },
         "skipped_inputs": len(problems.found),
         "problems": problems.found[:50],
-        "tasks": {split: dict(Counter(r.task for r in rows)) for split, rows in (("train", train), ("eval", evaluation))},
+        "tasks": {split: dict(Counter(r.task for r in rows)) for split, rows in splits.items()},
         "teachers": dict(Counter(r.teacher for r in kept if r.teacher)),
         "truncated": sum(r.truncated for r in kept),
-        "tokens": {split: _length_stats([lengths[r.id] for r in rows]) for split, rows in (("train", train), ("eval", evaluation))},
+        "tokens": {split: _length_stats([lengths[r.id] for r in rows]) for split, rows in splits.items()},
         "groups": {"train": len({r.group for r in train}), "eval": len(held_out)},
-        "options": {"max_tokens": options.max_tokens, "eval_fraction": options.eval_fraction,
-                    "seed": options.seed, "teachers": list(options.teachers)},
+        "options": {
+            "max_tokens": options.max_tokens,
+            "eval_fraction": options.eval_fraction,
+            "seed": options.seed,
+            "teachers": list(options.teachers),
+        },
         "sha256": file_sha256(result.train, result.eval),
-    }  # fmt: skip
+    }
     (output_dir / "stats.json").write_text(json.dumps(result.stats, indent=2) + "\n")
     log.info("prepared %d train and %d eval records in %s", len(train), len(evaluation), output_dir)
     return result

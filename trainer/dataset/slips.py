@@ -64,7 +64,9 @@ def load_slips_file(path: Path) -> list[Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TrainerError("bad-input", f"{path}: not a readable Slips JSON dataset ({exc})") from exc
     if not isinstance(data, list):
-        raise TrainerError("bad-input", f"{path}: expected a JSON array of incidents, got {type(data).__name__}")
+        raise TrainerError(
+            "bad-input", f"{path}: expected a JSON array of incidents, got {type(data).__name__}"
+        )
     return data
 
 
@@ -94,7 +96,10 @@ def pick_answer(raw: dict[str, Any], task: SlipsTask, teachers: Sequence[str]) -
 def incident_messages(task: SlipsTask, incident: str) -> list[ChatMessage]:
     """The prompt as the Slips tooling frames it: a system prompt for summaries, user-only for risk."""
     if task == "slips-summary":
-        return [ChatMessage(role="system", content=SUMMARY_SYSTEM_PROMPT), ChatMessage(role="user", content=incident)]
+        return [
+            ChatMessage(role="system", content=SUMMARY_SYSTEM_PROMPT),
+            ChatMessage(role="user", content=incident),
+        ]
     return [ChatMessage(role="user", content=RISK_INSTRUCTION + incident)]
 
 
@@ -115,7 +120,9 @@ def import_slips(
             continue
         picked = pick_answer(raw, task, teachers)
         if picked is None:
-            problems.report(where, f"incident {incident.incident_id} has no usable answer from {', '.join(teachers)}")
+            problems.report(
+                where, f"incident {incident.incident_id} has no usable answer from {', '.join(teachers)}"
+            )
             continue
         teacher, answer = picked
         yield ChatRecord(
@@ -125,5 +132,8 @@ def import_slips(
             source=path.name,
             teacher=teacher,
             meta={"source_ip": incident.source_ip, "incident_id": incident.incident_id},
-            messages=[*incident_messages(task, incident.dag_analysis), ChatMessage(role="assistant", content=answer)],
+            messages=[
+                *incident_messages(task, incident.dag_analysis),
+                ChatMessage(role="assistant", content=answer),
+            ],
         )

@@ -1,0 +1,143 @@
+"""The trainer end to end on CPU: a tiny Llama goes through prepare -> Unsloth finetune -> offline GGUF
+export -> llama-cpp-python eval -> signed publish, and a real edge daemon verifies and serves it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.signing import Envelope, write_private_key
+from shared.verification import open_signed_manifest
+from tests.harness.edge import FLEET, HOST_ARCH, TOPICS, ServingOptions, running_daemon, write_edge_config
+from tests.harness.training import TinyRun, immune_train, tiny_run, train_tiny, write_publish_config
+from trainer.dataset.records import read_records
+from trainer.gguf_check import smoke_generate, tensor_types
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    run = tiny_run(tmp_path_factory.mktemp("tiny-training"))
+    train_tiny(run, steps=60)
+    return run
+
+
+def test_prepare_splits_by_incident_and_prefers_usable_teachers(trained: TinyRun) -> None:
+    stats = json.loads((trained.data / "stats.json").read_text())
+    train = list(read_records(trained.data / "train.jsonl"))
+    held_out = list(read_records(trained.data / "eval.jsonl"))
+    assert stats["records"]["imported"] == 48 and stats["records"]["too_long"] == 0
+    assert len(train) + len(held_out) == 48 and len(held_out) == 12  # 25% of 24 incidents, both tasks
+    assert not {r.group for r in train} & {r.group for r in held_out}, "an incident is in both splits"
+    # Every 6th incident's best summary teacher failed: the next one in the preference list answers.
+    assert stats["teachers"] == {"gpt_4o": 44, "gpt4o_mini": 4}
+    assert all("```" not in r.answer and "LLM query failed" not in r.answer for r in train + held_out)
+    assert {r.task for r in held_out} == {"slips-summary", "slips-risk"}
+    summary = next(r for r in train if r.task == "slips-summary")
+    assert [m.role for m in summary.messages] == ["system", "user", "assistant"]
+    # Same seed, same split.
+    again = trained.root / "again"
+    immune_train(
+        "prepare", f"slips-summary={trained.summary_data}", f"slips-risk={trained.risk_data}",
+        "--tokenizer", trained.base, "--output", again,
+        "--max-tokens", trained.max_tokens, "--eval-fraction", "0.25",
+    )  # fmt: skip
+    assert (again / "eval.jsonl").read_bytes() == (trained.data / "eval.jsonl").read_bytes()
+
+
+def test_finetune_records_the_run(trained: TinyRun) -> None:
+    run = json.loads((trained.run_dir / "run.json").read_text())
+    assert run["seed"] == 11 and run["load_in_4bit"] is False  # no GPU here: 16-bit LoRA
+    assert run["config"]["lora"]["r"] == 8 and run["records"] == {"train": 36, "eval": 12}
+    assert len(run["data_sha256"]) == 64 and run["versions"]["unsloth"] == "2026.10.9"
+    assert run["metrics"]["train_loss"] > 0 and "eval_loss" in run["metrics"]
+    assert (trained.run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_export_writes_the_asked_quantizations_that_llama_cpp_runs(trained: TinyRun) -> None:
+    files = {item["quant"]: item for item in json.loads((trained.gguf_dir / "export.json").read_text())}
+    assert set(files) == {"f16", "q8_0", "q4_k_m"}
+    q8 = tensor_types(trained.gguf_dir / files["q8_0"]["file"])
+    q4 = tensor_types(trained.gguf_dir / files["q4_k_m"]["file"])
+    assert set(q8) == {"Q8_0", "F32"}
+    assert q4.get("Q4_K", 0) > q4.get("Q6_K", 0) > 0 and "Q5_0" not in q4  # a real K-quant, no fallback
+    assert smoke_generate(trained.gguf_dir / files["q4_k_m"]["file"]) is not None
+    assert not (trained.gguf_dir / "merged_16bit").exists()
+
+
+def test_eval_compares_each_quant_with_f16(trained: TinyRun) -> None:
+    report = json.loads((trained.gguf_dir / "eval.json").read_text())
+    quants = report["quants"]
+    assert quants["f16"]["perplexity_rise_vs_f16"] == 0.0
+    for name in ("q8_0", "q4_k_m"):
+        assert quants[name]["perplexity"] > 1.0 and quants[name]["accepted"] is True
+        assert {"rouge_l", "names_source_ip", "gives_verdict", "one_paragraph"} <= set(quants[name]["tasks"])
+    # A bound of zero refuses the 4-bit file unless it happens to score at or below F16.
+    strict = trained.root / "strict-gguf"
+    shutil.copytree(trained.gguf_dir, strict)
+    immune_train(
+        "eval", strict, "--data", trained.data / "eval.jsonl", "--quant", "q4_k_m",
+        "--max-ppl-rise", "0", "--ppl-records", "4", "--task-records", "0", "--threads", "1",
+    )  # fmt: skip
+    refused = json.loads((strict / "eval.json").read_text())["quants"]["q4_k_m"]
+    assert refused["accepted"] is (refused["perplexity_rise_vs_f16"] <= 0.0)
+
+
+def test_finetune_resumes_from_its_checkpoint(trained: TinyRun, tmp_path: Path) -> None:
+    copy = TinyRun(tmp_path, trained.summary_data, trained.risk_data, trained.base)
+    shutil.copytree(trained.data, copy.data)
+    shutil.copytree(trained.run_dir / "checkpoints", copy.run_dir / "checkpoints")
+    shutil.rmtree(copy.run_dir / "checkpoints" / "checkpoint-60")  # as if stopped after step 30
+    result = immune_train("finetune", "--config", copy.write_config(steps=60, save_steps=30), "--resume")
+    assert "train_loss" in result.stdout
+    run = json.loads((copy.run_dir / "run.json").read_text())
+    assert run["resumed"] is True and (copy.run_dir / "checkpoints" / "checkpoint-60").is_dir()
+
+
+def test_published_model_is_verified_and_served_by_a_daemon(
+    trained: TinyRun, tmp_path, mqtt_broker, artifact_server, fleet_keys, observer
+) -> None:
+    keyring = tmp_path / "keyring.json"
+    keyring.write_bytes(fleet_keys.keyring().to_json())
+    key = tmp_path / "trainer.key"
+    write_private_key(fleet_keys.trainer, key)
+    config = write_publish_config(
+        tmp_path / "publish.toml", FLEET, [key], keyring, mqtt_broker.host, mqtt_broker.port,
+        artifact_server.root, artifact_server.base_url,
+    )  # fmt: skip
+    options = ServingOptions()
+    device = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
+    with running_daemon(device):
+        result = immune_train(
+            "publish", trained.gguf_dir, "--config", config,
+            "--name", "slips/tiny:q4_k_m", "--quant", "q4_k_m", "--serial", "7",
+            "--arch", HOST_ARCH, "--run-dir", trained.run_dir, "--n-ctx", "1024",
+        )  # fmt: skip
+        assert "slips/tiny:q4_k_m" in result.stdout and TOPICS.desired_fleet() in result.stdout
+        end = observer.wait_terminal(1, timeout=180)[-1]
+        assert end["state"] == "committed", end
+        reply = httpx.post(
+            f"{options.base_url}/api/chat",
+            json={"model": "slips", "messages": [{"role": "user", "content": "Source IP 10.0.0.1"}],
+                  "stream": False, "options": {"num_predict": 8}},
+            timeout=60,
+        )  # fmt: skip
+        assert reply.status_code == 200 and reply.json()["model"] == "slips/tiny:q4_k_m"
+    published = json.loads((trained.gguf_dir / "published.json").read_text())
+    served = artifact_server.root / "slips_tiny_q4_k_m" / "7" / "run.q4_k_m.gguf"
+    assert published["serial"] == 7 and served.is_file() and published["url"].endswith("/7/run.q4_k_m.gguf")
+    envelope = Envelope.from_json((trained.gguf_dir / "manifest-7.json").read_bytes())
+    manifest = open_signed_manifest(envelope, fleet_keys.keyring())
+    assert manifest.runtime.chat_template and "<|im_start|>" in manifest.runtime.chat_template
+    assert manifest.runtime.stop == ["<|im_end|>"] and manifest.compatibility.cpu_arch == [HOST_ARCH]
+    assert manifest.provenance.eval["q4_k_m"].perplexity_rise_vs_f16 is not None
+    assert (
+        manifest.provenance.dataset_sha256
+        == json.loads((trained.run_dir / "run.json").read_text())["data_sha256"]
+    )
+    assert manifest.provenance.hyperparameters["lora.r"] == 8

@@ -1,0 +1,293 @@
+"""``immune-train``: Slips data -> fine-tune -> GGUF export -> evaluation gate -> signed publish."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from shared.errors import ContractError
+from shared.manifest import Quantization
+from trainer import toolchain as toolchain_module
+from trainer.dataset.prepare import PrepareOptions, Source, chat_token_counter, load_tokenizer, prepare
+from trainer.dataset.records import read_records
+from trainer.dataset.slips import DEFAULT_TEACHERS, SUMMARY_SYSTEM_PROMPT
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune, export, evaluate and publish models for immune-edge devices.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _spinner(text: str) -> Progress:
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), console=err_console, transient=True
+    )
+    progress.add_task(text, total=None)
+    return progress
+
+
+@app.command("toolchain")
+def toolchain(
+    cache_dir: Annotated[
+        Path, typer.Option(help="Where prepared trees are kept.")
+    ] = toolchain_module.DEFAULT_CACHE,
+    sdist: Annotated[
+        Path | None, typer.Option(exists=True, help="A llama-cpp-python sdist to use offline.")
+    ] = None,
+) -> None:
+    """Prepare (once) the llama.cpp tree GGUF export needs, from the llama-cpp-python sdist."""
+    with _spinner("preparing the llama.cpp tree"):
+        tree = toolchain_module.prepare_toolchain(cache_dir, sdist)
+    console.print(f"llama.cpp tree ready: {tree.root}")
+    for name, value in tree.environment().items():
+        console.print(f"  {name}={value}")
+
+
+@app.command("prepare")
+def prepare_command(
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="slips-summary=FILE, slips-risk=FILE, or [TASK=]FILE.jsonl (chat, Alpaca or ShareGPT)."
+        ),
+    ],
+    tokenizer: Annotated[
+        str, typer.Option(help="Base model folder (or cached Hub id) whose tokenizer counts tokens.")
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder for train.jsonl, eval.jsonl, stats.json.")
+    ],
+    max_tokens: Annotated[
+        int, typer.Option(min=64, help="Token budget per conversation; incidents are cut to fit.")
+    ] = 4096,
+    eval_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.1,
+    seed: int = 3407,
+    teacher: Annotated[
+        list[str] | None, typer.Option(help="Teacher preference, best first (repeatable).")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Stop at the first malformed line instead of skipping it.")
+    ] = False,
+) -> None:
+    """Import datasets into ChatML records, de-duplicate, fit the token budget and split train/eval."""
+    options = PrepareOptions(max_tokens, eval_fraction, seed, tuple(teacher or DEFAULT_TEACHERS), strict)
+    with _spinner("preparing records"):
+        result = prepare(
+            [Source.parse(s) for s in sources], output, chat_token_counter(load_tokenizer(tokenizer)), options
+        )
+    stats = result.stats
+    table = Table(title=f"dataset -> {output}")
+    for column in ("split", "records", "incidents", "tasks", "tokens min/median/p95/max"):
+        table.add_column(column)
+    for split in ("train", "eval"):
+        tokens = stats["tokens"][split]
+        table.add_row(
+            split,
+            str(stats["records"][split]),
+            str(stats["groups"][split]),
+            ", ".join(f"{task} {n}" for task, n in stats["tasks"][split].items()),
+            "/".join(str(tokens.get(k, "-")) for k in ("min", "median", "p95", "max")),
+        )
+    console.print(table)
+    records = stats["records"]
+    console.print(
+        f"imported {records['imported']}, duplicates {records['duplicates']}, "
+        f"too long {records['too_long']}, truncated {stats['truncated']}, "
+        f"skipped inputs {stats['skipped_inputs']}; teachers {stats['teachers']}"
+    )
+    for problem in stats["problems"][:10]:
+        err_console.print(f"skipped {problem}", highlight=False)
+
+
+@app.command("finetune")
+def finetune_command(
+    config: Annotated[Path, typer.Option("--config", "-c", exists=True, dir_okay=False, help="train.toml")],
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir.")] = False,
+) -> None:
+    """LoRA/QLoRA fine-tune with Unsloth + TRL on the assistant answers only."""
+    from trainer.config import load_train_config
+    from trainer.finetune import finetune
+
+    result = finetune(load_train_config(config), resume=resume)
+    table = Table(title=f"adapter -> {result.adapter_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(result.metrics.items()):
+        table.add_row(name, f"{value:.4g}")
+    console.print(table)
+    console.print(f"run record: {result.run_file}")
+
+
+@app.command("export")
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="The finetune output_dir.")],
+    quant: Annotated[
+        str, typer.Option(help="Comma-separated quantizations (F16 is always written).")
+    ] = "q4_k_m,q5_k_m,q8_0",
+    keep_merged: bool = False,
+) -> None:
+    """Merge the adapter and write checked GGUF files, offline."""
+    from trainer.export import export, parse_quants
+
+    quants = parse_quants(quant)
+    with _spinner("preparing the llama.cpp tree"):
+        tree = toolchain_module.prepare_toolchain()
+    with _spinner(f"exporting {', '.join(q.value for q in quants)}"):
+        files = export(run_dir, quants, tree, keep_merged)
+    table = Table(title=f"GGUF -> {files[0].path.parent}")
+    for column in ("quant", "file", "MiB", "tensor types", "sha256"):
+        table.add_column(column)
+    for item in files:
+        types = ", ".join(f"{k} {v}" for k, v in sorted(item.tensor_types.items()))
+        table.add_row(item.quant.value, item.path.name, f"{item.size / 2**20:.1f}", types, item.sha256[:12])
+    console.print(table)
+
+
+@app.command("eval")
+def eval_command(
+    export_dir: Annotated[
+        Path, typer.Argument(exists=True, file_okay=False, help="The folder export wrote.")
+    ],
+    data: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, help="Held-out eval.jsonl from prepare.")
+    ],
+    quant: str = "q4_k_m,q5_k_m,q8_0",
+    max_ppl_rise: Annotated[
+        float, typer.Option(min=0.0, help="Largest perplexity rise vs F16 (0.1 = 10%).")
+    ] = 0.10,
+    ppl_records: int = 32,
+    ppl_ctx: int = 1024,
+    task_records: int = 8,
+    threads: int | None = None,
+) -> None:
+    """Perplexity vs F16 and Slips task checks with llama-cpp-python; writes eval.json."""
+    from trainer.evaluate import EvalOptions, evaluate
+    from trainer.export import parse_quants
+
+    quants = [q for q in parse_quants(quant)]
+    options = EvalOptions(max_ppl_rise, ppl_records, ppl_ctx, task_records, n_threads=threads)
+    with _spinner("evaluating with llama-cpp-python"):
+        report = evaluate(export_dir, quants, list(read_records(data)), options)
+    table = Table(title=f"evaluation ({report['records']['perplexity']} records; bound +{max_ppl_rise:.0%})")
+    task_names = sorted({name for r in report["quants"].values() for name in r["tasks"]})
+    for column in ("quant", "perplexity", "vs F16", "publish", *task_names):
+        table.add_column(column)
+    for name, result in report["quants"].items():
+        table.add_row(
+            name,
+            f"{result['perplexity']:.3f}",
+            f"{result['perplexity_rise_vs_f16']:+.2%}",
+            "yes" if result["accepted"] else "REFUSED",
+            *(f"{result['tasks'].get(t, float('nan')):.2f}" for t in task_names),
+        )
+    console.print(table)
+
+
+@app.command("publish")
+def publish_command(
+    export_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    config: Annotated[Path, typer.Option("--config", "-c", exists=True, dir_okay=False, help="publish.toml")],
+    name: Annotated[str, typer.Option(help="Model name devices and Slips see.")],
+    quant: Quantization = Quantization.Q4_K_M,
+    serial: Annotated[
+        int | None, typer.Option(help="Default: the current Unix time (always increasing).")
+    ] = None,
+    channel: str = "stable",
+    group: Annotated[
+        str | None, typer.Option(help="Publish to this device group instead of the whole fleet.")
+    ] = None,
+    task: str = "slips-summary",
+    base_model: str = "unknown",
+    n_ctx: int = 4096,
+    arch: Annotated[list[str] | None, typer.Option(help="aarch64 and/or x86_64 (default aarch64).")] = None,
+    min_ram_mb: int = 0,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Finetune output_dir, for provenance (run.json).")
+    ] = None,
+) -> None:
+    """Upload an accepted GGUF, sign its manifest with the trainer key(s) and publish it retained."""
+    from trainer.publish import PublishRequest, load_publish_settings, publish
+
+    settings = load_publish_settings(config)
+    provenance = None
+    if run_dir is not None and (run_dir / "run.json").is_file():
+        run = json.loads((run_dir / "run.json").read_text())
+        provenance = {
+            "dataset_sha256": run["data_sha256"],
+            "hyperparameters": _flat_hyperparameters(run["config"]),
+            "trainer_version": run["versions"].get("immune-edge"),
+            "source": f"unsloth {run['versions'].get('unsloth', '?')} on {run['device']}",
+        }
+    request = PublishRequest(
+        export_dir=export_dir,
+        quant=quant,
+        name=name,
+        serial=serial or int(time.time()),
+        channel=channel,
+        group=group,
+        task=task,
+        base_model=base_model,
+        n_ctx=n_ctx,
+        system_prompt=SUMMARY_SYSTEM_PROMPT if task == "slips-summary" else None,
+        cpu_arch=tuple(arch or ["aarch64"]),
+        min_ram_mb=min_ram_mb,
+        provenance=provenance,
+    )
+    with Progress(
+        TextColumn("uploading"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task_id = progress.add_task("upload", total=None)
+        published = publish(settings, request, on_progress=lambda n: progress.advance(task_id, n))
+    table = Table(title="published")
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in published.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def _flat_hyperparameters(config: dict[str, object]) -> dict[str, str | int | float | bool]:
+    """The run config as flat scalar key=value pairs, as the manifest's provenance holds them."""
+    flat: dict[str, str | int | float | bool] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _flat_hyperparameters(value).items()})
+        elif isinstance(value, str | int | float | bool):
+            flat[key[:64]] = value
+        elif isinstance(value, list):
+            flat[key[:64]] = ",".join(map(str, value))
+    return flat
+
+
+def main() -> None:
+    """Entry point: bad input becomes one line on stderr and exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except ContractError as exc:
+        err_console.print(f"REJECTED ({exc.reason}): {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:
+        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

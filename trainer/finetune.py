@@ -1,0 +1,174 @@
+"""``immune-train finetune``: LoRA/QLoRA supervised fine-tuning with Unsloth and TRL.
+
+The loss covers the assistant's answer only (TRL's prompt/completion format), rendered with the base
+model's own chat template. Everything needed to reproduce the run is written to ``run.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig
+from trainer.dataset.records import ChatRecord, file_sha256, read_records
+from trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+RUN_FILE = "run.json"
+_VERSIONED = (
+    "immune-edge",
+    "unsloth",
+    "unsloth_zoo",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "llama-cpp-python",
+)
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    adapter_dir: Path
+    run_file: Path
+    metrics: dict[str, float]
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of everything that shapes the result, for the run record."""
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def to_prompt_completion(records: list[ChatRecord]) -> list[dict[str, Any]]:
+    """TRL's conversational prompt/completion rows: loss is computed on the completion only."""
+    return [{"prompt": record.prompt, "completion": [record.messages[-1].model_dump()]} for record in records]
+
+
+def _load_split(path: Path | None, what: str) -> list[ChatRecord]:
+    if path is None:
+        return []
+    records = list(read_records(path))
+    if not records and what == "train":
+        raise TrainerError("empty-dataset", f"{path}: the training set is empty")
+    return records
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    return any(directory.glob("checkpoint-*")) if directory.is_dir() else False
+
+
+def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
+    """Train a LoRA adapter on ``config.train_file``; with ``resume``, continue from the newest checkpoint."""
+    train_records = _load_split(config.train_file, "train")
+    eval_records = _load_split(config.eval_file, "eval")
+    checkpoints = config.output_dir / CHECKPOINT_DIR
+    if resume and not _has_checkpoint(checkpoints):
+        raise TrainerError("no-checkpoint", f"{checkpoints}: no checkpoint to resume from")
+
+    import torch  # heavy imports only once the inputs are known to be good
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel  # must precede trl/transformers: it patches them
+
+    on_gpu = torch.cuda.is_available()
+    load_in_4bit = config.load_in_4bit and on_gpu
+    if config.load_in_4bit and not on_gpu:
+        log.warning("no GPU: training in 16-bit instead of QLoRA (4-bit merge is not supported on CPU)")
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=config.base_model,
+            max_seq_length=config.max_seq_length,
+            load_in_4bit=load_in_4bit,
+            dtype=None,
+            local_files_only=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise TrainerError("bad-base-model", f"cannot load base model {config.base_model}: {exc}") from exc
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainerError(
+            "missing-chat-template", f"{config.base_model}: the tokenizer has no chat template"
+        )
+
+    lora = config.lora
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        use_gradient_checkpointing="unsloth" if config.training.gradient_checkpointing else False,
+        random_state=config.seed,
+    )
+    training = config.training
+    arguments = SFTConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of all steps
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation,
+        weight_decay=training.weight_decay,
+        logging_steps=training.logging_steps,
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        eval_strategy="steps" if eval_records else "no",
+        eval_steps=training.save_steps if eval_records else None,
+        seed=config.seed,
+        data_seed=config.seed,
+        max_length=config.max_seq_length,
+        completion_only_loss=True,
+        report_to="none",
+        use_cpu=not on_gpu,
+        dataset_num_proc=1,
+        disable_tqdm=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(to_prompt_completion(train_records)),
+        eval_dataset=Dataset.from_list(to_prompt_completion(eval_records)) if eval_records else None,
+        args=arguments,
+    )
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    metrics = {key: float(value) for key, value in result.metrics.items() if isinstance(value, int | float)}
+    if eval_records:
+        metrics.update({key: float(v) for key, v in trainer.evaluate().items() if isinstance(v, int | float)})
+
+    adapter_dir = config.output_dir / ADAPTER_DIR
+    model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    data_files = [config.train_file] + ([config.eval_file] if config.eval_file else [])
+    run = {
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": json.loads(config.model_dump_json()),
+        "seed": config.seed,
+        "data_sha256": file_sha256(*data_files),
+        "records": {"train": len(train_records), "eval": len(eval_records)},
+        "device": torch.cuda.get_device_name(0) if on_gpu else f"cpu ({platform.machine()})",
+        "load_in_4bit": load_in_4bit,
+        "versions": package_versions(),
+        "metrics": metrics,
+        "resumed": resume,
+    }
+    run_file = config.output_dir / RUN_FILE
+    run_file.write_text(json.dumps(run, indent=2) + "\n")
+    log.info("adapter saved to %s (train loss %.4f)", adapter_dir, metrics.get("train_loss", float("nan")))
+    return FinetuneResult(adapter_dir, run_file, metrics)

@@ -1,0 +1,264 @@
+"""``immune-train publish``: put an evaluated GGUF on the artifact store, describe it in a manifest
+(runtime profile, eval scores, provenance), sign it with the trainer key(s) and publish it retained
+on the fleet's or a group's desired-state topic."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+from pydantic import Field, model_validator
+
+from shared.config import ConfigModel, ConfigPath, MqttSettings, load_config
+from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest, Quantization
+from shared.mqtt import mqtt_client
+from shared.schema import Identifier
+from shared.signing import Envelope, Keyring, Role, SigningKey, sign_envelope
+from shared.signing.keys import load_private_key
+from shared.topics import Topics
+from shared.verification import describe_artifact, open_signed_manifest
+from trainer.errors import TrainerError
+from trainer.evaluate import load_eval
+from trainer.export import find_gguf
+from trainer.gguf_check import chat_template_of
+
+log = logging.getLogger(__name__)
+
+PUBLISHED_FILE = "published.json"
+
+
+class StoreSettings(ConfigModel):
+    """Where model files go: a directory served over HTTP, or an HTTP PUT endpoint (e.g. a WebDAV or
+    presigned-S3 style store). ``base_url`` is where devices download the result from."""
+
+    base_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    directory: ConfigPath | None = None
+    upload_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    token_file: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> StoreSettings:
+        if (self.directory is None) == (self.upload_url is None):
+            raise ValueError("set exactly one of store.directory and store.upload_url")
+        return self
+
+
+class PublishSettings(ConfigModel):
+    """``publish.toml`` on the trainer machine."""
+
+    fleet: Identifier
+    #: Trainer private keys (mode 0600); the manifest is signed by all of them (threshold signing).
+    trainer_keys: Annotated[list[ConfigPath], Field(min_length=1, max_length=8)]
+    #: The fleet's trusted keyring: the signed manifest is verified against it before it is published.
+    keyring_file: ConfigPath
+    client_id: Identifier = "trainer"
+    mqtt: MqttSettings = MqttSettings()
+    store: StoreSettings
+
+
+def load_publish_settings(path: Path) -> PublishSettings:
+    return load_config(path, PublishSettings)
+
+
+@dataclass
+class PublishRequest:
+    export_dir: Path
+    quant: Quantization
+    name: str
+    serial: int
+    channel: str = "stable"
+    group: str | None = None
+    task: str = "slips-summary"
+    base_model: str = "unknown"
+    n_ctx: int = 4096
+    system_prompt: str | None = None
+    cpu_arch: tuple[str, ...] = ("aarch64",)
+    min_ram_mb: int = 0
+    expires_in_days: int = 90
+    provenance: dict[str, Any] | None = None
+
+
+def trainer_keys(settings: PublishSettings, keyring: Keyring) -> list[SigningKey]:
+    """Load the signing keys and refuse any that this fleet does not trust as a trainer."""
+    keys: list[SigningKey] = []
+    for path in settings.trainer_keys:
+        if not path.is_file():
+            raise TrainerError("missing-key", f"{path}: trainer key file not found")
+        key = load_private_key(path)
+        trusted = keyring.find(key.keyid)
+        if trusted is None:
+            raise TrainerError(
+                "unknown-key", f"{path}: key {key.keyid[:12]} is not in the keyring {settings.keyring_file}"
+            )
+        if trusted.role is not Role.TRAINER:
+            raise TrainerError(
+                "wrong-role",
+                f"{path}: key {trusted.label} has role {trusted.role.value}, manifests need a trainer key",
+            )
+        keys.append(key)
+    needed = keyring.thresholds.of(Role.TRAINER)
+    if len({key.keyid for key in keys}) < needed:
+        raise TrainerError(
+            "threshold", f"the keyring needs {needed} distinct trainer keys, {len(keys)} given"
+        )
+    return keys
+
+
+def _object_path(name: str, serial: int, file_name: str) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}/{serial}/{file_name}"
+
+
+def upload(store: StoreSettings, source: Path, object_path: str, on_progress: Callable[[int], None]) -> str:
+    """Copy or PUT ``source`` to the store; returns the URL devices will download it from."""
+    if store.directory is not None:
+        target = store.directory / object_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        with source.open("rb") as reader, partial.open("wb") as writer:
+            while chunk := reader.read(1 << 20):
+                writer.write(chunk)
+                on_progress(len(chunk))
+            writer.flush()
+            os.fsync(writer.fileno())
+        partial.chmod(0o644)
+        partial.replace(target)  # a served file is always complete
+    elif store.upload_url is not None:
+        headers = {"Content-Length": str(source.stat().st_size)}
+        if store.token_file is not None:
+            headers["Authorization"] = f"Bearer {store.token_file.read_text().strip()}"
+
+        def chunks() -> Any:
+            with source.open("rb") as reader:
+                while chunk := reader.read(1 << 20):
+                    on_progress(len(chunk))
+                    yield chunk
+
+        url = f"{store.upload_url.rstrip('/')}/{object_path}"
+        try:
+            response = httpx.put(url, content=chunks(), headers=headers, timeout=600)
+        except httpx.HTTPError as exc:
+            raise TrainerError("upload-failed", f"PUT {url}: {exc}") from exc
+        if response.status_code not in (200, 201, 204):
+            raise TrainerError(
+                "upload-failed", f"PUT {url}: HTTP {response.status_code} {response.text[:200]}"
+            )
+    return f"{store.base_url.rstrip('/')}/{object_path}"
+
+
+def build_manifest(request: PublishRequest, gguf: Path, url: str, report: dict[str, Any]) -> Manifest:
+    """The manifest for ``gguf``: runtime profile from the file's own chat template, eval scores
+    and provenance."""
+    template = chat_template_of(gguf)
+    if not template:
+        raise TrainerError(
+            "missing-chat-template", f"{gguf.name}: no tokenizer.chat_template; devices could not prompt it"
+        )
+    scores = report["quants"][request.quant.value]
+    now = datetime.now(UTC).replace(microsecond=0)
+    eval_entry = {
+        "perplexity": scores["perplexity"],
+        "perplexity_rise_vs_f16": scores["perplexity_rise_vs_f16"],
+        "metrics": {name: float(value) for name, value in scores.get("tasks", {}).items()},
+    }
+    provenance = dict(request.provenance or {})
+    return Manifest.model_validate(
+        {
+            "name": request.name,
+            "channel": request.channel,
+            "serial": request.serial,
+            "version": f"{request.serial}",
+            "created_at": now,
+            "expires_at": now + timedelta(days=request.expires_in_days),
+            "base_model": request.base_model,
+            "task": request.task,
+            "quantization": request.quant,
+            "files": [describe_artifact(gguf, [url])],
+            "runtime": {
+                "chat_template": template,
+                "n_ctx": request.n_ctx,
+                "stop": ["<|im_end|>"] if "<|im_end|>" in template else [],
+                "system_prompt": request.system_prompt,
+            },
+            "compatibility": {
+                "cpu_arch": list(request.cpu_arch),
+                "min_ram_mb": request.min_ram_mb,
+                "device_groups": [request.group] if request.group else [],
+            },
+            "provenance": {**provenance, "eval": {request.quant.value: eval_entry}},
+        },
+        strict=False,
+    )
+
+
+def publish(
+    settings: PublishSettings, request: PublishRequest, on_progress: Callable[[int], None] = lambda _: None
+) -> dict[str, Any]:
+    """Upload, sign, verify and publish; returns (and writes to ``published.json``) what was published."""
+    report = load_eval(request.export_dir)
+    scores = report.get("quants", {}).get(request.quant.value)
+    if scores is None:
+        raise TrainerError(
+            "not-evaluated", f"{request.quant.value} was not evaluated (run immune-train eval with it)"
+        )
+    if not scores.get("accepted"):
+        raise TrainerError(
+            "eval-refused",
+            f"{request.quant.value}: perplexity rise {scores['perplexity_rise_vs_f16']:+.1%} vs F16 exceeds "
+            f"the bound {report['max_ppl_rise']:.1%}; it may not be published",
+        )
+    gguf = find_gguf(request.export_dir, request.quant)
+    if not settings.keyring_file.is_file():
+        raise TrainerError("missing-keyring", f"{settings.keyring_file}: keyring file not found")
+    keyring = Keyring.from_json(settings.keyring_file.read_bytes(), what=str(settings.keyring_file))
+    keys = trainer_keys(settings, keyring)  # before any upload: a bad key must not leave stray files
+
+    url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
+    manifest = build_manifest(request, gguf, url, report)
+    envelope = sign_envelope(manifest.to_json(), MANIFEST_PAYLOAD_TYPE, keys)
+    open_signed_manifest(Envelope.from_json(envelope.to_json()), keyring)  # devices must accept what we send
+
+    topics = Topics(settings.fleet, root=settings.mqtt.topic_root)
+    topic = topics.desired_group(request.group) if request.group else topics.desired_fleet()
+    _publish_retained(settings, topic, envelope.to_json())
+    published = {
+        "name": manifest.name,
+        "serial": manifest.serial,
+        "quantization": manifest.quantization.value,
+        "topic": topic,
+        "url": url,
+        "size": manifest.model_file.size,
+        "sha256": manifest.model_file.sha256,
+        "signed_by": [key.keyid[:12] for key in keys],
+        "expires_at": manifest.expires_at.isoformat(),
+    }
+    (request.export_dir / PUBLISHED_FILE).write_text(json.dumps(published, indent=2) + "\n")
+    (request.export_dir / f"manifest-{manifest.serial}.json").write_bytes(envelope.to_json())
+    log.info("published %s serial %d on %s", manifest.name, manifest.serial, topic)
+    return published
+
+
+def _publish_retained(settings: PublishSettings, topic: str, payload: bytes) -> None:
+    client = mqtt_client(settings.mqtt, f"{settings.client_id}-publish")
+    try:
+        client.connect(settings.mqtt.host, settings.mqtt.port, keepalive=settings.mqtt.keepalive_s)
+    except OSError as exc:
+        raise TrainerError(
+            "broker-unreachable", f"MQTT {settings.mqtt.host}:{settings.mqtt.port}: {exc}"
+        ) from exc
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(15)
+        if not info.is_published():
+            raise TrainerError("publish-failed", f"the broker did not acknowledge the manifest on {topic}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
