@@ -7,9 +7,11 @@ PIP := $(PY) -m pip --disable-pip-version-check
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Rebuilt when the dependency list changes.
 STAMP := $(VENV)/.installed-edge-dev
+TRAINER_STAMP := $(VENV)/.installed-trainer
+UNSLOTH_VERSION := 2026.10.9
 DEMO_DIR := demo-out
 
-.PHONY: test demo bench lint system-deps venv clean
+.PHONY: test demo bench lint system-deps venv trainer-deps clean
 
 ## Debian packages: mosquitto (real broker for tests), venv support, a C++ compiler
 ## (llama-cpp-python is built from source; PyPI has no wheel) and chromium (the fleet report is
@@ -38,17 +40,28 @@ $(STAMP): pyproject.toml
 
 venv: system-deps $(STAMP)
 
+## The trainer's stack (torch CPU build, transformers, TRL, Unsloth) in the same venv: ~2.8 GB.
+## Unsloth is installed without its dependency pins (see the `trainer` extra in pyproject.toml).
+$(TRAINER_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[edge,dev,trainer]'
+	$(PIP) install --no-deps unsloth==$(UNSLOTH_VERSION) unsloth-zoo==$(UNSLOTH_VERSION)
+	touch $@
+
+trainer-deps: venv $(TRAINER_STAMP)
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv lint
+test: venv trainer-deps lint
 	$(PY) -m pytest
 
 ## The delivery path end to end on this machine: keys, signed manifest for the bundled SmolLM2 GGUF,
 ## loopback artifact server, local mosquitto, `immune-edge run` taking the model to `committed`,
 ## then a Slips alert summary through the API and a live swap to Gemma-3 under load.
-demo: venv
-	$(PY) -m tests.harness.demo $(DEMO_DIR)
+## TRAIN=1 adds a tiny CPU fine-tune with immune-train, published to the same daemon.
+demo: venv $(if $(TRAIN),trainer-deps)
+	$(PY) -m tests.harness.demo $(DEMO_DIR) $(if $(TRAIN),--train)
 
 ## Every benchmark (ratios against a baseline measured in the same run; see docs/benchmarks.md).
 ## The `bench` extra adds llama-cpp-python's own server, one of the baselines.

@@ -4,8 +4,9 @@ Generates keys, signs a manifest for the bundled SmolLM2 GGUF, serves it from a 
 server, publishes it retained on a local mosquitto, and watches ``immune-edge run`` take it to
 ``committed``; then shows a forged manifest being rejected and an operator status command. Then
 Slips' side: an alert summary asked over the Ollama API, and a live swap to Gemma-3 while four
-clients keep sending requests, with tokens/sec before and after.
-Everything lands in ``demo-out/``.
+clients keep sending requests, with tokens/sec before and after. With ``--train`` (``make demo TRAIN=1``)
+it also fine-tunes a tiny model on CPU from Slips data, exports, evaluates and publishes it with
+``immune-train``, and the same daemon takes it. Everything lands in ``demo-out/``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.harness.load import LoadClients
 from tests.harness.models import SMOLLM2_FILE, gemma3_gguf, smollm2_gguf
 from tests.harness.net import free_port
 from tests.harness.slips_prompts import incident_texts, summary_messages
+from tests.harness.training import immune_train, tiny_run, train_tiny, write_publish_config
 
 console = Console()
 BIN = Path(sys.executable).parent
@@ -83,7 +85,42 @@ def tokens_per_second(reply: dict[str, object]) -> float:
     return float(reply["eval_count"]) / (float(reply["eval_duration"]) / 1e9)  # type: ignore[arg-type]
 
 
-def main(out: Path) -> None:
+SHARED_SLIPS = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "slips"
+
+
+def train_and_publish(out: Path, broker: Mosquitto, server: ArtifactServer, observer: FleetObserver) -> None:
+    """immune-train end to end on a tiny Llama (CPU), published to the fleet the daemon belongs to."""
+    step("immune-train: prepare -> Unsloth fine-tune (CPU, tiny Llama) -> GGUF export -> eval")
+    real = SHARED_SLIPS.is_dir()
+    slips = (
+        (SHARED_SLIPS / "summarization_dataset_v3.json.gz", SHARED_SLIPS / "risk_dataset.json.gz")
+        if real
+        else None
+    )
+    console.print(
+        f"data: {'the real Slips datasets in ' + str(SHARED_SLIPS) if real else 'a Slips-format fixture'}"
+    )
+    run = tiny_run(out / "training", slips=slips)
+    train_tiny(run)
+    console.print(json.dumps(json.loads((run.data / "stats.json").read_text())["records"]))
+    console.print((run.gguf_dir / "eval.json").read_text())
+
+    step("immune-train publish: artifact store, trainer-signed manifest, retained on the fleet topic")
+    config = write_publish_config(
+        out / "publish.toml", FLEET, [out / "keys" / "trainer-1.key"], out / "keyring.json",
+        broker.host, broker.port, server.root, server.base_url,
+    )  # fmt: skip
+    ends = len(observer.terminal_events())
+    published = immune_train(
+        "publish", run.gguf_dir, "--config", config, "--name", "slips/tiny-demo:q4_k_m",
+        "--quant", "q4_k_m", "--arch", HOST_ARCH, "--run-dir", run.run_dir, "--n-ctx", "1024",
+    )  # fmt: skip
+    console.print(published.stdout)
+    end = observer.wait_terminal(ends + 1, timeout=300)[-1]
+    show_events(observer, end["deployment_id"])
+
+
+def main(out: Path, train: bool = False) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     model = smollm2_gguf()
@@ -197,6 +234,13 @@ def main(out: Path) -> None:
             speed.add_row(str(reply["model"]), f"{before:.1f}")
             speed.add_row(str(after_reply["model"]), f"{after:.1f}")
             console.print(speed)
+            if train:
+                train_and_publish(out, broker, server, observer)
+                trained = ask_summary(api, incident)
+                console.print(
+                    f"[bold]{trained['model']}[/] (a 2-layer toy, so expect noise): "
+                    f"{trained['message']['content']!r}"
+                )  # type: ignore[index]
         finally:
             daemon.terminate()
             daemon.wait(timeout=30)
@@ -211,4 +255,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out").resolve())
+    arguments = [a for a in sys.argv[1:] if a != "--train"]
+    main(Path(arguments[0] if arguments else "demo-out").resolve(), train="--train" in sys.argv)

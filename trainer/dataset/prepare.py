@@ -171,10 +171,11 @@ def prepare(
         kept.append(fitted)
         lengths[fitted.id] = count([m.model_dump() for m in fitted.messages])
     if not kept:
-        raise TrainerError(
-            "empty-dataset",
-            "no usable records: " + (problems.found[0] if problems.found else "the inputs are empty"),
-        )
+        if too_long:
+            reason = f"all {too_long} records exceed {options.max_tokens} tokens even with the incident cut"
+        else:
+            reason = problems.found[0] if problems.found else "the inputs are empty"
+        raise TrainerError("empty-dataset", f"no usable records: {reason}")
 
     held_out = split_groups(kept, options.eval_fraction, options.seed)
     train = [r for r in kept if r.group not in held_out]
