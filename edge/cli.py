@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from edge.delivery.verifier import (
     peek_manifest,
 )
 from edge.node import EdgeNode, device_profile
+from shared.cli_entry import run_cli
 from shared.config import load_config
 from shared.errors import ContractError
 from shared.manifest import Manifest
@@ -337,15 +337,8 @@ def serve(
 
 
 def main() -> None:
-    """Entry point: bad input ends with one clear line and exit status 1."""
-    try:
-        app()
-    except ContractError as exc:
-        err_console.print(f"[red]REJECTED ({exc.reason})[/]: {exc}")
-        sys.exit(1)
-    except OSError as exc:
-        err_console.print(f"[red]error[/]: {exc}")
-        sys.exit(1)
+    """Entry point: bad input ends with one clear line on stderr and exit status 1."""
+    run_cli(app)
 
 
 if __name__ == "__main__":

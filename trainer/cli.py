@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from shared.errors import ContractError
+from shared.cli_entry import run_cli
 from shared.manifest import Quantization
 from trainer import toolchain as toolchain_module
 from trainer.dataset.prepare import PrepareOptions, Source, chat_token_counter, load_tokenizer, prepare
@@ -277,16 +276,9 @@ def _flat_hyperparameters(config: dict[str, object]) -> dict[str, str | int | fl
 
 
 def main() -> None:
-    """Entry point: bad input becomes one line on stderr and exit status 1."""
+    """Entry point: bad input ends with one clear line on stderr and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        app()
-    except ContractError as exc:
-        err_console.print(f"REJECTED ({exc.reason}): {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except OSError as exc:
-        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    run_cli(app)
 
 
 if __name__ == "__main__":

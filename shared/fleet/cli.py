@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from shared.cli_entry import run_cli
 from shared.errors import ContractError
 from shared.fleet import ops
 from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest, Quantization, RuntimeProfile
@@ -273,16 +273,9 @@ ops.register(app)
 
 
 def main() -> None:
-    """Entry point: a rejected input becomes one line on stderr and exit status 1."""
+    """Entry point: bad input ends with one clear line on stderr and exit status 1."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        app()
-    except ContractError as exc:
-        err_console.print(f"REJECTED ({exc.reason}): {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except OSError as exc:
-        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    run_cli(app)
 
 
 if __name__ == "__main__":

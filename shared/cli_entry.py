@@ -1,0 +1,23 @@
+"""The common ending of every immune-edge command: rejected input becomes one line, exit status 1."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+
+from shared.errors import ContractError
+
+
+def run_cli(app: Callable[[], object]) -> None:
+    """Run a Typer ``app``; a ContractError or OSError is printed as one line on stderr, exit 1."""
+    err_console = Console(stderr=True)
+    try:
+        app()
+    except ContractError as exc:
+        err_console.print(f"REJECTED ({exc.reason}): {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:
+        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
