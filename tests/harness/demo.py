@@ -238,7 +238,7 @@ def main(out: Path, train: bool = False) -> None:
             console.print(speed)
             if train:
                 train_and_publish(out, broker, server, observer)
-                trained = ask_summary(api, incident)
+                trained = ask_summary(api, incident[:200])  # the toy model has a 1024-token context
                 console.print(
                     f"[bold]{trained['model']}[/] (a 2-layer toy, so expect noise): "
                     f"{trained['message']['content']!r}"
