@@ -16,7 +16,7 @@ DEMO_DIR := demo-out
 ## Debian packages: mosquitto (real broker for tests), venv support, a C++ compiler
 ## (llama-cpp-python is built from source; PyPI has no wheel), chromium (the fleet report is
 ## checked in a real headless browser), systemd-analyze and libsystemd (the unit is verified and
-## the daemon's sd_notify is tested through systemd-python).
+## the daemon's sd_notify is tested through systemd-python) and openssl (the pki role).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
@@ -25,6 +25,7 @@ system-deps:
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev pkg-config"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -33,6 +34,7 @@ from shared.signing import (
     write_private_key,
 )
 from shared.signing.keyring import Thresholds
+from shared.topics import DEFAULT_ROOT, Topics, render_mosquitto_acl
 from shared.verification import describe_artifact, open_signed_manifest, verify_artifact_file
 
 app = typer.Typer(
@@ -217,6 +219,35 @@ def manifest_create(
     )
     _write_new(output, manifest.to_json(), force)
     console.print(f"manifest {name} serial {serial}: {entry.size} bytes, sha256 {entry.sha256} -> {output}")
+
+
+@app.command("acl")
+def acl(
+    fleet: Annotated[str, typer.Option(help="Fleet id.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="ACL file, or - for standard output.")],
+    device: Annotated[
+        list[str] | None,
+        typer.Option(help="DEVICE[=GROUP,GROUP...] (repeatable): its certificate CN and groups."),
+    ] = None,
+    operator: Annotated[list[str] | None, typer.Option(help="Operator certificate CN (repeatable).")] = None,
+    trainer: Annotated[list[str] | None, typer.Option(help="Trainer certificate CN (repeatable).")] = None,
+    topic_root: str = DEFAULT_ROOT,
+    force: bool = False,
+) -> None:
+    """Write the broker's mosquitto ACL for one fleet, generated from the topic contract."""
+    devices: dict[str, list[str]] = {}
+    for spec in device or []:
+        name, _, groups = spec.partition("=")
+        devices[name] = [g for g in groups.split(",") if g]
+    text = render_mosquitto_acl(Topics(fleet, topic_root), devices, operator or [], trainer or [])
+    if str(output) == "-":
+        sys.stdout.write(text)
+        return
+    if output.exists() and output.read_text() == text:
+        console.print(f"ACL unchanged: {output}")
+        return
+    _write_new(output, text.encode(), force)
+    console.print(f"ACL for {len(devices)} device(s), {len(operator or [])} operator(s) -> {output}")
 
 
 @app.command("sign")

@@ -1,0 +1,249 @@
+"""Provisioning: ansible-lint (production profile) and syntax checks, and a real converge of the pki,
+broker and edge roles against localhost into throw-away roots, twice (the second run changes nothing).
+Then the broker config the role wrote runs in a real mosquitto, a daemon configured by the edge role
+connects with its pki-issued certificate and takes a manifest, and another device's certificate
+cannot publish on the first device's topics."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from edge.config import EdgeConfig
+from shared.config import load_config
+from tests.factories import gguf_bytes
+from tests.harness.artifact_server import ArtifactServer
+from tests.harness.broker import mosquitto_binary
+from tests.harness.edge import TOPICS, running_daemon, sign_manifest
+from tests.harness.net import free_port, wait_for_port
+from tests.harness.waiting import wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+ANSIBLE_DIR = REPO / "ansible"
+BIN = Path(sys.executable).parent
+ENV = {
+    **os.environ,
+    "PATH": f"{BIN}:{os.environ['PATH']}",
+    "ANSIBLE_NOCOLOR": "1",
+    "ANSIBLE_FORCE_COLOR": "0",
+}
+pytestmark = pytest.mark.timeout(900)
+
+
+def _run(*args: str | Path, cwd: Path = ANSIBLE_DIR) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, check=False
+    )
+
+
+def test_ansible_lint_production_profile() -> None:
+    result = _run(BIN / "ansible-lint", "--profile", "production", "--offline", "--nocolor")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("playbook", ["site.yml", "rotate-keyring.yml"])
+def test_playbooks_pass_syntax_check(playbook: str) -> None:
+    result = _run(
+        BIN / "ansible-playbook", "--syntax-check", playbook, "-e", "keyring_update=u", "-e", "keyring_new=k"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@dataclass(frozen=True)
+class Converged:
+    root: Path
+    broker_port: int
+    runs: list[str]
+
+    def device_root(self, device: str) -> Path:
+        return self.root / f"root-{device}"
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+
+def _inventory(root: Path, wheel: Path, keyring: Path, port: int) -> str:
+    shared = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "immune_manage_system": False,
+        "immune_fleet": "lab",
+        "immune_fleet_bin": str(BIN / "immune-fleet"),
+        "pki_dir": str(root / "pki"),
+        "fleet_operators": ["op-1"],
+        "fleet_trainers": ["trainer-1"],
+        "edge_wheel": str(wheel),
+        "edge_keyring_file": str(keyring),
+        "edge_pip_no_deps": True,
+        "edge_pip_extras": "",
+        "edge_runtime_enabled": False,
+        "edge_mqtt_host": "localhost",
+        "edge_mqtt_port": port,
+        "broker_port": port,
+        "broker_bind_address": "127.0.0.1",
+    }
+    inventory = {
+        "all": {
+            "vars": shared,
+            "children": {
+                "pi_fleet": {
+                    "hosts": {
+                        "pi-1": {"immune_root": str(root / "root-pi-1"), "edge_groups": ["canary"]},
+                        "pi-2": {"immune_root": str(root / "root-pi-2"), "edge_groups": ["lab"]},
+                    }
+                },
+                "brokers": {
+                    "hosts": {
+                        "broker-1": {
+                            "immune_root": str(root / "root-broker"),
+                            "server_alt_names": ["DNS:localhost", "IP:127.0.0.1"],
+                        }
+                    }
+                },
+            },
+        }
+    }
+    return json.dumps(inventory)
+
+
+@pytest.fixture(scope="module")
+def converged(tmp_path_factory: pytest.TempPathFactory, fleet_keys) -> Converged:
+    root = tmp_path_factory.mktemp("converge")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(root / "dist"), str(REPO)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (root / "dist").glob("immune_edge-*.whl")
+    keyring = root / "keyring.json"
+    keyring.write_bytes(fleet_keys.keyring().to_json())
+    port = free_port()
+    inventory = root / "inventory.json"
+    inventory.write_text(_inventory(root, wheel, keyring, port))
+    runs = []
+    for _ in range(2):
+        result = _run(BIN / "ansible-playbook", "-i", inventory, "site.yml")
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        runs.append(result.stdout)
+    return Converged(root, port, runs)
+
+
+def _recap(output: str) -> dict[str, dict[str, int]]:
+    recap = output[output.index("PLAY RECAP") :]
+    return {
+        host: {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", counts)}
+        for host, counts in re.findall(r"^(\S+)\s+:\s+(.*)$", recap, re.MULTILINE)
+    }
+
+
+def test_converge_is_idempotent(converged: Converged) -> None:
+    first, second = (_recap(run) for run in converged.runs)
+    assert set(first) == {"localhost", "pi-1", "pi-2", "broker-1"}
+    assert all(counts["changed"] > 0 for counts in first.values())
+    assert all(counts["changed"] == 0 and counts["failed"] == 0 for counts in second.values()), second
+
+
+def test_roles_wrote_what_a_device_and_a_broker_need(converged: Converged) -> None:
+    pi = converged.device_root("pi-1")
+    config = load_config(pi / "etc/immune-edge/edge.toml", EdgeConfig)
+    assert config.device.id == "pi-1" and config.device.groups == ["canary"]
+    assert config.mqtt.tls is not None and config.mqtt.tls.cert_file == pi / "etc/immune-edge/tls/device.pem"
+    assert (pi / "etc/immune-edge/tls/device.key").stat().st_mode & 0o777 == 0o600
+    assert (pi / "opt/immune-edge/venv/bin/immune-edge").is_file()
+    unit = pi / "etc/systemd/system/immune-edge.service"
+    assert unit.read_text() == (REPO / "systemd/immune-edge.service").read_text()
+    assert "MemoryMax=3G" in (pi / "etc/systemd/system/immune-edge.service.d/10-ansible.conf").read_text()
+    assert all(
+        (converged.pki / f"{name}.key").stat().st_mode & 0o777 == 0o600 for name in ("ca", "pi-1", "op-1")
+    )
+    acl = (converged.device_root("broker") / "etc/mosquitto/immune-edge/acl").read_text()
+    assert "user pi-1\n" in acl and "topic read immune-edge/v1/lab/group/canary/desired" in acl
+    assert "user op-1\n" in acl and "user trainer-1\n" in acl
+
+
+@pytest.fixture
+def role_broker(converged: Converged, tmp_path: Path) -> Iterator[None]:
+    """mosquitto started the way Debian's main config does it: including the role's conf.d file."""
+    main = tmp_path / "mosquitto.conf"
+    conf_d = converged.device_root("broker") / "etc/mosquitto/conf.d"
+    main.write_text(
+        f"user {getpass.getuser()}\nlog_dest file {tmp_path / 'mosquitto.log'}\ninclude_dir {conf_d}\n"
+    )
+    process = subprocess.Popen([mosquitto_binary(), "-c", str(main)], stderr=subprocess.PIPE)
+    try:
+        wait_for_port(converged.broker_port, alive=lambda: process.poll() is None)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+class _TlsClient:
+    """A client authenticating with a certificate the pki role issued."""
+
+    def __init__(self, converged: Converged, name: str) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.acks: dict[int, int] = {}
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-test", protocol=mqtt.MQTTv5
+        )
+        pki = converged.pki
+        self.client.tls_set(
+            ca_certs=str(pki / "ca.pem"), certfile=str(pki / f"{name}.pem"), keyfile=str(pki / f"{name}.key")
+        )
+        connected = threading.Event()
+        self.client.on_connect = lambda *args: connected.set()
+        self.client.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload))
+        self.client.on_publish = lambda _c, _u, mid, reason, _p: self.acks.__setitem__(mid, reason.value)
+        self.client.connect("localhost", converged.broker_port)
+        self.client.loop_start()
+        assert connected.wait(10), f"{name} could not connect"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_role_broker_serves_a_role_configured_device(
+    converged: Converged, role_broker, fleet_keys, tmp_path
+) -> None:
+    operator = _TlsClient(converged, "op-1")
+    operator.client.subscribe(f"{TOPICS.base}/#", qos=1)
+    pi2 = _TlsClient(converged, "pi-2")
+    try:
+        with ArtifactServer(tmp_path / "artifacts") as server:
+            data = gguf_bytes()
+            url = server.add("model.gguf", data)
+            config = converged.device_root("pi-1") / "etc/immune-edge/edge.toml"
+            with running_daemon(config):
+                envelope = sign_manifest([fleet_keys.trainer], data, url)
+                operator.client.publish(TOPICS.desired_fleet(), envelope, qos=1, retain=True)
+                states = lambda: [  # noqa: E731
+                    json.loads(p)["state"] for t, p in operator.messages if t == TOPICS.events("pi-1")
+                ]
+                wait_until(lambda: "committed" in states(), timeout=60, what="pi-1 committed")
+                # pi-2 may not speak for pi-1: the broker refuses the publish (v5 reason 0x87).
+                forged = pi2.client.publish(TOPICS.status("pi-1"), b'{"forged": true}', qos=1)
+                own = pi2.client.publish(TOPICS.events("pi-2"), b"{}", qos=1)
+                wait_until(lambda: {forged.mid, own.mid} <= set(pi2.acks), timeout=10, what="PUBACKs")
+                assert pi2.acks[forged.mid] == 0x87 and pi2.acks[own.mid] == 0
+                time.sleep(1)
+                assert not any(b"forged" in p for _t, p in operator.messages)
+    finally:
+        operator.close()
+        pi2.close()
