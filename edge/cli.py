@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
 from edge.config import DEFAULT_CONFIG_FILE, EdgeConfig
@@ -26,7 +25,7 @@ from edge.delivery.verifier import (
     peek_manifest,
 )
 from edge.node import EdgeNode, device_profile
-from shared.cli_entry import run_cli
+from shared.cli_entry import run_cli, transfer_progress
 from shared.config import load_config
 from shared.errors import ContractError
 from shared.manifest import Manifest
@@ -79,16 +78,6 @@ def run(
     daemon.run()
 
 
-def _progress() -> Progress:
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=err_console,
-    )
-
-
 @app.command()
 def install(
     manifest: Annotated[Path, typer.Argument(help="Signed manifest envelope (JSON).")],
@@ -106,7 +95,7 @@ def install(
         if artifact is not None:
             trusted = open_manifest(envelope, node.trust.keyring, datetime.now(UTC))
             local[trusted.model_file.name] = artifact
-        with _progress() as progress:
+        with transfer_progress(err_console, transient=False) as progress:
             task = progress.add_task("download", total=None)
             outcome = node.deployer.deploy(
                 envelope,

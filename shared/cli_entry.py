@@ -1,4 +1,5 @@
-"""The common ending of every immune-edge command: rejected input becomes one line, exit status 1."""
+"""What every immune-edge command shares: the byte progress bar, and the ending where rejected
+input becomes one line and exit status 1."""
 
 from __future__ import annotations
 
@@ -6,8 +7,21 @@ import sys
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from shared.errors import ContractError
+
+
+def transfer_progress(console: Console, transient: bool = True) -> Progress:
+    """A progress bar for bytes moved (downloads, uploads, hashing): description, bar, size, speed."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=transient,
+    )
 
 
 def run_cli(app: Callable[[], object]) -> None:

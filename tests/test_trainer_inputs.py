@@ -139,6 +139,10 @@ def test_long_incidents_are_cut_to_the_budget_with_a_marker(tmp_path, counter) -
     for record in records:
         assert counter([m.model_dump() for m in record.messages]) <= 400
         assert "[... incident truncated by immune-train:" in record.messages[0].content
+    assert fit_budget(records[0], counter, 400) == (
+        records[0],
+        counter([m.model_dump() for m in records[0].messages]),
+    )
     assert fit_budget(records[0], counter, 100) is None  # not even the answer fits
     with pytest.raises(TrainerError, match="all 4 records exceed 100 tokens even with the incident cut"):
         prepare([Source.parse(f"slips-risk={risk}")], tmp_path / "o", counter, PrepareOptions(max_tokens=100))

@@ -4,6 +4,7 @@ export -> llama-cpp-python eval -> signed publish, and a real edge daemon verifi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def test_export_writes_the_asked_quantizations_that_llama_cpp_runs(trained: Tiny
     q4 = tensor_types(trained.gguf_dir / files["q4_k_m"]["file"])
     assert set(q8) == {"Q8_0", "F32"}
     assert q4.get("Q4_K", 0) > q4.get("Q6_K", 0) > 0 and "Q5_0" not in q4  # a real K-quant, no fallback
-    assert smoke_generate(trained.gguf_dir / files["q4_k_m"]["file"]) is not None
+    smoke_generate(trained.gguf_dir / files["q4_k_m"]["file"])  # raises when llama-cpp-python cannot run it
     assert not (trained.gguf_dir / "merged_16bit").exists()
 
 
@@ -94,7 +95,10 @@ def test_finetune_resumes_from_its_checkpoint(trained: TinyRun, tmp_path: Path) 
     shutil.copytree(trained.run_dir / "checkpoints", copy.run_dir / "checkpoints")
     shutil.rmtree(copy.run_dir / "checkpoints" / "checkpoint-60")  # as if stopped after step 30
     result = immune_train("finetune", "--config", copy.write_config(steps=60, save_steps=30), "--resume")
-    assert "train_loss" in result.stdout
+    # The progress bar starts at step 31: the first 30 steps came from the checkpoint, not retraining.
+    assert re.search(r"(?<![0-9])31/60 \[", result.stderr) and not re.search(
+        r"(?<![0-9])1/60 \[", result.stderr
+    )
     run = json.loads((copy.run_dir / "run.json").read_text())
     assert run["resumed"] is True and (copy.run_dir / "checkpoints" / "checkpoint-60").is_dir()
 

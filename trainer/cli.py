@@ -10,10 +10,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from shared.cli_entry import run_cli
+from shared.cli_entry import run_cli, transfer_progress
 from shared.manifest import Quantization
 from trainer import toolchain as toolchain_module
 from trainer.dataset.prepare import PrepareOptions, Source, chat_token_counter, load_tokenizer, prepare
@@ -244,15 +244,8 @@ def publish_command(
         min_ram_mb=min_ram_mb,
         provenance=provenance,
     )
-    with Progress(
-        TextColumn("uploading"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
-        task_id = progress.add_task("upload", total=None)
+    with transfer_progress(err_console) as progress:
+        task_id = progress.add_task(f"uploading {name}", total=None)
         published = publish(settings, request, on_progress=lambda n: progress.advance(task_id, n))
     table = Table(title="published")
     table.add_column("field")

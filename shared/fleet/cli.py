@@ -11,10 +11,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from shared.cli_entry import run_cli
+from shared.cli_entry import run_cli, transfer_progress
 from shared.errors import ContractError
 from shared.fleet import ops
 from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest, Quantization, RuntimeProfile
@@ -178,14 +177,7 @@ def manifest_create(
     force: bool = False,
 ) -> None:
     """Describe a GGUF an operator already has: size and sha256 are computed from the file."""
-    with Progress(
-        *Progress.get_default_columns()[:1],
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
+    with transfer_progress(err_console) as progress:
         task_id = progress.add_task(f"hashing {gguf.name}", total=gguf.stat().st_size)
         entry = describe_artifact(gguf, url, on_progress=lambda n: progress.advance(task_id, n))
     runtime = RuntimeProfile(

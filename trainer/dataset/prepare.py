@@ -83,12 +83,12 @@ def load_tokenizer(name_or_path: str) -> Any:
         raise TrainerError("bad-tokenizer", f"cannot load a tokenizer from {name_or_path}: {exc}") from exc
 
 
-def fit_budget(record: ChatRecord, count: TokenCounter, budget: int) -> ChatRecord | None:
+def fit_budget(record: ChatRecord, count: TokenCounter, budget: int) -> tuple[ChatRecord, int] | None:
     """The record with its longest prompt message cut (head kept, visible marker) to fit ``budget``
-    tokens, or None when even an empty prompt would not fit."""
+    tokens, and its token count; None when even an empty prompt would not fit."""
     messages = [m.model_dump() for m in record.messages]
-    if count(messages) <= budget:
-        return record
+    if (tokens := count(messages)) <= budget:
+        return record, tokens
     longest = max(range(len(messages) - 1), key=lambda i: len(messages[i]["content"]))
     text = messages[longest]["content"]
 
@@ -101,19 +101,20 @@ def fit_budget(record: ChatRecord, count: TokenCounter, budget: int) -> ChatReco
         trial[longest]["content"] = cut + TRUNCATION_MARKER.format(kept=len(cut), total=len(text))
         return trial
 
-    low, high = 0, len(text)  # invariant: a prefix of `low` characters fits
-    if count(with_prefix(0)) > budget:
+    low, high = 0, len(text)  # invariant: a prefix of `low` characters fits, in `tokens` tokens
+    if (tokens := count(with_prefix(0))) > budget:
         return None
     while low < high:
         middle = (low + high + 1) // 2
-        if count(with_prefix(middle)) <= budget:
-            low = middle
+        if (trial := count(with_prefix(middle))) <= budget:
+            low, tokens = middle, trial
         else:
             high = middle - 1
     fitted = with_prefix(low)
-    return record.model_copy(
+    truncated = record.model_copy(
         update={"truncated": True, "messages": [ChatMessage.model_validate(m) for m in fitted]}
     )
+    return truncated, tokens
 
 
 def split_groups(records: Sequence[ChatRecord], eval_fraction: float, seed: int) -> set[str]:
@@ -168,8 +169,8 @@ def prepare(
             too_long += 1
             log.warning("dropped %s: its answer alone exceeds %d tokens", record.id, options.max_tokens)
             continue
-        kept.append(fitted)
-        lengths[fitted.id] = count([m.model_dump() for m in fitted.messages])
+        kept.append(fitted[0])
+        lengths[record.id] = fitted[1]
     if not kept:
         if too_long:
             reason = f"all {too_long} records exceed {options.max_tokens} tokens even with the incident cut"
