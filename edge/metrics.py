@@ -72,6 +72,11 @@ class Metrics:
             "immune_edge_worker_restarts", "Inference workers restarted after a crash", registry=r
         )
         self.queue_depth = Gauge("immune_edge_queue_depth", "Requests running or waiting", registry=r)
+        self.prompt_cache = Gauge(
+            "immune_edge_prompt_cache_bytes",
+            "RAM the serving worker's prompt cache may use for KV states of older prompts",
+            registry=r,
+        )
         self.serving = Gauge(
             "immune_edge_serving", "1 for the model currently served", ["model", "serial"], registry=r
         )
@@ -111,6 +116,10 @@ class Metrics:
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
+
+    def loaded(self, prompt_cache_bytes: int) -> None:
+        """What the serving worker reported when its model loaded."""
+        self.prompt_cache.set(prompt_cache_bytes)
 
     def now_serving(self, name: str | None, serial: int | None) -> None:
         self.serving.clear()

@@ -17,6 +17,11 @@ class ContractError(ValueError):
         self.reason = reason
 
 
+class TransientError(ContractError):
+    """The device could not finish for now (network, disk): the same input may succeed later, so it
+    is retried; every other ContractError is permanent for that input."""
+
+
 class SchemaError(ContractError):
     """A payload or file failed pydantic validation or JSON parsing."""
 

@@ -146,6 +146,17 @@ class Topics:
         topics += [self.keyring(), self.command(device)]
         return [(topic, 1) for topic in topics]
 
+    def operator_subscriptions(self, operator: str) -> list[tuple[str, int]]:
+        """What an operator subscribes to: every device's status, telemetry and events, and its own
+        response topic, each with its kind's QoS."""
+        watched = (TopicKind.STATUS, TopicKind.TELEMETRY, TopicKind.EVENTS)
+        topics = [
+            (f"{self.base}/device/+/{leaf}", DELIVERY[kind][0])
+            for leaf, kind in _DEVICE_LEAVES.items()
+            if kind in watched
+        ]
+        return [*topics, (self.response(operator), DELIVERY[TopicKind.RESPONSE][0])]
+
     def parse(self, topic: str) -> TopicRef:
         """Parse a topic of this fleet, or raise TopicError naming what is wrong."""
         prefix = self.base + "/"

@@ -70,6 +70,27 @@ def server(tmp_path_factory, smollm2_model) -> Iterator[Server]:
         yield running
 
 
+def _prompt_cache_bytes(base: str) -> float | None:
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("immune_edge_prompt_cache_bytes "):
+            return float(line.split()[-1])
+    return None
+
+
+def test_serve_prompt_cache_reaches_the_worker(tmp_path, smollm2_model, server) -> None:
+    """Bug: `serve --prompt-cache-mb` never reached the worker. The figure is what the worker
+    reports of the cache it set up when the model loaded."""
+    assert _prompt_cache_bytes(server.base) == 0.0
+    with serving(smollm2_model, tmp_path / "c.sock", "--prompt-cache-mb", "64", "--n-ctx", "512") as cached:
+        assert _prompt_cache_bytes(cached.base) == 64 * 1024 * 1024
+        reply = httpx.post(
+            f"{cached.base}/v1/completions",
+            json={"model": smollm2_model.stem, "prompt": "Slips saw", "max_tokens": 2},
+            timeout=60,
+        )
+        assert reply.status_code == 200
+
+
 def test_openai_client_over_tcp(server) -> None:
     client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused")
     reply = client.chat.completions.create(

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from edge.delivery.downloader import Downloader, DownloadError, DownloadPolicy
-from edge.delivery.gguf_header import read_gguf_header
 from edge.delivery.store import ContentStore
 from shared.errors import ArtifactError
+from shared.gguf import read_gguf_header
 from shared.manifest import ArtifactFile
 from tests.factories import gguf_bytes
 from tests.harness.artifact_server import ArtifactServer, Fault

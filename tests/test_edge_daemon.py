@@ -77,10 +77,10 @@ def test_happy_path_real_model_events_in_order(
         (end,) = observer.wait_terminal()
         assert observer.states(end["deployment_id"]) == FORWARD
         assert end["serial"] == 1 and end["source"] == "desired:fleet"
-        current = daemon.node.ledger.current()
+        current = daemon.control.ledger.current()
         assert current is not None and current.model_sha256 == digest(data)
-        assert daemon.node.store.blob_path(digest(data)).read_bytes() == data
-        assert list(daemon.node.store.partials.iterdir()) == []
+        assert daemon.control.store.blob_path(digest(data)).read_bytes() == data
+        assert list(daemon.control.store.partials.iterdir()) == []
         observer.wait_for(
             lambda: any((s.get("model") or {}).get("serial") == 1 for s in observer.statuses),
             what="retained status naming serial 1",
@@ -105,7 +105,7 @@ def test_more_specific_desired_state_wins(config_file, deployments, observer) ->
         (end,) = observer.wait_terminal()
         assert end["state"] == "committed" and end["serial"] == 4
         assert end["source"] == "desired:device"
-        assert daemon.node.ledger.current().model_sha256 == digest(device_data)
+        assert daemon.control.ledger.current().model_sha256 == digest(device_data)
 
 
 def _tampered(envelope: bytes) -> bytes:
@@ -194,15 +194,15 @@ def test_hostile_manifests_are_rejected_and_change_nothing(
     ]
     with running_daemon(config_file) as daemon:
         assert deployments.publish(good_env)["state"] == "committed"
-        blobs_before = sorted(p.name for p in daemon.node.store.blobs.iterdir())
+        blobs_before = sorted(p.name for p in daemon.control.store.blobs.iterdir())
         for label, make, reason in cases:
             end = deployments.publish(make())
             assert end["state"] == "rejected", label
             assert end["reason"].startswith(reason), f"{label}: {end['reason']}"
-            current = daemon.node.ledger.current()
+            current = daemon.control.ledger.current()
             assert current is not None and current.model_sha256 == digest(good), label
-            assert sorted(p.name for p in daemon.node.store.blobs.iterdir()) == blobs_before, label
-            assert list(daemon.node.store.partials.iterdir()) == [], label
+            assert sorted(p.name for p in daemon.control.store.blobs.iterdir()) == blobs_before, label
+            assert list(daemon.control.store.partials.iterdir()) == [], label
         # Unauthenticated rejections carry no name or serial: nothing from them is trusted.
         first_rejection = next(e for e in observer.unique_events() if e["state"] == "rejected")
         assert "manifest_name" not in first_rejection and "serial" not in first_rejection
@@ -280,7 +280,7 @@ def test_operator_rollback_pin_unpin_rollout_and_gc(config_file, deployments, ob
         return observer.command(sign_command(op, action))
 
     with running_daemon(config_file) as daemon:
-        ledger = daemon.node.ledger
+        ledger = daemon.control.ledger
         data1, env1 = deployments.envelope("one", serial=1)
         _, env2 = deployments.envelope("two", serial=2)
         assert deployments.publish(env1, TOPICS.desired_fleet())["state"] == "committed"
@@ -323,7 +323,7 @@ def test_operator_rollback_pin_unpin_rollout_and_gc(config_file, deployments, ob
         assert command({"action": "rollout", "manifest": json.loads(env4)})["result"]["result"] == "committed"
         response = command({"action": "gc"})
         assert response["ok"]
-        store = daemon.node.store
+        store = daemon.control.store
         assert not store.has(digest(data1)) and store.has(digest(data3))
         assert sorted(m.serial for m in ledger.models()) == [3, 4]
         assert command({"action": "rollout", "manifest": json.loads(env4)})["result"]["result"] == (
@@ -339,7 +339,7 @@ def test_keyring_update_over_mqtt(config_file, deployments, observer, fleet_keys
         newer = keys.keyring(version=2, trainer=2)
         update = sign_envelope(newer.to_json(), KEYRING_PAYLOAD_TYPE, [keys.root]).to_json()
         observer.publish(TOPICS.keyring(), update)
-        observer.wait_for(lambda: daemon.node.trust.keyring.version == 2, what="keyring v2")
+        observer.wait_for(lambda: daemon.control.trust.keyring.version == 2, what="keyring v2")
         _, one_signature = deployments.envelope("one-sig", serial=5)
         assert deployments.publish(one_signature)["reason"].startswith("below-threshold")
         forged = sign_envelope(keys.keyring(version=3).to_json(), KEYRING_PAYLOAD_TYPE, [keys.stranger])
@@ -348,7 +348,7 @@ def test_keyring_update_over_mqtt(config_file, deployments, observer, fleet_keys
             lambda: any("keyring update rejected" in (s.get("last_result") or "") for s in observer.statuses),
             what="rejected keyring noted in status",
         )
-        assert daemon.node.trust.keyring.version == 2
+        assert daemon.control.trust.keyring.version == 2
 
 
 def test_daemon_over_tls_with_client_certificate_and_acl(

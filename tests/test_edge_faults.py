@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from edge.delivery.store import ContentStore
@@ -19,6 +20,7 @@ from tests.harness.edge import (
     DEVICE,
     TOPICS,
     FleetObserver,
+    ServingOptions,
     digest,
     running_daemon,
     sign_manifest,
@@ -100,8 +102,8 @@ def _restart_broker_mid_deployment(tmp_path, mqtt_broker, observer, artifact_ser
         observer.wait_for(lambda: "downloading" in observer.states(), what="downloading")
         mqtt_broker.stop()
         # The deployment finishes while the broker is down; its events wait in the outbox on disk.
-        _wait(lambda: daemon.node.ledger.current() is not None, 60, "commit while offline")
-        assert len(daemon.node.outbox) > 0
+        _wait(lambda: daemon.control.ledger.current() is not None, 60, "commit while offline")
+        assert len(daemon.control.outbox) > 0
         mqtt_broker.start()
         (end,) = observer.wait_terminal(timeout=60)
     assert end["state"] == "committed"
@@ -149,7 +151,7 @@ def test_restart_after_commit_changes_nothing(
     events = len(observer.unique_events())
     with running_daemon(config) as daemon:
         time.sleep(1.5)  # longer than settle_s: the retained manifest has been seen again
-        assert daemon.node.ledger.current().serial == 1
+        assert daemon.control.ledger.current().serial == 1
     assert len(observer.unique_events()) == events
     assert len([r for r in artifact_server.requests if r.method == "GET"]) == 1
 
@@ -233,7 +235,94 @@ def test_disk_full_fails_cleanly(small_disk, mqtt_broker, observer, artifact_ser
         failed = observer.wait_terminal(2)[-1]
         assert failed["state"] == "failed" and failed["reason"].startswith("disk-full"), failed
         assert not partial.exists() and not (store / "sha256" / digest(big)).exists()
-        assert daemon.node.ledger.current() is None
+        assert daemon.control.ledger.current() is None
         # Space comes back: the retry (retry_failed_s) completes it.
         filler.unlink()
         assert observer.wait_terminal(3)[-1]["state"] == "committed"
+
+
+def _kill_during_trial(config: Path, observer: FleetObserver, serial: int) -> None:
+    """Start the daemon as a process, wait until ``serial`` is on trial, then SIGKILL it."""
+    process = _daemon_process(config)
+    try:
+        observer.wait_for(
+            lambda: any((e["serial"], e["state"]) == (serial, "trial") for e in observer.unique_events()),
+            timeout=180,
+            what=f"serial {serial} on trial",
+        )
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    observer.wait_for(lambda: observer.statuses and observer.statuses[-1]["online"] is False, 30, "Last Will")
+
+
+def _smol_fleet(tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, smollm2_model, retries: int):
+    serving = ServingOptions(trial_s=600.0)  # a trial that only a kill (or the retry) ends
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=serving)
+    text = config.read_text().replace("[deploy]\n", f"[deploy]\nactivation_retries = {retries}\n")
+    config.write_text(text)
+    url = artifact_server.add_file(smollm2_model)
+    runtime = {"chat_format": "chatml", "n_ctx": 1024, "stop": ["<|im_end|>"]}
+
+    def envelope(serial: int) -> bytes:
+        data = smollm2_model.read_bytes()
+        return sign_manifest([fleet_keys.trainer], data, url, serial=serial, runtime=runtime)
+
+    return config, serving, envelope
+
+
+@pytest.mark.slow
+def test_power_cut_during_trial_retries_the_new_model_and_commits_it(
+    tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, smollm2_model
+) -> None:
+    """Bug: a kill -9 during a trial rolled the model back (restart-during-trial), then the same
+    retained desired state was rejected as serial-not-newer: the device stayed on the old model."""
+    config, serving, envelope = _smol_fleet(
+        tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, smollm2_model, retries=2
+    )
+    with running_daemon(config):
+        observer.publish(TOPICS.desired_fleet(), envelope(1))
+        assert observer.wait_terminal(1, timeout=180)[-1]["state"] == "committed"
+    observer.publish(TOPICS.desired_fleet(), envelope(2))
+    _kill_during_trial(config, observer, 2)
+    ends = len(observer.terminal_events())
+    # The retry's trial must end for the test: after the restart, a short trial window.
+    config.write_text(config.read_text().replace("trial_s = 600.0", "trial_s = 2.0"))
+    with running_daemon(config) as daemon:
+        end = observer.wait_terminal(ends + 1, timeout=180)[-1]
+        assert (end["serial"], end["state"]) == (2, "committed"), end
+        time.sleep(1.5)  # past settle_s: the retained desired state for serial 2 has been seen again
+        assert daemon.control.ledger.current().serial == 2
+        assert daemon.data.router.active.key == ("stable", 2)
+        states = [(e["serial"], e["state"]) for e in observer.unique_events()]
+        assert (2, "rolled_back") not in states and (2, "rejected") not in states, states
+        reply = httpx.post(
+            f"{serving.base_url}/v1/chat/completions",
+            json={"model": "slips", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+        assert reply.status_code == 200
+
+
+@pytest.mark.slow
+def test_a_serial_interrupted_too_often_is_marked_bad_and_reported_as_known_bad(
+    tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, smollm2_model
+) -> None:
+    config, _, envelope = _smol_fleet(
+        tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, smollm2_model, retries=0
+    )
+    with running_daemon(config):
+        observer.publish(TOPICS.desired_fleet(), envelope(1))
+        assert observer.wait_terminal(1, timeout=180)[-1]["state"] == "committed"
+    observer.publish(TOPICS.desired_fleet(), envelope(2))
+    _kill_during_trial(config, observer, 2)
+    ends = len(observer.terminal_events())
+    with running_daemon(config) as daemon:
+        back = observer.wait_terminal(ends + 1, timeout=180)[-1]
+        assert (back["serial"], back["state"]) == (2, "rolled_back"), back
+        assert back["reason"].startswith("restart-during-trial"), back
+        # The retained desired state still names serial 2: reported as known bad, with why.
+        refused = observer.wait_terminal(ends + 2, timeout=60)[-1]
+        assert (refused["serial"], refused["state"]) == (2, "rejected"), refused
+        assert refused["reason"].startswith("known-bad") and "restart-during-trial" in refused["reason"]
+        assert daemon.control.ledger.current().serial == 1

@@ -3,8 +3,10 @@ workers on the real SmolLM2 and Gemma-3 GGUFs, real HTTP clients sending request
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from tests.harness.edge import (
     FleetObserver,
     ServingOptions,
     running_daemon,
+    sign_command,
     sign_manifest,
     write_edge_config,
 )
@@ -86,7 +89,7 @@ def test_hot_swaps_under_load_fail_no_request(tmp_path, mqtt_broker, fleet_keys,
         assert load.failures() == []
         served = {o.model for o in outcomes}
         assert served == {"slips-summary-smol", "slips-summary-gemma"}
-        assert daemon.dataplane.router.active.key == ("stable", 4)
+        assert daemon.data.router.active.key == ("stable", 4)
         metrics = httpx.get(f"{options.base_url}/metrics").text
         assert 'immune_edge_model_swaps_total{kind="activate"} 4.0' in metrics
         assert 'immune_edge_serving{model="slips-summary-gemma",serial="4"} 1.0' in metrics
@@ -115,8 +118,8 @@ def test_unhealthy_models_are_refused_while_slips_stays_served(
             load.wait_for_requests(4)
         assert load.failures() == []
         assert {o.model for o in load.snapshot()} == {"slips-summary-smol"}
-        assert daemon.node.ledger.current().serial == 1
-        assert daemon.dataplane.router.active.key == ("stable", 1)
+        assert daemon.control.ledger.current().serial == 1
+        assert daemon.data.router.active.key == ("stable", 1)
         observer.wait_for(
             lambda: any("health-gate-rss" in (s.get("last_result") or "") for s in observer.statuses),
             what="the refusal in the device status",
@@ -127,7 +130,7 @@ def test_crashed_worker_is_restarted_and_requests_survive(tmp_path, mqtt_broker,
     options = ServingOptions()
     with running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon:
         assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
-        router = daemon.dataplane.router
+        router = daemon.data.router
         with LoadClients(options.base_url, clients=2) as load:
             load.wait_for_requests(2)
             first_pid = router.active.worker.pid
@@ -142,16 +145,23 @@ def test_crashed_worker_is_restarted_and_requests_survive(tmp_path, mqtt_broker,
         assert all(o.status == 503 for o in load.failures())
         assert len(load.failures()) <= 2
         assert "immune_edge_worker_restarts_total 1.0" in httpx.get(f"{options.base_url}/metrics").text
-        assert daemon.node.ledger.current().serial == 1
+        assert daemon.control.ledger.current().serial == 1
 
 
 def test_crash_loop_during_trial_rolls_back(tmp_path, mqtt_broker, fleet_keys, fleet, observer) -> None:
+    """Also: a rollout command whose model ended rolled back is answered as a failure (it was
+    answered ``ok: true`` before, since ``rolled_back`` counted as a success)."""
     options = ServingOptions(trial_s=60.0, crash_limit=2)
     with running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon:
         assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
-        router = daemon.dataplane.router
+        router = daemon.data.router
         ends = len(observer.terminal_events())
-        observer.publish(TOPICS.desired_fleet(), fleet.envelope("gemma", 2))
+        rollout = sign_command(
+            [fleet_keys.operator], {"action": "rollout", "manifest": json.loads(fleet.envelope("gemma", 2))}
+        )
+        answer: dict[str, Any] = {}
+        asking = threading.Thread(target=lambda: answer.update(observer.command(rollout, timeout=240)))
+        asking.start()
         observer.wait_for(
             lambda: any((e["serial"], e["state"]) == (2, "trial") for e in observer.unique_events()),
             timeout=120,
@@ -165,8 +175,11 @@ def test_crash_loop_during_trial_rolls_back(tmp_path, mqtt_broker, fleet_keys, f
             observer.wait_for(lambda w=worker: router.active.worker is not w, timeout=60, what="restart")
         end = observer.wait_terminal(ends + 1, timeout=120)[-1]
         assert (*_ended(end), end["serial"]) == ("rolled_back", "crash-loop", 2), end
+        asking.join(timeout=60)
+        assert answer["ok"] is False and answer["result"]["result"] == "rolled_back", answer
+        assert answer["error"].startswith("crash-loop")
         assert router.active.key == ("stable", 1)
-        assert daemon.node.ledger.current().serial == 1
+        assert daemon.control.ledger.current().serial == 1
         response = _ask(options.base_url)
         assert response.status_code == 200 and response.json()["model"] == "slips-summary-smol"
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "shared.fleet.cli"]
+from tests.factories import gguf_bytes
+
+CLI = [sys.executable, "-m", "fleet.cli"]
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -26,7 +29,12 @@ def fleet(tmp_path: Path) -> Path:
         )
     pubs = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "keys").glob("*.pub.json"))
     assert run("keyring", "create", *pubs, "-o", "keyring.json", cwd=tmp_path).returncode == 0
-    (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 64)
+    # A GGUF header declaring Q4_K_M (general.file_type 15), then filler.
+    kvs = [
+        ("general.architecture", 8, struct.pack("<Q", 5) + b"llama"),
+        ("general.file_type", 4, struct.pack("<I", 15)),
+    ]
+    (tmp_path / "model.gguf").write_bytes(gguf_bytes(kvs=kvs) + bytes(range(256)) * 64)
     created = run(
         "manifest",
         "create",
@@ -64,6 +72,40 @@ def test_manifest_create_records_exact_size_and_hash(fleet: Path) -> None:
     assert manifest["files"][0]["size"] == len(data)
     assert manifest["files"][0]["sha256"] == hashlib.sha256(data).hexdigest()
     assert manifest["runtime"]["stop"] == ["<|im_end|>"]
+
+
+def _create(cwd: Path, model: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run(
+        "manifest", "create", model, "--name", "smol", "--serial", "1", "--url", "http://127.0.0.1:9/m.gguf",
+        "--chat-format", "chatml", "-o", "m.json", "--force", *extra, cwd=cwd,
+    )  # fmt: skip
+
+
+def test_manifest_create_reads_the_quantization_and_derives_min_ram(tmp_path: Path, smollm2_model) -> None:
+    """Bug: --quantization defaulted to q4_k_m whatever the file was, and min_ram_mb to 0."""
+    created = _create(tmp_path, smollm2_model, "--n-ctx", "4096")
+    assert created.returncode == 0, created.stderr
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    assert manifest["quantization"] == "q4_1"  # SmolLM2-135M-Instruct.Q4_1.gguf
+    size_mib = smollm2_model.stat().st_size / 2**20
+    # 30 layers x 3 KV heads x (64 + 64) x 2 bytes x 4096 tokens = 90 MiB of KV cache beyond the weights.
+    assert size_mib + 90 < manifest["compatibility"]["min_ram_mb"] < size_mib + 90 + 256
+    smaller = _create(tmp_path, smollm2_model, "--n-ctx", "1024")
+    assert smaller.returncode == 0
+    assert (
+        json.loads((tmp_path / "m.json").read_text())["compatibility"]["min_ram_mb"]
+        < manifest["compatibility"]["min_ram_mb"]
+    )
+
+
+def test_manifest_create_refuses_a_quantization_the_file_contradicts(tmp_path: Path, smollm2_model) -> None:
+    refused = _create(tmp_path, smollm2_model, "--quantization", "q4_k_m")
+    line = one_line_rejection(refused)
+    assert line.startswith("REJECTED (quantization-mismatch)") and "is q4_1" in line, line
+    assert not (tmp_path / "m.json").exists()
+    given = _create(tmp_path, smollm2_model, "--quantization", "q4_1", "--min-ram-mb", "512")
+    assert given.returncode == 0
+    assert json.loads((tmp_path / "m.json").read_text())["compatibility"]["min_ram_mb"] == 512
 
 
 def test_sign_then_verify_with_artifact(fleet: Path) -> None:
@@ -142,4 +184,6 @@ def test_manifest_create_refuses_a_non_gguf_file(fleet: Path) -> None:
         "x.json",
         cwd=fleet,
     )
-    assert "REJECTED (not-gguf)" in one_line_rejection(result)
+    assert "REJECTED (bad-gguf): notes.txt: not an acceptable GGUF file: magic bytes" in one_line_rejection(
+        result
+    )

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from shared.fleet.client import FleetClient
-from shared.fleet.settings import FleetSettings
+from fleet.client import FleetClient
+from fleet.settings import FleetSettings
 from shared.schema import canonical_json
 from shared.signing import write_private_key
 from shared.topics import render_mosquitto_acl

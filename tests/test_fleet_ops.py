@@ -26,7 +26,7 @@ from tests.harness.models import smollm2_gguf
 
 DEVICES = ("pi-a", "pi-b", "pi-c")
 GROUP = "lab-group"
-FLEET_CLI = [sys.executable, "-m", "shared.fleet.cli"]
+FLEET_CLI = [sys.executable, "-m", "fleet.cli"]
 EDGE_CLI = [sys.executable, "-m", "edge.cli"]
 
 

@@ -7,10 +7,10 @@ from datetime import timedelta
 
 import pytest
 
+from shared.admission import verify_manifest
 from shared.errors import SchemaError, SignatureError
 from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest
 from shared.signing import sign_envelope
-from shared.verification import open_signed_manifest
 from tests.factories import NOW, manifest, manifest_dict
 
 
@@ -102,9 +102,9 @@ def test_oversized_manifest_is_refused_before_parsing() -> None:
 def test_signed_manifest_opens_and_expired_one_is_rejected(fleet_keys) -> None:
     envelope = sign_envelope(manifest().to_json(), MANIFEST_PAYLOAD_TYPE, [fleet_keys.trainer])
     keyring = fleet_keys.keyring()
-    assert open_signed_manifest(envelope, keyring, now=NOW).serial == 7
+    assert verify_manifest(envelope, keyring, now=NOW).serial == 7
     with pytest.raises(SchemaError, match="manifest slips-summary-smol serial 7: expired at") as err:
-        open_signed_manifest(envelope, keyring, now=NOW + timedelta(days=31))
+        verify_manifest(envelope, keyring, now=NOW + timedelta(days=31))
     assert err.value.reason == "expired"
 
 
@@ -112,4 +112,4 @@ def test_manifest_schema_errors_come_only_after_signature_checks(fleet_keys) -> 
     # An unsigned (stranger-signed) garbage payload is refused for its signature, never parsed.
     envelope = sign_envelope(b"not json at all", MANIFEST_PAYLOAD_TYPE, [fleet_keys.stranger])
     with pytest.raises(SignatureError, match="unknown key"):
-        open_signed_manifest(envelope, fleet_keys.keyring(), now=NOW)
+        verify_manifest(envelope, fleet_keys.keyring(), now=NOW)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.fleet.rollout import RolloutError, RolloutState, parse_waves, plan_waves
+from fleet.rollout import RolloutError, RolloutState, parse_waves, plan_waves
 
 
 def test_waves_are_cumulative_and_end_at_everyone() -> None:

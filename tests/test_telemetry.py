@@ -237,3 +237,54 @@ def test_daemon_backs_off_when_hot_and_reports_telemetry(
         assert summary["soc_temp_c"] == 65.0 and summary["n_threads"] == 2.0
     listener.loop_stop()
     listener.disconnect()
+
+
+def test_thermal_back_off_works_with_telemetry_switched_off(
+    tmp_path: Path,
+    mqtt_broker: Mosquitto,
+    observer: FleetObserver,
+    artifact_server: ArtifactServer,
+    fleet_keys: FleetKeys,
+    smollm2_model: Path,
+) -> None:
+    """Bug: the governor lived inside the telemetry loop, so `[telemetry] enabled = false` silently
+    switched thermal protection off too."""
+    serving = ServingOptions(api='low_priority_models = ["slips-batch"]', aliases=("slips", "slips-batch"))
+    config = write_edge_config(
+        tmp_path / "device",
+        mqtt_broker,
+        fleet_keys.keyring(),
+        serving=serving,
+        extra="[telemetry]\nenabled = false\n\n[thermal]\ninterval_s = 0.5\nsoft_limit_c = 78\n"
+        "restore_c = 70\ndefer_retry_after_s = 30\n",
+    )
+    pi = Pi5Tree(tmp_path / "device")
+    listener, samples = _telemetry_listener(mqtt_broker)
+    url = artifact_server.add_file(smollm2_model)
+    chat = {"model": "slips-batch", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+    with running_daemon(config) as daemon:
+        assert daemon.telemetry is None
+        observer.publish(
+            TOPICS.desired_device(DEVICE),
+            sign_manifest([fleet_keys.trainer], smollm2_model.read_bytes(), url),
+        )
+        observer.wait_terminal(1, timeout=120)
+        assert httpx.post(f"{serving.base_url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
+        pi.set_temperature(83.0)
+        observer.wait_for(
+            lambda: any("thermal limit on" in (s.get("last_result") or "") for s in observer.statuses),
+            30,
+            "thermal limit reported in the status",
+        )
+        deferred = httpx.post(f"{serving.base_url}/v1/chat/completions", json=chat, timeout=60)
+        assert deferred.status_code == 503 and deferred.json()["error"]["code"] == "deferred_thermal"
+        pi.set_temperature(65.0)
+        observer.wait_for(
+            lambda: any("thermal limit off" in (s.get("last_result") or "") for s in observer.statuses),
+            30,
+            "thermal limit lifted",
+        )
+        assert httpx.post(f"{serving.base_url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
+    listener.loop_stop()
+    listener.disconnect()
+    assert samples == []  # telemetry stayed off

@@ -176,3 +176,17 @@ def test_failed_response_needs_an_error() -> None:
     assert CommandResponse.from_json(json.dumps({**base, "ok": True, "result": {"serial": 3}})).ok
     with pytest.raises(SchemaError, match="needs an error message"):
         CommandResponse.from_json(json.dumps({**base, "ok": False}))
+
+
+def test_one_success_rule_for_every_result() -> None:
+    """A deployment that ended rolled back is a failure; an operator action carried out is not."""
+    from shared.outcome import Outcome, ResultCode, result_succeeded
+
+    assert {code for code in ResultCode if code.success} == {
+        ResultCode.COMMITTED,
+        ResultCode.ALREADY_INSTALLED,
+        ResultCode.DONE,
+    }
+    assert not Outcome(result=ResultCode.ROLLED_BACK, message="crash-loop: ...", reason="crash-loop").ok
+    assert Outcome(result=ResultCode.DONE, message="rollback: serial 2 -> 1").ok
+    assert not result_succeeded("rolled_back") and not result_succeeded("ok") and result_succeeded("done")

@@ -171,10 +171,14 @@ def evaluated_export(tmp_path: Path) -> Path:
     export = tmp_path / "gguf"
     export.mkdir()
     (export / "m.q4_k_m.gguf").write_bytes(b"GGUF" + bytes(64))
-    report = {"baseline": "f16", "max_ppl_rise": 0.1, "quants": {
-        "q4_k_m": {"perplexity": 9.0, "perplexity_rise_vs_f16": 0.02, "accepted": True, "tasks": {}},
-        "q8_0": {"perplexity": 9.9, "perplexity_rise_vs_f16": 0.3, "accepted": False, "tasks": {}},
-    }}  # fmt: skip
+    scores = {"perplexity": 9.0, "perplexity_rise_vs_f16": 0.02, "accepted": True, "tasks": {}}
+    refused = {"perplexity": 9.9, "perplexity_rise_vs_f16": 0.3, "accepted": False, "tasks": {}}
+    report = {
+        "baseline": "f16",
+        "max_ppl_rise": 0.1,
+        "records": {"perplexity": 4, "tasks": 0},
+        "quants": {"q4_k_m": {"file": "m.q4_k_m.gguf", **scores}, "q8_0": {"file": "m.q8_0.gguf", **refused}},
+    }
     (export / "eval.json").write_text(json.dumps(report))
     return export
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared.admission import verify_manifest
 from shared.signing import Envelope, write_private_key
-from shared.verification import open_signed_manifest
 from tests.harness.edge import FLEET, HOST_ARCH, TOPICS, ServingOptions, running_daemon, write_edge_config
 from tests.harness.training import TinyRun, immune_train, tiny_run, train_tiny, write_publish_config
 from trainer.dataset.records import read_records
@@ -61,7 +61,9 @@ def test_finetune_records_the_run(trained: TinyRun) -> None:
 
 
 def test_export_writes_the_asked_quantizations_that_llama_cpp_runs(trained: TinyRun) -> None:
-    files = {item["quant"]: item for item in json.loads((trained.gguf_dir / "export.json").read_text())}
+    files = {
+        item["quant"]: item for item in json.loads((trained.gguf_dir / "export.json").read_text())["files"]
+    }
     assert set(files) == {"f16", "q8_0", "q4_k_m"}
     q8 = tensor_types(trained.gguf_dir / files["q8_0"]["file"])
     q4 = tensor_types(trained.gguf_dir / files["q4_k_m"]["file"])
@@ -136,7 +138,7 @@ def test_published_model_is_verified_and_served_by_a_daemon(
     served = artifact_server.root / "slips_tiny_q4_k_m" / "7" / "run.q4_k_m.gguf"
     assert published["serial"] == 7 and served.is_file() and published["url"].endswith("/7/run.q4_k_m.gguf")
     envelope = Envelope.from_json((trained.gguf_dir / "manifest-7.json").read_bytes())
-    manifest = open_signed_manifest(envelope, fleet_keys.keyring())
+    manifest = verify_manifest(envelope, fleet_keys.keyring())
     assert manifest.runtime.chat_template and "<|im_start|>" in manifest.runtime.chat_template
     assert manifest.runtime.stop == ["<|im_end|>"] and manifest.compatibility.cpu_arch == [HOST_ARCH]
     assert manifest.provenance.eval["q4_k_m"].perplexity_rise_vs_f16 is not None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -150,7 +149,7 @@ def export_command(
         table.add_column(column)
     for item in files:
         types = ", ".join(f"{k} {v}" for k, v in sorted(item.tensor_types.items()))
-        table.add_row(item.quant.value, item.path.name, f"{item.size / 2**20:.1f}", types, item.sha256[:12])
+        table.add_row(item.quant.value, item.file, f"{item.size / 2**20:.1f}", types, item.sha256[:12])
     console.print(table)
 
 
@@ -179,17 +178,17 @@ def eval_command(
     options = EvalOptions(max_ppl_rise, ppl_records, ppl_ctx, task_records, n_threads=threads)
     with _spinner("evaluating with llama-cpp-python"):
         report = evaluate(export_dir, quants, list(read_records(data)), options)
-    table = Table(title=f"evaluation ({report['records']['perplexity']} records; bound +{max_ppl_rise:.0%})")
-    task_names = sorted({name for r in report["quants"].values() for name in r["tasks"]})
+    table = Table(title=f"evaluation ({report.records['perplexity']} records; bound +{max_ppl_rise:.0%})")
+    task_names = sorted({name for r in report.quants.values() for name in r.tasks})
     for column in ("quant", "perplexity", "vs F16", "publish", *task_names):
         table.add_column(column)
-    for name, result in report["quants"].items():
+    for name, result in report.quants.items():
         table.add_row(
-            name,
-            f"{result['perplexity']:.3f}",
-            f"{result['perplexity_rise_vs_f16']:+.2%}",
-            "yes" if result["accepted"] else "REFUSED",
-            *(f"{result['tasks'].get(t, float('nan')):.2f}" for t in task_names),
+            name.value,
+            f"{result.perplexity:.3f}",
+            f"{result.perplexity_rise_vs_f16:+.2%}",
+            "yes" if result.accepted else "REFUSED",
+            *(f"{result.tasks.get(t, float('nan')):.2f}" for t in task_names),
         )
     console.print(table)
 
@@ -211,23 +210,28 @@ def publish_command(
     base_model: str = "unknown",
     n_ctx: int = 4096,
     arch: Annotated[list[str] | None, typer.Option(help="aarch64 and/or x86_64 (default aarch64).")] = None,
-    min_ram_mb: int = 0,
+    min_ram_mb: Annotated[
+        int | None,
+        typer.Option(help="Default: the file, its KV cache at --n-ctx and the runtime's overhead."),
+    ] = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="Finetune output_dir, for provenance (run.json).")
     ] = None,
 ) -> None:
     """Upload an accepted GGUF, sign its manifest with the trainer key(s) and publish it retained."""
+    from trainer.layout import RunLayout
     from trainer.publish import PublishRequest, load_publish_settings, publish
+    from trainer.records import RunRecord
 
     settings = load_publish_settings(config)
     provenance = None
-    if run_dir is not None and (run_dir / "run.json").is_file():
-        run = json.loads((run_dir / "run.json").read_text())
+    if run_dir is not None and RunLayout(run_dir).run_file.is_file():
+        run = RunRecord.read(RunLayout(run_dir).run_file, "run immune-train finetune first")
         provenance = {
-            "dataset_sha256": run["data_sha256"],
-            "hyperparameters": _flat_hyperparameters(run["config"]),
-            "trainer_version": run["versions"].get("immune-edge"),
-            "source": f"unsloth {run['versions'].get('unsloth', '?')} on {run['device']}",
+            "dataset_sha256": run.data_sha256,
+            "hyperparameters": _flat_hyperparameters(run.config),
+            "trainer_version": run.versions.get("immune-edge"),
+            "source": f"unsloth {run.versions.get('unsloth', '?')} on {run.device}",
         }
     request = PublishRequest(
         export_dir=export_dir,
@@ -250,7 +254,7 @@ def publish_command(
     table = Table(title="published")
     table.add_column("field")
     table.add_column("value")
-    for key, value in published.items():
+    for key, value in published.model_dump(mode="json").items():
         table.add_row(key, str(value))
     console.print(table)
 

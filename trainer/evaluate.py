@@ -6,7 +6,6 @@ answers for held-out Slips incidents and score them against the reference answer
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -19,10 +18,11 @@ from shared.manifest import Quantization
 from trainer.dataset.records import ChatRecord
 from trainer.errors import TrainerError
 from trainer.export import find_gguf
+from trainer.layout import ExportLayout
+from trainer.records import EvalReport, QuantScores
 
 log = logging.getLogger(__name__)
 
-EVAL_FILE = "eval.json"
 _VERDICT = {
     "slips-risk": re.compile(r"risk\s*level\W{0,6}\s*(low|medium|high|critical)", re.IGNORECASE),
     "slips-summary": re.compile(
@@ -134,19 +134,19 @@ def evaluate(
     ppl_set = list(records[: options.ppl_records])
     task_set = [r for r in records if r.task.startswith("slips-")][: options.task_records]
     baseline = perplexity(find_gguf(export_dir, Quantization.F16), ppl_set, options)
-    results: dict[str, Any] = {}
+    results: dict[Quantization, QuantScores] = {}
     for quant in [Quantization.F16, *[q for q in quants if q is not Quantization.F16]]:
         path = find_gguf(export_dir, quant)
         ppl = baseline if quant is Quantization.F16 else perplexity(path, ppl_set, options)
         rise = ppl / baseline - 1.0
         accepted = rise <= options.max_ppl_rise
-        results[quant.value] = {
-            "file": path.name,
-            "perplexity": ppl,
-            "perplexity_rise_vs_f16": rise,
-            "accepted": accepted,
-            "tasks": run_tasks(path, task_set, options) if task_set else {},
-        }
+        results[quant] = QuantScores(
+            file=path.name,
+            perplexity=ppl,
+            perplexity_rise_vs_f16=rise,
+            accepted=accepted,
+            tasks=run_tasks(path, task_set, options) if task_set else {},
+        )
         log.info(
             "%s: perplexity %.3f (%+.2f%% vs F16)%s",
             quant.value,
@@ -154,19 +154,19 @@ def evaluate(
             rise * 100,
             "" if accepted else " REFUSED",
         )
-    report = {
-        "baseline": Quantization.F16.value,
-        "max_ppl_rise": options.max_ppl_rise,
-        "records": {"perplexity": len(ppl_set), "tasks": len(task_set)},
-        "quants": results,
-    }
-    (export_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    report = EvalReport(
+        baseline=Quantization.F16,
+        max_ppl_rise=options.max_ppl_rise,
+        records={"perplexity": len(ppl_set), "tasks": len(task_set)},
+        quants=results,
+    )
+    report.write(ExportLayout(export_dir).eval_file)
     return report
 
 
-def load_eval(export_dir: Path) -> dict[str, Any]:
+def load_eval(export_dir: Path) -> EvalReport:
     """The evaluation report of an export folder; publishing without one is refused."""
-    path = export_dir / EVAL_FILE
+    path = ExportLayout(export_dir).eval_file
     if not path.is_file():
         raise TrainerError("not-evaluated", f"{path}: no evaluation report (run immune-train eval first)")
-    return json.loads(path.read_text())
+    return EvalReport.read(path, "run immune-train eval first")

@@ -3,42 +3,19 @@ offline, then check each file's tensor types and that llama-cpp-python runs it."
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from shared.artifacts import sha256_file
 from shared.manifest import Quantization
-from shared.verification import sha256_file
 from trainer.errors import TrainerError
-from trainer.finetune import ADAPTER_DIR
 from trainer.gguf_check import check_tensor_types, smoke_generate
+from trainer.layout import RunLayout
+from trainer.records import ExportedFile, ExportReport
 from trainer.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
-
-EXPORT_FILE = "export.json"
-GGUF_DIR = "gguf"
-
-
-@dataclass(frozen=True)
-class ExportedFile:
-    quant: Quantization
-    path: Path
-    size: int
-    sha256: str
-    tensor_types: dict[str, int]
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "quant": self.quant.value,
-            "file": self.path.name,
-            "size": self.size,
-            "sha256": self.sha256,
-            "tensor_types": self.tensor_types,
-        }
 
 
 def parse_quants(spec: str) -> list[Quantization]:
@@ -59,7 +36,8 @@ def export(
     run_dir: Path, quants: list[Quantization], toolchain: Toolchain, keep_merged: bool = False
 ) -> list[ExportedFile]:
     """Write ``<run>/gguf/<run-name>.<quant>.gguf`` for each of ``quants`` and ``export.json`` beside them."""
-    adapter = run_dir / ADAPTER_DIR
+    layout = RunLayout(run_dir)
+    adapter = layout.adapter_dir
     if not (adapter / "adapter_config.json").is_file():
         raise TrainerError("missing-adapter", f"{adapter}: no LoRA adapter (run immune-train finetune first)")
     toolchain.check()
@@ -71,7 +49,7 @@ def export(
     )
     if not getattr(tokenizer, "chat_template", None):
         raise TrainerError("missing-chat-template", f"{adapter}: the tokenizer has no chat template")
-    target = run_dir / GGUF_DIR
+    target = layout.export.root
     if target.exists():
         shutil.rmtree(target)
     model.save_pretrained_gguf(str(target), tokenizer, quantization_method=[q.value for q in quants])
@@ -81,15 +59,17 @@ def export(
         produced = sorted(target.glob(f"*.{quant.value.upper()}.gguf"))
         if not produced:
             raise TrainerError("export-failed", f"Unsloth wrote no {quant.value} GGUF into {target}")
-        path = produced[0].rename(target / f"{run_dir.name}.{quant.value}.gguf")
+        path = produced[0].rename(layout.export.gguf(run_dir.name, quant))
         types = check_tensor_types(path, quant)
         smoke_generate(path)
         size, digest = sha256_file(path)
-        exported.append(ExportedFile(quant, path, size, digest, types))
+        exported.append(
+            ExportedFile(quant=quant, file=path.name, size=size, sha256=digest, tensor_types=types)
+        )
         log.info("exported %s (%d bytes, tensors %s)", path.name, size, types)
     if not keep_merged:
-        shutil.rmtree(target / "merged_16bit", ignore_errors=True)
-    (target / EXPORT_FILE).write_text(json.dumps([f.as_json() for f in exported], indent=2) + "\n")
+        shutil.rmtree(layout.export.merged_dir, ignore_errors=True)
+    ExportReport(files=exported).write(layout.export.export_file)
     return exported
 
 

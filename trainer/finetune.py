@@ -17,12 +17,11 @@ from typing import Any
 from trainer.config import TrainConfig
 from trainer.dataset.records import ChatRecord, file_sha256, read_records
 from trainer.errors import TrainerError
+from trainer.layout import RunLayout
+from trainer.records import RunRecord
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
-CHECKPOINT_DIR = "checkpoints"
-RUN_FILE = "run.json"
 _VERSIONED = (
     "immune-edge",
     "unsloth",
@@ -75,7 +74,8 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     """Train a LoRA adapter on ``config.train_file``; with ``resume``, continue from the newest checkpoint."""
     train_records = _load_split(config.train_file, "train")
     eval_records = _load_split(config.eval_file, "eval")
-    checkpoints = config.output_dir / CHECKPOINT_DIR
+    layout = RunLayout(config.output_dir)
+    checkpoints = layout.checkpoints_dir
     if resume and not _has_checkpoint(checkpoints):
         raise TrainerError("no-checkpoint", f"{checkpoints}: no checkpoint to resume from")
 
@@ -152,23 +152,23 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     if eval_records:
         metrics.update({key: float(v) for key, v in trainer.evaluate().items() if isinstance(v, int | float)})
 
-    adapter_dir = config.output_dir / ADAPTER_DIR
+    adapter_dir = layout.adapter_dir
     model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
     data_files = [config.train_file] + ([config.eval_file] if config.eval_file else [])
-    run = {
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": json.loads(config.model_dump_json()),
-        "seed": config.seed,
-        "data_sha256": file_sha256(*data_files),
-        "records": {"train": len(train_records), "eval": len(eval_records)},
-        "device": torch.cuda.get_device_name(0) if on_gpu else f"cpu ({platform.machine()})",
-        "load_in_4bit": load_in_4bit,
-        "versions": package_versions(),
-        "metrics": metrics,
-        "resumed": resume,
-    }
-    run_file = config.output_dir / RUN_FILE
-    run_file.write_text(json.dumps(run, indent=2) + "\n")
+    run = RunRecord(
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        config=json.loads(config.model_dump_json()),
+        seed=config.seed,
+        data_sha256=file_sha256(*data_files),
+        records={"train": len(train_records), "eval": len(eval_records)},
+        device=torch.cuda.get_device_name(0) if on_gpu else f"cpu ({platform.machine()})",
+        load_in_4bit=load_in_4bit,
+        versions=package_versions(),
+        metrics=metrics,
+        resumed=resume,
+    )
+    run_file = layout.run_file
+    run.write(run_file)
     log.info("adapter saved to %s (train loss %.4f)", adapter_dir, metrics.get("train_loss", float("nan")))
     return FinetuneResult(adapter_dir, run_file, metrics)

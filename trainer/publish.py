@@ -4,35 +4,34 @@ on the fleet's or a group's desired-state topic."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 from pydantic import Field, model_validator
 
+from shared.admission import verify_manifest
 from shared.config import ConfigModel, ConfigPath, MqttSettings, load_config
-from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest, Quantization
+from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest, Quantization, RuntimeProfile
+from shared.manifest_builder import ManifestSpec, build_manifest
 from shared.mqtt import mqtt_client
 from shared.schema import Identifier
 from shared.signing import Envelope, Keyring, Role, SigningKey, sign_envelope
 from shared.signing.keys import load_private_key
 from shared.topics import Topics
-from shared.verification import describe_artifact, open_signed_manifest
 from trainer.errors import TrainerError
 from trainer.evaluate import load_eval
 from trainer.export import find_gguf
 from trainer.gguf_check import chat_template_of
+from trainer.layout import ExportLayout
+from trainer.records import PublishedRecord, QuantScores
 
 log = logging.getLogger(__name__)
-
-PUBLISHED_FILE = "published.json"
 
 
 class StoreSettings(ConfigModel):
@@ -81,7 +80,8 @@ class PublishRequest:
     n_ctx: int = 4096
     system_prompt: str | None = None
     cpu_arch: tuple[str, ...] = ("aarch64",)
-    min_ram_mb: int = 0
+    #: None: derived from the file and the KV cache at n_ctx (shared.gguf.minimum_ram_mb).
+    min_ram_mb: int | None = None
     expires_in_days: int = 90
     provenance: dict[str, Any] | None = None
 
@@ -153,66 +153,58 @@ def upload(store: StoreSettings, source: Path, object_path: str, on_progress: Ca
     return f"{store.base_url.rstrip('/')}/{object_path}"
 
 
-def build_manifest(request: PublishRequest, gguf: Path, url: str, report: dict[str, Any]) -> Manifest:
+def build_publish_manifest(request: PublishRequest, gguf: Path, url: str, scores: QuantScores) -> Manifest:
     """The manifest for ``gguf``: runtime profile from the file's own chat template, eval scores
-    and provenance."""
+    and provenance; the rest through the shared builder (quantization checked against the header)."""
     template = chat_template_of(gguf)
     if not template:
         raise TrainerError(
             "missing-chat-template", f"{gguf.name}: no tokenizer.chat_template; devices could not prompt it"
         )
-    scores = report["quants"][request.quant.value]
-    now = datetime.now(UTC).replace(microsecond=0)
     eval_entry = {
-        "perplexity": scores["perplexity"],
-        "perplexity_rise_vs_f16": scores["perplexity_rise_vs_f16"],
-        "metrics": {name: float(value) for name, value in scores.get("tasks", {}).items()},
+        "perplexity": scores.perplexity,
+        "perplexity_rise_vs_f16": scores.perplexity_rise_vs_f16,
+        "metrics": dict(scores.tasks),
     }
-    provenance = dict(request.provenance or {})
-    return Manifest.model_validate(
-        {
-            "name": request.name,
-            "channel": request.channel,
-            "serial": request.serial,
-            "version": f"{request.serial}",
-            "created_at": now,
-            "expires_at": now + timedelta(days=request.expires_in_days),
-            "base_model": request.base_model,
-            "task": request.task,
-            "quantization": request.quant,
-            "files": [describe_artifact(gguf, [url])],
-            "runtime": {
-                "chat_template": template,
-                "n_ctx": request.n_ctx,
-                "stop": ["<|im_end|>"] if "<|im_end|>" in template else [],
-                "system_prompt": request.system_prompt,
-            },
-            "compatibility": {
-                "cpu_arch": list(request.cpu_arch),
-                "min_ram_mb": request.min_ram_mb,
-                "device_groups": [request.group] if request.group else [],
-            },
-            "provenance": {**provenance, "eval": {request.quant.value: eval_entry}},
-        },
-        strict=False,
+    runtime = RuntimeProfile(
+        chat_template=template,
+        n_ctx=request.n_ctx,
+        stop=["<|im_end|>"] if "<|im_end|>" in template else [],
+        system_prompt=request.system_prompt,
     )
+    spec = ManifestSpec(
+        name=request.name,
+        serial=request.serial,
+        urls=[url],
+        runtime=runtime,
+        channel=request.channel,
+        base_model=request.base_model,
+        task=request.task,
+        quantization=request.quant,
+        cpu_arch=request.cpu_arch,
+        min_ram_mb=request.min_ram_mb,
+        device_groups=[request.group] if request.group else [],
+        expires_in_days=request.expires_in_days,
+        provenance={**(request.provenance or {}), "eval": {request.quant.value: eval_entry}},
+    )
+    return build_manifest(gguf, spec)
 
 
 def publish(
     settings: PublishSettings, request: PublishRequest, on_progress: Callable[[int], None] = lambda _: None
-) -> dict[str, Any]:
+) -> PublishedRecord:
     """Upload, sign, verify and publish; returns (and writes to ``published.json``) what was published."""
     report = load_eval(request.export_dir)
-    scores = report.get("quants", {}).get(request.quant.value)
+    scores = report.quants.get(request.quant)
     if scores is None:
         raise TrainerError(
             "not-evaluated", f"{request.quant.value} was not evaluated (run immune-train eval with it)"
         )
-    if not scores.get("accepted"):
+    if not scores.accepted:
         raise TrainerError(
             "eval-refused",
-            f"{request.quant.value}: perplexity rise {scores['perplexity_rise_vs_f16']:+.1%} vs F16 exceeds "
-            f"the bound {report['max_ppl_rise']:.1%}; it may not be published",
+            f"{request.quant.value}: perplexity rise {scores.perplexity_rise_vs_f16:+.1%} vs F16 exceeds "
+            f"the bound {report.max_ppl_rise:.1%}; it may not be published",
         )
     gguf = find_gguf(request.export_dir, request.quant)
     if not settings.keyring_file.is_file():
@@ -221,26 +213,27 @@ def publish(
     keys = trainer_keys(settings, keyring)  # before any upload: a bad key must not leave stray files
 
     url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
-    manifest = build_manifest(request, gguf, url, report)
+    manifest = build_publish_manifest(request, gguf, url, scores)
     envelope = sign_envelope(manifest.to_json(), MANIFEST_PAYLOAD_TYPE, keys)
-    open_signed_manifest(Envelope.from_json(envelope.to_json()), keyring)  # devices must accept what we send
+    verify_manifest(Envelope.from_json(envelope.to_json()), keyring)  # devices must accept what we send
 
     topics = Topics(settings.fleet, root=settings.mqtt.topic_root)
     topic = topics.desired_group(request.group) if request.group else topics.desired_fleet()
     _publish_retained(settings, topic, envelope.to_json())
-    published = {
-        "name": manifest.name,
-        "serial": manifest.serial,
-        "quantization": manifest.quantization.value,
-        "topic": topic,
-        "url": url,
-        "size": manifest.model_file.size,
-        "sha256": manifest.model_file.sha256,
-        "signed_by": [key.keyid[:12] for key in keys],
-        "expires_at": manifest.expires_at.isoformat(),
-    }
-    (request.export_dir / PUBLISHED_FILE).write_text(json.dumps(published, indent=2) + "\n")
-    (request.export_dir / f"manifest-{manifest.serial}.json").write_bytes(envelope.to_json())
+    published = PublishedRecord(
+        name=manifest.name,
+        serial=manifest.serial,
+        quantization=manifest.quantization,
+        topic=topic,
+        url=url,
+        size=manifest.model_file.size,
+        sha256=manifest.model_file.sha256,
+        signed_by=[key.keyid[:12] for key in keys],
+        expires_at=manifest.expires_at.isoformat(),
+    )
+    layout = ExportLayout(request.export_dir)
+    published.write(layout.published_file)
+    layout.manifest_file(manifest.serial).write_bytes(envelope.to_json())
     log.info("published %s serial %d on %s", manifest.name, manifest.serial, topic)
     return published
 

@@ -8,13 +8,18 @@ import logging
 from typing import Protocol
 
 from edge.state.ledger import InstalledModel
-from shared.errors import ContractError
+from shared.errors import ContractError, TransientError
 
 log = logging.getLogger(__name__)
 
 
 class ActivationError(ContractError):
-    """The model could not be started, or failed its health gate or trial window."""
+    """The model could not be started, or failed its health gate or trial window: a model fault."""
+
+
+class ActivationInterruptedError(ActivationError, TransientError):
+    """The daemon is stopping: the activation or trial did not finish, which says nothing about the
+    model (the restart recovery table decides what happens next)."""
 
 
 class Activator(Protocol):

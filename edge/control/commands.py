@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from edge.control.deployer import Deployer, Outcome
+from edge.control.deployer import Deployer
+from edge.control.operator import OperatorActions
+from edge.control.reconcile import Reconciler
 from edge.control.reporting import Reporter
 from edge.control.trust import TrustStore
 from edge.state.nonces import NonceStore
@@ -20,6 +21,7 @@ from shared.messages import (
     RollbackAction,
     RolloutAction,
 )
+from shared.outcome import Outcome, ResultCode
 from shared.signing import Role, verify_envelope
 from shared.topics import TopicError, TopicKind, Topics
 
@@ -46,20 +48,19 @@ class CommandHandler:
         trust: TrustStore,
         nonces: NonceStore,
         deployer: Deployer,
+        reconciler: Reconciler,
         reporter: Reporter,
         clock_skew: timedelta,
-        wanted_envelopes: Callable[[], Sequence[bytes]],
-        on_unpin: Callable[[], None],
     ) -> None:
         self.topics = topics
         self.device_id = device_id
         self.trust = trust
         self.nonces = nonces
         self.deployer = deployer
+        self.operator = OperatorActions(deployer)
+        self.reconciler = reconciler
         self.reporter = reporter
         self.clock_skew = clock_skew
-        self.wanted_envelopes = wanted_envelopes
-        self.on_unpin = on_unpin
 
     def reply_to(self, response_topic: str | None, correlation: bytes | None) -> ReplyTo:
         """Accept only a response topic of this fleet's operator tree, so a command cannot make the
@@ -139,24 +140,28 @@ class CommandHandler:
         source = f"command:{command.nonce}"
         if isinstance(action, RolloutAction):
             if self.deployer.ledger.pinned:
-                outcome = Outcome("failed", "rollout refused: the device is pinned (unpin first)", "pinned")
+                outcome = Outcome(
+                    result=ResultCode.FAILED,
+                    message="rollout refused: the device is pinned (unpin first)",
+                    reason="pinned",
+                )
             else:
                 outcome = self.deployer.deploy(action.manifest.to_json(), source)
         elif isinstance(action, RollbackAction):
-            outcome = self.deployer.rollback(action.serial, source)
+            outcome = self.operator.rollback(action.serial, source)
         elif isinstance(action, PinAction):
-            outcome = self.deployer.pin(action.serial, source)
+            outcome = self.operator.pin(action.serial, source)
         elif action.action == "unpin":
-            outcome = self.deployer.unpin()
-            self.on_unpin()
+            outcome = self.operator.unpin()
+            self.reconciler.changed()  # desired state held back while pinned applies now
         elif action.action == "gc":
-            removed = self.deployer.collect_garbage(self.wanted_envelopes())
-            outcome = Outcome("ok", f"removed {len(removed)} file(s)")
+            removed = self.deployer.collect_garbage(self.reconciler.wanted_envelopes())
+            outcome = Outcome(result=ResultCode.DONE, message=f"removed {len(removed)} file(s)")
         else:
-            outcome = Outcome("ok", "status")
+            outcome = Outcome(result=ResultCode.DONE, message="status")
         result: dict[str, ResultValue] = {
             "action": action.action,
-            "result": outcome.result,
+            "result": outcome.result.value,
             "message": outcome.message[:1024],
         }
         if outcome.deployment_id:

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from edge.delivery.store import ContentStore
-from shared.errors import ArtifactError
+from shared.errors import ArtifactError, TransientError
 from shared.manifest import ArtifactFile
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,11 @@ ProgressCallback = Callable[[int, int], None]
 
 
 class DownloadError(ArtifactError):
-    """The artifact could not be fetched intact from any mirror."""
+    """Every mirror served something other than the declared artifact (permanent for this manifest)."""
+
+
+class DownloadInterruptedError(DownloadError, TransientError):
+    """The artifact could not be fetched now (network down, disk full or short of space): retried."""
 
 
 class _TransientError(Exception):
@@ -112,7 +116,7 @@ class Downloader:
         needed = entry.size - partial.offset + self.policy.free_space_margin_bytes
         free = self.store.free_bytes()
         if free < needed:
-            raise DownloadError(
+            raise DownloadInterruptedError(
                 "disk-space",
                 f"artifact {entry.name}: needs {needed} bytes free in {self.store.root}, {free} available",
             )
@@ -142,7 +146,7 @@ class Downloader:
                 except OSError as exc:
                     partial.reset()
                     reason = "disk-full" if exc.errno == errno.ENOSPC else "io-error"
-                    raise DownloadError(
+                    raise DownloadInterruptedError(
                         reason, f"artifact {entry.name}: cannot write {partial.path}: {exc}"
                     ) from None
         if refused and len(refused) == len(entry.urls):
@@ -150,7 +154,7 @@ class Downloader:
             reasons = {exc.reason for exc in refused.values()}
             reason = reasons.pop() if len(reasons) == 1 else "mirrors-refused"
             raise DownloadError(reason, f"artifact {entry.name}: {'; '.join(map(str, refused.values()))}")
-        raise DownloadError(
+        raise DownloadInterruptedError(
             "download-failed",
             f"artifact {entry.name}: gave up after {self.policy.attempts} attempts; last: {last_problem}",
         )

@@ -38,6 +38,8 @@ class WorkerHandle:
         #: The counts chosen at load (measured or configured), restored when a thermal limit ends.
         self.tuned_threads = (0, 0)
         self.load_ms = 0.0
+        #: The prompt cache the worker reports having set up.
+        self.prompt_cache_bytes = 0
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -63,6 +65,7 @@ class WorkerHandle:
             raise WorkerError(event.error or f"worker for {self.name} did not start")
         self.n_threads, self.n_threads_batch = event.n_threads, event.n_threads_batch
         self.tuned_threads = (event.n_threads, event.n_threads_batch)
+        self.prompt_cache_bytes = event.prompt_cache_bytes
         self.load_ms = (time.perf_counter() - started) * 1000
         log.info(
             "worker %s ready (pid %s, %d/%d threads for tokens/prompts, %.0f ms)",
@@ -140,7 +143,7 @@ class WorkerHandle:
         try:
             if self._conn is None or not self.alive:
                 raise WorkerError(f"worker {self.name} is not running")
-            change = SetThreads(set_threads=n_threads, set_threads_batch=n_threads_batch)
+            change = SetThreads(n_threads=n_threads, n_threads_batch=n_threads_batch)
             self._conn.send_bytes(change.model_dump_json().encode())
             event = self._receive(timeout_s, "changing threads")
             if event.type != "ready":
@@ -153,7 +156,7 @@ class WorkerHandle:
         """Stop a generation whose consumer went away and wait for the worker to be idle again."""
         if self._conn is None:
             return
-        self._conn.send_bytes(Cancel(cancel=request_id).model_dump_json().encode())
+        self._conn.send_bytes(Cancel(id=request_id).model_dump_json().encode())
         try:
             while self._receive(TOKEN_TIMEOUT_S, "cancelling").type not in ("done", "error"):
                 pass

@@ -1,14 +1,16 @@
 """Messages between the daemon and an inference worker process (JSON over a multiprocessing pipe).
 
 The worker is a separate process so a crash or hang in native code cannot take the control plane
-down; these models are the whole interface, validated on both sides.
+down; these models are the whole interface, validated on both sides. Every message carries a
+``type`` tag, so the receiver decides what a message is from that field alone (never from its text:
+a chat whose content is "cancel" is still a generation request).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 
 class _Message(BaseModel):
@@ -44,6 +46,7 @@ class ChatMessage(_Message):
 class GenerateRequest(_Message):
     """One generation; exactly one of ``messages`` (chat) and ``prompt`` (raw completion)."""
 
+    type: Literal["generate"] = "generate"
     id: str
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
@@ -60,15 +63,22 @@ class GenerateRequest(_Message):
 class Cancel(_Message):
     """Stop the running generation (the client went away)."""
 
-    cancel: str
+    type: Literal["cancel"] = "cancel"
+    id: str
 
 
 class SetThreads(_Message):
     """Change the thread counts of the loaded model between requests (thermal back-off); the worker
     answers with a ``ready`` event carrying the counts now in use."""
 
-    set_threads: Annotated[int, Field(ge=1, le=256)]
-    set_threads_batch: Annotated[int, Field(ge=1, le=256)]
+    type: Literal["set_threads"] = "set_threads"
+    n_threads: Annotated[int, Field(ge=1, le=256)]
+    n_threads_batch: Annotated[int, Field(ge=1, le=256)]
+
+
+#: What the daemon sends a worker, told apart by ``type``.
+WorkerCommand = Annotated[GenerateRequest | Cancel | SetThreads, Field(discriminator="type")]
+WORKER_COMMAND: TypeAdapter[GenerateRequest | Cancel | SetThreads] = TypeAdapter(WorkerCommand)
 
 
 class WorkerEvent(_Message):
@@ -84,4 +94,6 @@ class WorkerEvent(_Message):
     total_ms: float = 0.0
     n_threads: int = 0
     n_threads_batch: int = 0
+    #: RAM the loaded model's prompt cache may hold (``ready`` only; 0: none), as the worker set it up.
+    prompt_cache_bytes: int = 0
     error: str | None = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.config import ApiSettings, RuntimeSettings, read_meminfo_mb
-from edge.control.activation import ActivationError
+from edge.control.activation import ActivationError, ActivationInterruptedError
 from edge.delivery.store import ContentStore
 from edge.metrics import Metrics
 from edge.runtime.handle import WorkerError, WorkerHandle
@@ -25,7 +25,7 @@ from edge.runtime.health import GateCriteria, GateError, run_health_gate
 from edge.runtime.protocol import LoadSpec
 from edge.runtime.router import ModelRouter, ServedModel
 from edge.state.ledger import InstalledModel
-from shared.manifest import FileRole, Manifest
+from shared.manifest import FileRole, Manifest, RuntimeProfile
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class ServingRuntime:
     def __init__(
         self,
         router: ModelRouter,
-        store: ContentStore,
+        store: ContentStore | None,
         runtime: RuntimeSettings,
         api: ApiSettings,
         procfs_root: Path,
@@ -80,13 +80,13 @@ class ServingRuntime:
     def trial(self, model: InstalledModel) -> None:
         """Watch the new model for ``trial_s``: crashes, error rate and decode speed."""
         served = self.router.active
-        if served is None or served.key != _key(model):
+        if served is None or served.key != model.key:
             raise ActivationError("not-serving", f"{model.name} serial {model.serial} is not being served")
         settings = self.settings
         started = time.monotonic()
         while time.monotonic() - started < settings.trial_s:
             if self._closing.wait(0.2):
-                raise ActivationError("shutdown", "the daemon stopped during the trial window")
+                raise ActivationInterruptedError("shutdown", "the daemon stopped during the trial window")
             crashes = served.stats.crashes_since(started)
             if crashes >= settings.crash_limit:
                 raise ActivationError(
@@ -101,7 +101,7 @@ class ServingRuntime:
                     "trial-errors",
                     f"{served.stats.failed} of {total} requests failed during the trial window",
                 )
-        health = model.manifest().health
+        health = model.manifest.health
         floor = health.min_tokens_per_second if health else 0.0
         if served.stats.decode_rates and (rate := statistics.median(served.stats.decode_rates)) < floor:
             raise ActivationError(
@@ -125,9 +125,9 @@ class ServingRuntime:
                 self._standby = None
                 self.metrics.now_serving(None, None)
                 return
-            if active is not None and active.key == _key(model) and not self.router.held:
+            if active is not None and active.key == model.key and not self.router.held:
                 return  # the failure happened before routing changed
-            if self._standby is not None and self._standby.key == _key(model) and self._standby.worker.alive:
+            if self._standby is not None and self._standby.key == model.key and self._standby.worker.alive:
                 failed, self._standby = self.router.serve(self._standby), None
                 self.metrics.swaps.labels(kind="restore").inc()
                 self.metrics.now_serving(model.name, model.serial)
@@ -201,9 +201,35 @@ class ServingRuntime:
                     served.worker.stop()
             self._standby = None
 
+    def serve_file(self, path: Path, name: str, profile: RuntimeProfile) -> None:
+        """``immune-edge serve``: one GGUF the operator chose, loaded with the same settings as an
+        installed model (no manifest, so no gate and no trial)."""
+        with self._lock:
+            spec = load_spec(self.settings, path, profile, profile.chat_template)
+            try:
+                worker = WorkerHandle(spec, name).start(self.settings.load_timeout_s)
+            except WorkerError as exc:
+                raise ActivationError("load-failed", str(exc)) from None
+            self._apply_cap(worker)
+            served = ServedModel(
+                name=name,
+                worker=worker,
+                n_ctx=spec.n_ctx,
+                max_tokens_cap=self.api.max_tokens_cap,
+                created=int(time.time()),
+                aliases=self.api.aliases_for(name),
+                defaults=profile.sampling.model_dump(),
+                system_prompt=profile.system_prompt,
+            )
+            self._retire(self.router.serve(served))
+            self.metrics.now_serving(name, None)
+            self.metrics.loaded(worker.prompt_cache_bytes)
+
     # -- internals ----------------------------------------------------------------------------------
     def _plan(self, model: InstalledModel) -> _Plan:
-        manifest = model.manifest()
+        if self.store is None:
+            raise ActivationError("no-store", "this runtime serves a local file only (immune-edge serve)")
+        manifest = model.manifest
         runtime = manifest.runtime
         template = runtime.chat_template
         for entry in manifest.files:
@@ -211,16 +237,7 @@ class ServingRuntime:
                 if entry.size > MAX_TEMPLATE_BYTES:
                     raise ActivationError("bad-template", f"chat template {entry.name} is over 32 KiB")
                 template = self.store.blob_path(entry.sha256).read_text(encoding="utf-8")
-        spec = LoadSpec(
-            model_path=str(self.store.blob_path(manifest.model_file.sha256)),
-            n_ctx=runtime.n_ctx,
-            n_threads=self.settings.n_threads,
-            n_batch=self.settings.n_batch,
-            chat_format=None if template else runtime.chat_format,
-            chat_template=template,
-            stop=runtime.stop,
-            prompt_cache_mb=self.settings.prompt_cache_mb,
-        )
+        spec = load_spec(self.settings, self.store.blob_path(manifest.model_file.sha256), runtime, template)
         gate = manifest.health
         criteria = GateCriteria(
             golden_prompts=tuple(gate.golden_prompts if gate else self.settings.golden_prompts),
@@ -246,7 +263,7 @@ class ServingRuntime:
         """Start, (gate) and route to ``model``; return the model routing moved away from, still
         running (parallel swap) or None (sequential swap: it was drained and stopped first)."""
         if self._closing.is_set():
-            raise ActivationError("shutdown", "the daemon is stopping")
+            raise ActivationInterruptedError("shutdown", "the daemon is stopping")
         plan = self._plan(model)
         if self.router.active is not None and not self._fits_beside(plan):
             log.info("not enough RAM for two workers: holding requests while %s loads", model.name)
@@ -273,9 +290,10 @@ class ServingRuntime:
             aliases=self.api.aliases_for(model.name),
             defaults=plan.manifest.runtime.sampling.model_dump(),
             system_prompt=plan.manifest.runtime.system_prompt,
-            key=_key(model),
+            key=model.key,
         )
         old = self.router.serve(served)
+        self.metrics.loaded(worker.prompt_cache_bytes)
         self.metrics.swaps.labels(kind="activate" if gate else "restore").inc()
         self.metrics.now_serving(model.name, model.serial)
         log.info("now serving %s", label)
@@ -319,5 +337,19 @@ class ServingRuntime:
         self.metrics.worker_restarts.inc()
 
 
-def _key(model: InstalledModel) -> tuple[str, int]:
-    return (model.channel, model.serial)
+def load_spec(
+    settings: RuntimeSettings, path: Path, profile: RuntimeProfile, template: str | None
+) -> LoadSpec:
+    """How a worker loads a model: the device's runtime settings plus the model's runtime profile.
+    The one place both ``run`` (installed models) and ``serve`` (a local file) get their LoadSpec."""
+    return LoadSpec(
+        model_path=str(path),
+        n_ctx=profile.n_ctx,
+        n_threads=settings.n_threads,
+        n_batch=settings.n_batch,
+        chat_format=None if template else profile.chat_format,
+        chat_template=template,
+        stop=profile.stop,
+        prefix_reuse=settings.prefix_reuse,
+        prompt_cache_mb=settings.prompt_cache_mb,
+    )

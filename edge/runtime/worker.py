@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edge.runtime.protocol import Cancel, GenerateRequest, LoadSpec, SetThreads, WorkerEvent
+from edge.runtime.protocol import WORKER_COMMAND, Cancel, GenerateRequest, LoadSpec, SetThreads, WorkerEvent
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,13 @@ def _set_threads(llm: Any, n_threads: int, n_threads_batch: int) -> None:
 
 
 def _ready(llm: Any) -> WorkerEvent:
-    return WorkerEvent(type="ready", n_threads=int(llm.n_threads), n_threads_batch=int(llm.n_threads_batch))
+    cache = getattr(llm, "cache", None)
+    return WorkerEvent(
+        type="ready",
+        n_threads=int(llm.n_threads),
+        n_threads_batch=int(llm.n_threads_batch),
+        prompt_cache_bytes=int(getattr(cache, "capacity_bytes", 0)) if cache is not None else 0,
+    )
 
 
 def _load(spec: LoadSpec) -> Any:
@@ -131,11 +137,9 @@ def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateReque
             produced += 1
             _send(conn, WorkerEvent(type="delta", id=request.id, text=chunk["text"]))
         finish = chunk["finish_reason"] or finish
-        if conn.poll():  # a cancel (or anything else) arrived: the client is gone
-            message = conn.recv_bytes()
-            if b'"cancel"' in message:
-                finish = "cancelled"
-                break
+        if conn.poll() and _is_cancel(conn.recv_bytes(), request.id):
+            finish = "cancelled"
+            break
     ended = time.perf_counter()
     completion = produced
     _send(
@@ -150,6 +154,17 @@ def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateReque
             total_ms=(ended - started) * 1000,
         ),
     )
+
+
+def _is_cancel(raw: bytes, request_id: str) -> bool:
+    """Whether a message that arrived mid-generation cancels it. The parent sends nothing else while
+    a request runs, so anything unreadable is logged and ignored rather than guessed at."""
+    try:
+        message = WORKER_COMMAND.validate_json(raw)
+    except ValidationError as exc:
+        log.warning("ignoring an unreadable message during a generation: %s", exc.error_count())
+        return False
+    return isinstance(message, Cancel) and message.id == request_id
 
 
 def worker_main(conn: Connection, spec_json: str) -> None:
@@ -167,18 +182,17 @@ def worker_main(conn: Connection, spec_json: str) -> None:
         except EOFError:
             return  # the parent closed the pipe: shut down
         try:
-            if b'"cancel"' in raw:
-                Cancel.model_validate_json(raw)  # late cancel of a finished request: nothing to do
-                continue
-            if b'"set_threads"' in raw:
-                change = SetThreads.model_validate_json(raw)
-                _set_threads(llm, change.set_threads, change.set_threads_batch)
-                _send(conn, _ready(llm))
-                continue
-            request = GenerateRequest.model_validate_json(raw)
+            message = WORKER_COMMAND.validate_json(raw)
         except ValidationError as exc:
             _send(conn, WorkerEvent(type="error", error=f"bad request: {exc.errors(include_url=False)}"))
             continue
+        if isinstance(message, Cancel):
+            continue  # late cancel of a request that already finished: nothing to do
+        if isinstance(message, SetThreads):
+            _set_threads(llm, message.n_threads, message.n_threads_batch)
+            _send(conn, _ready(llm))
+            continue
+        request: GenerateRequest = message
         try:
             _generate(conn, llm, spec, request)
         except Exception as exc:  # a bad request must not kill a healthy model

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -45,7 +45,14 @@ CREATE TABLE IF NOT EXISTS deployments (
     envelope_sha256 TEXT,
     state TEXT NOT NULL,
     reason TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    interruptions INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS bad_serials (
+    channel TEXT NOT NULL,
+    serial INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (channel, serial)
 );
 CREATE TABLE IF NOT EXISTS nonces (
     nonce TEXT PRIMARY KEY,
@@ -69,7 +76,14 @@ class StateDB:
         self._conn.execute("PRAGMA synchronous=FULL")
         # executescript commits on its own, so the idempotent schema runs outside transaction().
         self._conn.executescript(_SCHEMA)
+        self._migrate()
         self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        """Bring a state database written by an older version up to this schema."""
+        columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(deployments)")}
+        if "interruptions" not in columns:  # version 1: activations interrupted by a restart not counted
+            self._conn.execute("ALTER TABLE deployments ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -11,38 +11,54 @@ import uuid
 from dataclasses import dataclass
 
 from edge.state.db import StateDB
+from shared.admission import read_manifest_unverified
+from shared.errors import SchemaError
 from shared.manifest import Manifest
 from shared.messages import DeploymentState
-from shared.signing import Envelope
 
 
 @dataclass(frozen=True)
 class InstalledModel:
-    """A verified model in the store, with the signed envelope it came from."""
+    """A verified model in the store, with the signed envelope it came from and its manifest."""
 
-    channel: str
-    serial: int
-    name: str
+    manifest: Manifest
     envelope: bytes
-    model_sha256: str
-    digests: tuple[str, ...]
     installed_at: float
 
-    def manifest(self) -> Manifest:
-        """The manifest (verified when the model was installed; the state dir is trusted)."""
-        return Manifest.from_json(Envelope.from_json(self.envelope).payload_bytes())
+    @property
+    def channel(self) -> str:
+        return self.manifest.channel
+
+    @property
+    def serial(self) -> int:
+        return self.manifest.serial
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def model_sha256(self) -> str:
+        return self.manifest.model_file.sha256
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        return tuple(entry.sha256 for entry in self.manifest.files)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(channel, serial): how the runtime and the pointers name a model."""
+        return (self.channel, self.serial)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> InstalledModel:
-        return cls(
-            row["channel"],
-            row["serial"],
-            row["name"],
-            row["envelope"],
-            row["model_sha256"],
-            tuple(json.loads(row["digests"])),
-            row["installed_at"],
-        )
+        # The envelope was verified before the row was written, and the state directory is trusted.
+        manifest = read_manifest_unverified(row["envelope"])
+        if manifest is None:
+            raise SchemaError(
+                "state-corrupt", f"state.db: the stored manifest of serial {row['serial']} is unreadable"
+            )
+        return cls(manifest, row["envelope"], row["installed_at"])
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,8 @@ class Deployment:
     envelope: bytes | None
     state: DeploymentState
     reason: str | None
+    #: How many times a restart interrupted this deployment's activation or trial.
+    interruptions: int = 0
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Deployment:
@@ -69,6 +87,7 @@ class Deployment:
             row["envelope"],
             DeploymentState(row["state"]),
             row["reason"],
+            row["interruptions"],
         )
 
 
@@ -179,6 +198,30 @@ class Ledger:
     def set_pinned(self, pinned: bool) -> None:
         with self.db.transaction() as conn:
             self._set(conn, "pinned", "1" if pinned else None)
+
+    def mark_bad(self, channel: str, serial: int, reason: str) -> None:
+        """Remember that this serial failed for a model fault (or too many interruptions)."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO bad_serials (channel, serial, reason) VALUES (?, ?, ?)",
+                (channel, serial, reason[:1024]),
+            )
+
+    def bad_serials(self) -> dict[tuple[str, int], str]:
+        """Every serial marked bad on this device, with why."""
+        rows = self.db.query("SELECT channel, serial, reason FROM bad_serials")
+        return {(row["channel"], row["serial"]): row["reason"] for row in rows}
+
+    def count_interruption(self, deployment_id: str) -> int:
+        """One more restart interrupted this deployment's activation; returns the new count."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE deployments SET interruptions = interruptions + 1 WHERE id = ?", (deployment_id,)
+            )
+            row = conn.execute(
+                "SELECT interruptions FROM deployments WHERE id = ?", (deployment_id,)
+            ).fetchone()
+        return int(row["interruptions"]) if row else 0
 
     def handled(self, level: str) -> str | None:
         """Digest of the desired-state envelope last acted on for a topic level."""

@@ -1,5 +1,6 @@
-"""The daemon's telemetry thread: sample, let the thermal governor act, publish QoS 0, and refresh the
-summary in the retained status now and then (and at once when the thermal state changes)."""
+"""The daemon's telemetry thread: sample, publish QoS 0, and refresh the summary in the retained
+status now and then. Thermal back-off runs on its own (edge.telemetry.thermal.ThermalWatch); the
+samples only report its state."""
 
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ class TelemetryLoop:
         self,
         settings: TelemetrySettings,
         sampler: TelemetrySampler,
-        governor: ThermalGovernor,
+        governor: ThermalGovernor | None,
         publish: Callable[[Telemetry], None],
-        report: Callable[[dict[str, float], str | None], None],
+        report: Callable[[dict[str, float]], None],
     ) -> None:
         self.settings = settings
         self.sampler = sampler
@@ -74,16 +75,16 @@ class TelemetryLoop:
         self._thread.join(timeout=10)
 
     def tick(self) -> Telemetry:
-        """One sample: read, govern, publish, and report when due."""
+        """One sample: read, publish, and report the summary when due."""
         readings = self.sampler.sensors.read()
-        change = self.governor.observe(readings)
-        sample = self.sampler.sample(readings, thermal_limited=self.governor.limited)
+        limited = self.governor is not None and self.governor.limited
+        sample = self.sampler.sample(readings, thermal_limited=limited)
         self.publish(sample)
         self.summary = summarise(sample, self.summary)
         now = time.monotonic()
-        if change is not None or now >= self._next_report:
+        if now >= self._next_report:
             self._next_report = now + self.settings.status_every_s
-            self.report(self.summary, change)
+            self.report(self.summary)
         return sample
 
     def _run(self) -> None:

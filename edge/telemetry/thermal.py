@@ -5,10 +5,12 @@ the restore temperature."""
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from edge.config import ThermalSettings
-from edge.telemetry.host import HostReadings
+from edge.telemetry.host import HostReadings, HostSensors
 from shared.throttle import decode_throttled
 
 log = logging.getLogger(__name__)
@@ -74,3 +76,43 @@ class ThermalGovernor:
             return
         self.controls.limit_threads(self.settings.hot_threads if hot else None)
         self.controls.defer_low_priority(hot and self.settings.defer_low_priority)
+
+
+class ThermalWatch:
+    """The data plane's own thread reading the sensors and letting the governor act, so thermal
+    protection does not depend on telemetry being switched on (telemetry only reports it)."""
+
+    def __init__(
+        self,
+        governor: ThermalGovernor,
+        sensors: HostSensors,
+        on_change: Callable[[str], None] = lambda change: None,
+    ) -> None:
+        self.governor = governor
+        self.sensors = sensors
+        self.on_change = on_change
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="thermal", daemon=True)
+
+    def start(self) -> None:
+        if self.governor.settings.enabled:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def check(self) -> str | None:
+        """One reading: act on it, and say what changed (None: nothing)."""
+        change = self.governor.observe(self.sensors.read())
+        if change is not None:
+            self.on_change(change)
+        return change
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.governor.settings.interval_s):
+            try:
+                self.check()
+            except Exception:  # one bad reading must not end thermal protection for good
+                log.exception("thermal check failed")

@@ -9,9 +9,7 @@ from typing import Annotated, ClassVar, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import Field, model_validator
 
-from shared.errors import SignatureError
 from shared.schema import Contract
-from shared.signing.dsse import Envelope
 from shared.signing.keys import keyid_of, public_key_from_b64
 
 KEYRING_PAYLOAD_TYPE = "application/vnd.immune-edge.keyring+json"
@@ -88,24 +86,3 @@ class Keyring(Contract):
     def find(self, keyid: str) -> TrustedKey | None:
         """The trusted key with this keyid, if any."""
         return next((key for key in self.keys if key.keyid == keyid), None)
-
-
-def apply_keyring_update(current: Keyring, envelope: Envelope) -> Keyring:
-    """Verify a keyring update and return the new keyring.
-
-    The update must be signed by a threshold of the *current* root keys, and also by a
-    threshold of the *new* root keys (proving the new roots are held by someone), and its
-    version must be greater than the current one.
-    """
-    from shared.signing.verify import verify_envelope  # verify imports keyring; keep the cycle local
-
-    verified = verify_envelope(envelope, current, Role.ROOT, KEYRING_PAYLOAD_TYPE, what="keyring update")
-    new = Keyring.from_json(verified.payload, what="keyring update payload")
-    if new.version <= current.version:
-        raise SignatureError(
-            "keyring-version",
-            f"keyring update: version {new.version} is not greater than the current version "
-            f"{current.version}",
-        )
-    verify_envelope(envelope, new, Role.ROOT, KEYRING_PAYLOAD_TYPE, what="keyring update (new root keys)")
-    return new

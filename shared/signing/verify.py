@@ -8,7 +8,7 @@ from cryptography.exceptions import InvalidSignature
 
 from shared.errors import SignatureError
 from shared.signing.dsse import Envelope, b64decode_strict, pae
-from shared.signing.keyring import Keyring, Role
+from shared.signing.keyring import KEYRING_PAYLOAD_TYPE, Keyring, Role
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,22 @@ def verify_envelope(
         summary = f"{what}: {len(valid)} valid {role.value} signature(s), {threshold} required"
         raise SignatureError(reason, "; ".join([summary, *details]))
     return VerifiedPayload(payload, payload_type, role, tuple(valid))
+
+
+def apply_keyring_update(current: Keyring, envelope: Envelope) -> Keyring:
+    """Verify a keyring update and return the new keyring.
+
+    The update must be signed by a threshold of the *current* root keys, and also by a
+    threshold of the *new* root keys (proving the new roots are held by someone), and its
+    version must be greater than the current one.
+    """
+    verified = verify_envelope(envelope, current, Role.ROOT, KEYRING_PAYLOAD_TYPE, what="keyring update")
+    new = Keyring.from_json(verified.payload, what="keyring update payload")
+    if new.version <= current.version:
+        raise SignatureError(
+            "keyring-version",
+            f"keyring update: version {new.version} is not greater than the current version "
+            f"{current.version}",
+        )
+    verify_envelope(envelope, new, Role.ROOT, KEYRING_PAYLOAD_TYPE, what="keyring update (new root keys)")
+    return new

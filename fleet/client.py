@@ -16,8 +16,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fleet.settings import FleetSettings
 from shared.errors import ContractError
-from shared.fleet.settings import FleetSettings
 from shared.messages import (
     COMMAND_PAYLOAD_TYPE,
     Command,
@@ -115,15 +115,7 @@ class FleetClient:
         if reason.is_failure:
             log.error("broker refused the operator connection: %s", reason)
             return
-        base = self.topics.base
-        client.subscribe(
-            [
-                (f"{base}/device/+/status", 1),
-                (f"{base}/device/+/telemetry", 0),
-                (f"{base}/device/+/events", 1),
-                (self.response_topic, 1),
-            ]
-        )
+        client.subscribe(self.topics.operator_subscriptions(self.settings.operator))
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         try:

@@ -1,41 +1,20 @@
-"""Opening signed manifests and checking artifact files against them."""
+"""Reading artifact files: their sha256 in one pass, their manifest entry, and the facts admission
+checks (shared.admission holds the checks themselves, without I/O)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
-from shared.errors import ArtifactError, SchemaError
-from shared.manifest import MANIFEST_PAYLOAD_TYPE, ArtifactFile, FileRole, Manifest
-from shared.signing import Envelope, Keyring, Role, verify_envelope
+from shared.admission import FileFacts, check_file
+from shared.errors import ArtifactError, ContractError
+from shared.gguf import DEFAULT_ARCHITECTURES, read_gguf_header
+from shared.manifest import ArtifactFile, FileRole
 
 _CHUNK = 1024 * 1024
 GGUF_MAGIC = b"GGUF"
 GGUF_MEDIA_TYPE = "application/x-gguf"
-
-
-def open_signed_manifest(
-    envelope: Envelope | bytes, keyring: Keyring, now: datetime | None = None
-) -> Manifest:
-    """Verify a trainer-signed manifest envelope and return the manifest if it is not expired.
-
-    The schema is only parsed after the signatures check out, so unsigned bytes never
-    reach the manifest parser.
-    """
-    verified = verify_envelope(
-        envelope, keyring, Role.TRAINER, MANIFEST_PAYLOAD_TYPE, what="manifest envelope"
-    )
-    manifest = Manifest.from_json(verified.payload)
-    moment = now or datetime.now(UTC)
-    if manifest.is_expired(moment):
-        raise SchemaError(
-            "expired",
-            f"manifest {manifest.name} serial {manifest.serial}: "
-            f"expired at {manifest.expires_at.isoformat()}",
-        )
-    return manifest
 
 
 def sha256_file(path: Path, on_progress: Callable[[int], None] | None = None) -> tuple[int, str]:
@@ -79,13 +58,24 @@ def describe_artifact(
 
 def verify_artifact_file(path: Path, entry: ArtifactFile) -> None:
     """Raise ArtifactError unless ``path`` has exactly the declared size and sha256."""
-    actual_size = path.stat().st_size
-    if actual_size != entry.size:
-        raise ArtifactError(
-            "size-mismatch", f"artifact {entry.name}: size is {actual_size} bytes, manifest says {entry.size}"
-        )
-    _, digest = sha256_file(path)
-    if digest != entry.sha256:
-        raise ArtifactError(
-            "hash-mismatch", f"artifact {entry.name}: sha256 is {digest}, manifest says {entry.sha256}"
-        )
+    check_file(entry, read_file_facts(path, FileRole.EXTRA))
+
+
+def read_file_facts(
+    path: Path,
+    role: FileRole,
+    allowed_architectures: Collection[str] = DEFAULT_ARCHITECTURES,
+    sha256: str | None = None,
+) -> FileFacts:
+    """Size, sha256 and (for a model) the GGUF header of a file, for admission. ``sha256`` skips the
+    hashing of a blob the content store already verified on entry (its name is its digest)."""
+    size = path.stat().st_size
+    if sha256 is None:
+        size, sha256 = sha256_file(path)
+    header = None
+    if role is FileRole.MODEL:
+        try:
+            header = read_gguf_header(path, allowed_architectures)
+        except ContractError as exc:
+            header = exc
+    return FileFacts(size, sha256, header)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from datetime import UTC, datetime
 
-from shared.fleet.store import EventRow, FleetStore
+from fleet.store import EventRow, FleetStore
 
 WIDTH, HEIGHT, PAD_LEFT, PAD_BOTTOM, PAD_TOP = 640, 180, 52, 26, 12
 STATE_COLOURS = {"committed": "#2e7d32", "rolled_back": "#ef6c00", "failed": "#c62828", "rejected": "#c62828"}

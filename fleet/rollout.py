@@ -15,8 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet.client import FleetClient
 from shared.errors import ContractError
-from shared.fleet.client import FleetClient
 from shared.manifest import Manifest
 from shared.signing import Envelope
 

@@ -13,12 +13,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fleet.client import DeviceView, FleetClient, FleetError
+from fleet.report import render_report
+from fleet.rollout import Rollout, RolloutState, start_or_resume
+from fleet.settings import DEFAULT_FLEET_CONFIG, FleetSettings
+from fleet.store import FleetStore
 from shared.config import load_config
-from shared.fleet.client import DeviceView, FleetClient, FleetError
-from shared.fleet.report import render_report
-from shared.fleet.rollout import Rollout, RolloutState, start_or_resume
-from shared.fleet.settings import DEFAULT_FLEET_CONFIG, FleetSettings
-from shared.fleet.store import FleetStore
 from shared.messages import CommandResponse
 from shared.throttle import active_flags
 

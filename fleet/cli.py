@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -13,10 +12,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fleet import ops
+from shared.admission import verify_manifest
+from shared.artifacts import verify_artifact_file
 from shared.cli_entry import run_cli, transfer_progress
 from shared.errors import ContractError
-from shared.fleet import ops
 from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest, Quantization, RuntimeProfile
+from shared.manifest_builder import ManifestSpec, build_manifest
 from shared.messages import COMMAND_PAYLOAD_TYPE, Command
 from shared.schema import Contract
 from shared.signing import (
@@ -34,7 +36,6 @@ from shared.signing import (
 )
 from shared.signing.keyring import Thresholds
 from shared.topics import DEFAULT_ROOT, Topics, render_mosquitto_acl
-from shared.verification import describe_artifact, open_signed_manifest, verify_artifact_file
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -162,7 +163,10 @@ def manifest_create(
     version: Annotated[str | None, typer.Option(help="Human version (default: the serial).")] = None,
     base_model: Annotated[str, typer.Option(help="The model this one was fine-tuned from.")] = "unknown",
     task: str = "slips-summary",
-    quantization: Quantization = Quantization.Q4_K_M,
+    quantization: Annotated[
+        Quantization | None,
+        typer.Option(help="Default: read from the file's header; refused if it contradicts the header."),
+    ] = None,
     chat_format: Annotated[
         str | None, typer.Option(help="llama-cpp-python chat format, e.g. chatml.")
     ] = None,
@@ -171,15 +175,15 @@ def manifest_create(
     n_ctx: int = 4096,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     arch: Annotated[list[str] | None, typer.Option(help="aarch64 and/or x86_64 (default aarch64).")] = None,
-    min_ram_mb: int = 0,
+    min_ram_mb: Annotated[
+        int | None,
+        typer.Option(help="Default: the file, its KV cache at --n-ctx and the runtime's overhead."),
+    ] = None,
     group: Annotated[list[str] | None, typer.Option(help="Restrict to device group (repeatable).")] = None,
     expires_in_days: Annotated[int, typer.Option(min=1, max=3650)] = 90,
     force: bool = False,
 ) -> None:
-    """Describe a GGUF an operator already has: size and sha256 are computed from the file."""
-    with transfer_progress(err_console) as progress:
-        task_id = progress.add_task(f"hashing {gguf.name}", total=gguf.stat().st_size)
-        entry = describe_artifact(gguf, url, on_progress=lambda n: progress.advance(task_id, n))
+    """Describe a GGUF an operator already has: size, sha256 and quantization are read from the file."""
     runtime = RuntimeProfile(
         chat_format=chat_format,
         chat_template=chat_template_file.read_text() if chat_template_file else None,
@@ -187,30 +191,30 @@ def manifest_create(
         n_ctx=n_ctx,
         stop=stop or [],
     )
-    now = datetime.now(UTC).replace(microsecond=0)
-    manifest = Manifest.model_validate(
-        {
-            "name": name,
-            "channel": channel,
-            "serial": serial,
-            "version": version or str(serial),
-            "created_at": now,
-            "expires_at": now + timedelta(days=expires_in_days),
-            "base_model": base_model,
-            "task": task,
-            "quantization": quantization,
-            "files": [entry],
-            "runtime": runtime,
-            "compatibility": {
-                "cpu_arch": arch or ["aarch64"],
-                "min_ram_mb": min_ram_mb,
-                "device_groups": group or [],
-            },
-        },
-        strict=False,
+    spec = ManifestSpec(
+        name=name,
+        serial=serial,
+        urls=url,
+        runtime=runtime,
+        channel=channel,
+        version=version,
+        base_model=base_model,
+        task=task,
+        quantization=quantization,
+        cpu_arch=arch or ["aarch64"],
+        min_ram_mb=min_ram_mb,
+        device_groups=group or [],
+        expires_in_days=expires_in_days,
     )
+    with transfer_progress(err_console) as progress:
+        task_id = progress.add_task(f"hashing {gguf.name}", total=gguf.stat().st_size)
+        manifest = build_manifest(gguf, spec, on_progress=lambda n: progress.advance(task_id, n))
     _write_new(output, manifest.to_json(), force)
-    console.print(f"manifest {name} serial {serial}: {entry.size} bytes, sha256 {entry.sha256} -> {output}")
+    entry = manifest.model_file
+    console.print(
+        f"manifest {name} serial {serial}: {manifest.quantization.value}, {entry.size} bytes, "
+        f"min RAM {manifest.compatibility.min_ram_mb} MiB, sha256 {entry.sha256} -> {output}"
+    )
 
 
 @app.command("acl")
@@ -272,7 +276,7 @@ def verify(
     keyring = Keyring.from_json(keyring_path.read_bytes(), what=str(keyring_path))
     envelope = Envelope.from_json(envelope_path.read_bytes(), what=str(envelope_path))
     if kind is PayloadKind.MANIFEST:
-        manifest = open_signed_manifest(envelope, keyring)
+        manifest = verify_manifest(envelope, keyring)
         summary = (
             f"manifest {manifest.name} serial {manifest.serial} (expires {manifest.expires_at.isoformat()})"
         )

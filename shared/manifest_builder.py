@@ -1,0 +1,93 @@
+"""The one place a manifest is built from a GGUF file (``immune-train publish`` and
+``immune-fleet manifest create`` both use it): size and sha256 from the bytes, the quantization
+from the file's own header, and a minimum RAM derived from the file and the profile's context."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from shared.artifacts import describe_artifact
+from shared.errors import ArtifactError
+from shared.gguf import GgufHeader, minimum_ram_mb, read_gguf_header
+from shared.manifest import Manifest, Quantization, RuntimeProfile
+
+
+@dataclass
+class ManifestSpec:
+    """What the publisher decides; everything else is read from the file."""
+
+    name: str
+    serial: int
+    urls: Sequence[str]
+    runtime: RuntimeProfile
+    channel: str = "stable"
+    version: str | None = None
+    base_model: str = "unknown"
+    task: str = "slips-summary"
+    #: None: taken from the file's header; given: must agree with it.
+    quantization: Quantization | None = None
+    cpu_arch: Sequence[str] = ("aarch64",)
+    #: None: weights + KV cache at ``runtime.n_ctx`` + runtime overhead.
+    min_ram_mb: int | None = None
+    device_groups: Sequence[str] = ()
+    expires_in_days: int = 90
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def file_quantization(gguf: Path, header: GgufHeader, claimed: Quantization | None) -> Quantization:
+    """The quantization the file's header declares; refuses a claim that contradicts it, and a file
+    whose type has no manifest name unless the caller names one."""
+    actual = header.quantization
+    if actual is None:
+        if claimed is None:
+            raise ArtifactError(
+                "unknown-quantization",
+                f"{gguf.name}: the header's general.file_type ({header.file_type}) is not one a manifest "
+                "can name; give the quantization explicitly",
+            )
+        return claimed
+    if claimed is not None and claimed.value != actual:
+        raise ArtifactError(
+            "quantization-mismatch",
+            f"{gguf.name}: the file is {actual} (general.file_type {header.file_type}), not {claimed.value}",
+        )
+    return Quantization(actual)
+
+
+def build_manifest(
+    gguf: Path, spec: ManifestSpec, on_progress: Callable[[int], None] | None = None
+) -> Manifest:
+    """An unsigned manifest for ``gguf``; ArtifactError when the file contradicts ``spec``."""
+    header = read_gguf_header(gguf, None)
+    quantization = file_quantization(gguf, header, spec.quantization)
+    entry = describe_artifact(gguf, list(spec.urls), on_progress=on_progress)
+    min_ram = spec.min_ram_mb
+    if min_ram is None:
+        min_ram = minimum_ram_mb(entry.size, header, spec.runtime.n_ctx)
+    now = datetime.now(UTC).replace(microsecond=0)
+    return Manifest.model_validate(
+        {
+            "name": spec.name,
+            "channel": spec.channel,
+            "serial": spec.serial,
+            "version": spec.version or str(spec.serial),
+            "created_at": now,
+            "expires_at": now + timedelta(days=spec.expires_in_days),
+            "base_model": spec.base_model,
+            "task": spec.task,
+            "quantization": quantization,
+            "files": [entry],
+            "runtime": spec.runtime,
+            "compatibility": {
+                "cpu_arch": list(spec.cpu_arch),
+                "min_ram_mb": min_ram,
+                "device_groups": list(spec.device_groups),
+            },
+            **({"provenance": spec.provenance} if spec.provenance else {}),
+        },
+        strict=False,
+    )

@@ -1,0 +1,54 @@
+"""The pipe protocol between the daemon and a real llama-cpp-python worker: every message is told
+apart by its ``type`` tag, never by what its text happens to contain."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge.runtime.handle import WorkerHandle
+from edge.runtime.protocol import WORKER_COMMAND, Cancel, ChatMessage, GenerateRequest, LoadSpec, SetThreads
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def worker(smollm2_model):
+    handle = WorkerHandle(LoadSpec(model_path=str(smollm2_model), n_ctx=512, n_threads=1), "smol").start()
+    yield handle
+    handle.stop()
+
+
+def _run(worker: WorkerHandle, request: GenerateRequest) -> list:
+    return list(worker.generate(request))
+
+
+def test_a_chat_saying_cancel_is_a_generation(worker):
+    """Bug: the worker searched the raw bytes for '"cancel"' and took this for a cancel message."""
+    request = GenerateRequest(
+        id="chat-1", messages=[ChatMessage(role="user", content="cancel")], max_tokens=4, temperature=0
+    )
+    events = _run(worker, request)
+    assert events[-1].type == "done" and events[-1].id == "chat-1"
+    assert events[-1].finish_reason in ("stop", "length")
+
+
+def test_a_stop_string_named_cancel_or_set_threads_is_a_generation(worker):
+    request = GenerateRequest(
+        id="chat-2", prompt="Say hello.", max_tokens=4, stop=["cancel", "set_threads"], temperature=0
+    )
+    events = _run(worker, request)
+    assert events[-1].type == "done" and events[-1].id == "chat-2"
+
+
+def test_each_message_kind_round_trips_through_the_tagged_union():
+    for message in (
+        GenerateRequest(id="x", prompt="cancel set_threads", max_tokens=1),
+        Cancel(id="x"),
+        SetThreads(n_threads=1, n_threads_batch=2),
+    ):
+        assert WORKER_COMMAND.validate_json(message.model_dump_json()) == message
+
+
+def test_a_message_without_a_type_is_refused():
+    with pytest.raises(ValueError, match="type"):
+        WORKER_COMMAND.validate_json(b'{"cancel": "x"}')

@@ -1,0 +1,94 @@
+"""The typed records the trainer's stages exchange through the run directory (trainer.layout):
+``finetune`` writes a RunRecord, ``export`` an ExportReport, ``eval`` an EvalReport, ``publish`` a
+PublishedRecord. Each is read back through its model, so a stage never guesses a dict's keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from shared.manifest import Quantization
+from trainer.errors import TrainerError
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def write(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: Path, missing: str) -> Self:
+        """The record in ``path``; TrainerError naming the file (``missing`` says which stage to run)."""
+        if not path.is_file():
+            raise TrainerError(f"missing-{path.stem}", f"{path}: not found ({missing})")
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise TrainerError(f"bad-{path.stem}", f"{path}: {exc.errors(include_url=False)}") from None
+
+
+class RunRecord(_Record):
+    """``run.json``: what ``finetune`` trained, on what, with which packages, and how it went."""
+
+    finished_at: str
+    config: dict[str, Any]
+    seed: int
+    data_sha256: str
+    records: dict[str, int]
+    device: str
+    load_in_4bit: bool
+    versions: dict[str, str]
+    metrics: dict[str, float]
+    resumed: bool
+
+
+class ExportedFile(_Record):
+    """One GGUF ``export`` wrote and checked."""
+
+    quant: Quantization
+    file: str
+    size: int
+    sha256: str
+    tensor_types: dict[str, int]
+
+
+class ExportReport(_Record):
+    """``export.json``."""
+
+    files: list[ExportedFile]
+
+
+class QuantScores(_Record):
+    """How one quantization did against the F16 baseline."""
+
+    file: str
+    perplexity: float
+    perplexity_rise_vs_f16: float
+    accepted: bool
+    tasks: dict[str, float]
+
+
+class EvalReport(_Record):
+    """``eval.json``: the publish gate."""
+
+    baseline: Quantization
+    max_ppl_rise: float
+    records: dict[str, int]
+    quants: dict[Quantization, QuantScores]
+
+
+class PublishedRecord(_Record):
+    """``published.json``: what ``publish`` sent, where."""
+
+    name: str
+    serial: int
+    quantization: Quantization
+    topic: str
+    url: str
+    size: int
+    sha256: str
+    signed_by: list[str]
+    expires_at: str
