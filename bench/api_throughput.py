@@ -136,11 +136,12 @@ def _streamed(parts: list[str], stamps: list[float], started: float) -> Sample:
 Engine = Callable[[str, int], Sample]
 
 
-def overhead(rounds: int, threads: int, tokens: int) -> None:
+def overhead(rounds: int, threads: int, tokens: int, prompt_cache_mb: int = 0) -> None:
     model = str(smollm2_gguf())
     ours_port, theirs_port = free_port(), free_port()
     ours_cmd = [sys.executable, "-m", "edge.cli", "serve", "--model", model, "--port", str(ours_port)]
     ours_cmd += ["--threads", str(threads), "--n-ctx", str(N_CTX), "--max-tokens-cap", "4096"]
+    ours_cmd += ["--prompt-cache-mb", str(prompt_cache_mb)]
     theirs_cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(theirs_port)]
     theirs_cmd += ["--host", "127.0.0.1", "--n_threads", str(threads), "--n_threads_batch", str(threads)]
     theirs_cmd += ["--n_ctx", str(N_CTX)]
@@ -279,9 +280,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--incidents", type=int, default=6)
+    parser.add_argument(
+        "--prompt-cache-mb", type=int, default=0, help="immune-edge's RAM prompt cache in the overhead part"
+    )
+    parser.add_argument("--part", choices=("all", "overhead", "prefix"), default="all")
     args = parser.parse_args()
-    overhead(args.rounds, args.threads, args.tokens)
-    prefix_reuse(args.incidents, args.threads)
+    if args.part in ("all", "overhead"):
+        overhead(args.rounds, args.threads, args.tokens, args.prompt_cache_mb)
+    if args.part in ("all", "prefix"):
+        prefix_reuse(args.incidents, args.threads)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,10 @@ class EdgeDaemon:
         self.agent.wake()
 
     def _thermal_changed(self, change: str) -> None:
-        """The data plane backed off or recovered: say so in the retained status at once."""
+        """The data plane backed off or recovered: say so in the retained status at once, with a fresh
+        telemetry summary when telemetry is on."""
+        if self.telemetry is not None:
+            self.telemetry.tick(report_now=True)
         self.control.reporter.status(note=change)
         self.agent.wake()
 

@@ -18,12 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from fleet.client import FleetClient
 from shared.errors import ContractError
 from shared.manifest import Manifest
+from shared.outcome import result_succeeded
 from shared.signing import Envelope
 
 DeviceState = Literal["pending", "sent", "committed", "failed", "rolled_back"]
 RolloutStatus = Literal["running", "halted", "done"]
-#: Outcomes of a rollout command that mean the device runs the new model.
-SUCCESS_RESULTS = {"committed", "already-installed"}
 
 
 class RolloutError(ContractError):
@@ -172,7 +171,7 @@ class Rollout:
             progress.at = time.time()
             if response is None:
                 progress.state, progress.reason = "failed", f"no answer within {state.wave_timeout_s:.0f} s"
-            elif response.result.get("result") in SUCCESS_RESULTS:
+            elif response.ok and result_succeeded(response.result.get("result")):
                 progress.state, progress.reason = "committed", None
             else:
                 reason = response.result.get("reason") or response.error or response.result.get("result")

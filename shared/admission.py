@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from shared.errors import ArtifactError, ContractError, SchemaError
 from shared.gguf import GgufHeader
-from shared.manifest import MANIFEST_PAYLOAD_TYPE, ArtifactFile, Manifest
+from shared.manifest import MANIFEST_PAYLOAD_TYPE, ArtifactFile, FileRole, Manifest
 from shared.signing import Envelope, Keyring, Role, verify_envelope
 
 
@@ -229,7 +229,12 @@ def run_admission(given: AdmissionInput) -> list[StepResult]:
         (
             "size and sha256",
             files is not None,
-            lambda: [check_file(entry, (files or {}).get(entry.name)) for entry in manifest.files],
+            # The files handed in (``immune-edge verify`` checks one artifact); the model file always.
+            lambda: [
+                check_file(entry, (files or {}).get(entry.name))
+                for entry in manifest.files
+                if entry.name in (files or {}) or entry.role is FileRole.MODEL
+            ],
             f"{manifest.model_file.size} bytes",
         ),
     ]
@@ -243,21 +248,22 @@ def run_admission(given: AdmissionInput) -> list[StepResult]:
             results.append(StepResult(name, False, f"{exc.reason}: {exc}"))
         else:
             results.append(StepResult(name, True, detail))
+    results.append(_header_step(manifest, given, results))
+    return results
+
+
+def _header_step(manifest: Manifest, given: AdmissionInput, earlier: list[StepResult]) -> StepResult:
+    """The GGUF header, read only when every earlier step passed."""
+    device, files = given.device, given.files
     allowed = given.allowed_architectures or (device.allowed_architectures if device else None)
-    if files is None or allowed is None or any(r.passed is False for r in results):
-        results.append(StepResult("GGUF header", None, "not checked: an earlier check failed"))
-        return results
+    if files is None or allowed is None or any(r.passed is False for r in earlier):
+        return StepResult("GGUF header", None, "not checked: an earlier check failed")
     try:
         header = check_model_header(manifest, files.get(manifest.model_file.name), allowed)
     except ContractError as exc:
-        results.append(StepResult("GGUF header", False, f"{exc.reason}: {exc}"))
-    else:
-        results.append(
-            StepResult(
-                "GGUF header", True, f"v{header.version} {header.architecture}, {header.tensor_count} tensors"
-            )
-        )
-    return results
+        return StepResult("GGUF header", False, f"{exc.reason}: {exc}")
+    detail = f"v{header.version} {header.architecture}, {header.tensor_count} tensors"
+    return StepResult("GGUF header", True, detail)
 
 
 def read_manifest_unverified(envelope: bytes) -> Manifest | None:

@@ -256,19 +256,27 @@ def _kill_during_trial(config: Path, observer: FleetObserver, serial: int) -> No
     observer.wait_for(lambda: observer.statuses and observer.statuses[-1]["online"] is False, 30, "Last Will")
 
 
-def _smol_fleet(tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, smollm2_model, retries: int):
-    serving = ServingOptions(trial_s=600.0)  # a trial that only a kill (or the retry) ends
+def _serial_2_killed_during_trial(
+    tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, smollm2_model, retries: int
+) -> tuple[Path, ServingOptions]:
+    """SmolLM2 serial 1 committed, then serial 2 desired and the daemon SIGKILLed during its trial
+    (a power cut). The config allows ``retries`` activation retries."""
+    serving = ServingOptions(trial_s=600.0)  # a trial that only the kill ends
     config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=serving)
     text = config.read_text().replace("[deploy]\n", f"[deploy]\nactivation_retries = {retries}\n")
     config.write_text(text)
     url = artifact_server.add_file(smollm2_model)
     runtime = {"chat_format": "chatml", "n_ctx": 1024, "stop": ["<|im_end|>"]}
-
-    def envelope(serial: int) -> bytes:
-        data = smollm2_model.read_bytes()
-        return sign_manifest([fleet_keys.trainer], data, url, serial=serial, runtime=runtime)
-
-    return config, serving, envelope
+    data = smollm2_model.read_bytes()
+    with running_daemon(config):
+        observer.publish(
+            TOPICS.desired_fleet(), sign_manifest([fleet_keys.trainer], data, url, serial=1, runtime=runtime)
+        )
+        assert observer.wait_terminal(1, timeout=180)[-1]["state"] == "committed"
+    envelope = sign_manifest([fleet_keys.trainer], data, url, serial=2, runtime=runtime)
+    observer.publish(TOPICS.desired_fleet(), envelope)
+    _kill_during_trial(config, observer, 2)
+    return config, serving
 
 
 @pytest.mark.slow
@@ -277,14 +285,9 @@ def test_power_cut_during_trial_retries_the_new_model_and_commits_it(
 ) -> None:
     """Bug: a kill -9 during a trial rolled the model back (restart-during-trial), then the same
     retained desired state was rejected as serial-not-newer: the device stayed on the old model."""
-    config, serving, envelope = _smol_fleet(
+    config, serving = _serial_2_killed_during_trial(
         tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, smollm2_model, retries=2
     )
-    with running_daemon(config):
-        observer.publish(TOPICS.desired_fleet(), envelope(1))
-        assert observer.wait_terminal(1, timeout=180)[-1]["state"] == "committed"
-    observer.publish(TOPICS.desired_fleet(), envelope(2))
-    _kill_during_trial(config, observer, 2)
     ends = len(observer.terminal_events())
     # The retry's trial must end for the test: after the restart, a short trial window.
     config.write_text(config.read_text().replace("trial_s = 600.0", "trial_s = 2.0"))
@@ -308,14 +311,9 @@ def test_power_cut_during_trial_retries_the_new_model_and_commits_it(
 def test_a_serial_interrupted_too_often_is_marked_bad_and_reported_as_known_bad(
     tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, smollm2_model
 ) -> None:
-    config, _, envelope = _smol_fleet(
+    config, _ = _serial_2_killed_during_trial(
         tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, smollm2_model, retries=0
     )
-    with running_daemon(config):
-        observer.publish(TOPICS.desired_fleet(), envelope(1))
-        assert observer.wait_terminal(1, timeout=180)[-1]["state"] == "committed"
-    observer.publish(TOPICS.desired_fleet(), envelope(2))
-    _kill_during_trial(config, observer, 2)
     ends = len(observer.terminal_events())
     with running_daemon(config) as daemon:
         back = observer.wait_terminal(ends + 1, timeout=180)[-1]

@@ -141,6 +141,28 @@ def _telemetry_listener(broker: Mosquitto) -> tuple[mqtt.Client, list[dict[str, 
     return client, received
 
 
+def _device_with_batch_alias(
+    tmp_path: Path,
+    broker: Mosquitto,
+    keys: FleetKeys,
+    n_threads: int,
+    telemetry: str,
+    thermal_interval_s: float = 1.0,
+) -> tuple[Path, ServingOptions, Pi5Tree]:
+    """A daemon config serving "slips" and the low-priority "slips-batch", hot above 78 C."""
+    serving = ServingOptions(
+        n_threads=n_threads, api='low_priority_models = ["slips-batch"]', aliases=("slips", "slips-batch")
+    )
+    thermal = (
+        f"[thermal]\ninterval_s = {thermal_interval_s}\nsoft_limit_c = 78\nrestore_c = 70\nhot_threads = 1\n"
+        "defer_retry_after_s = 30\n"
+    )
+    config = write_edge_config(
+        tmp_path / "device", broker, keys.keyring(), serving=serving, extra=f"{telemetry}\n{thermal}"
+    )
+    return config, serving, Pi5Tree(tmp_path / "device")
+
+
 def _metric(base_url: str, line_start: str) -> float | None:
     for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
         if line.startswith(line_start):
@@ -157,18 +179,9 @@ def test_daemon_backs_off_when_hot_and_reports_telemetry(
     fleet_keys: FleetKeys,
     smollm2_model: Path,
 ) -> None:
-    serving = ServingOptions(
-        n_threads=2, api='low_priority_models = ["slips-batch"]', aliases=("slips", "slips-batch")
+    config, serving, pi = _device_with_batch_alias(
+        tmp_path, mqtt_broker, fleet_keys, 2, "[telemetry]\ninterval_s = 1\nstatus_every_s = 2\n"
     )
-    config = write_edge_config(
-        tmp_path / "device",
-        mqtt_broker,
-        fleet_keys.keyring(),
-        serving=serving,
-        extra="[telemetry]\ninterval_s = 1\nstatus_every_s = 2\n\n"
-        "[thermal]\nsoft_limit_c = 78\nrestore_c = 70\nhot_threads = 1\ndefer_retry_after_s = 30\n",
-    )
-    pi = Pi5Tree(tmp_path / "device")
     listener, samples = _telemetry_listener(mqtt_broker)
     url = artifact_server.add_file(smollm2_model)
     envelope = sign_manifest([fleet_keys.trainer], smollm2_model.read_bytes(), url)
@@ -249,16 +262,9 @@ def test_thermal_back_off_works_with_telemetry_switched_off(
 ) -> None:
     """Bug: the governor lived inside the telemetry loop, so `[telemetry] enabled = false` silently
     switched thermal protection off too."""
-    serving = ServingOptions(api='low_priority_models = ["slips-batch"]', aliases=("slips", "slips-batch"))
-    config = write_edge_config(
-        tmp_path / "device",
-        mqtt_broker,
-        fleet_keys.keyring(),
-        serving=serving,
-        extra="[telemetry]\nenabled = false\n\n[thermal]\ninterval_s = 0.5\nsoft_limit_c = 78\n"
-        "restore_c = 70\ndefer_retry_after_s = 30\n",
+    config, serving, pi = _device_with_batch_alias(
+        tmp_path, mqtt_broker, fleet_keys, 1, "[telemetry]\nenabled = false\n", thermal_interval_s=0.5
     )
-    pi = Pi5Tree(tmp_path / "device")
     listener, samples = _telemetry_listener(mqtt_broker)
     url = artifact_server.add_file(smollm2_model)
     chat = {"model": "slips-batch", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}

@@ -156,7 +156,11 @@ class WorkerHandle:
         """Stop a generation whose consumer went away and wait for the worker to be idle again."""
         if self._conn is None:
             return
-        self._conn.send_bytes(Cancel(id=request_id).model_dump_json().encode())
+        try:
+            self._conn.send_bytes(Cancel(id=request_id).model_dump_json().encode())
+        except OSError as exc:  # the worker died between the liveness check and the send
+            log.warning("cancel of %s: worker %s is gone (%s)", request_id, self.name, exc)
+            return
         try:
             while self._receive(TOKEN_TIMEOUT_S, "cancelling").type not in ("done", "error"):
                 pass

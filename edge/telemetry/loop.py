@@ -64,6 +64,7 @@ class TelemetryLoop:
         self.report = report
         self.summary: dict[str, float] = {}
         self._next_report = 0.0
+        self._tick_lock = threading.Lock()  # the thermal thread may ask for a sample too
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
 
@@ -74,18 +75,20 @@ class TelemetryLoop:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def tick(self) -> Telemetry:
-        """One sample: read, publish, and report the summary when due."""
-        readings = self.sampler.sensors.read()
-        limited = self.governor is not None and self.governor.limited
-        sample = self.sampler.sample(readings, thermal_limited=limited)
-        self.publish(sample)
-        self.summary = summarise(sample, self.summary)
-        now = time.monotonic()
-        if now >= self._next_report:
-            self._next_report = now + self.settings.status_every_s
-            self.report(self.summary)
-        return sample
+    def tick(self, report_now: bool = False) -> Telemetry:
+        """One sample: read, publish, and report the summary when due (or ``report_now``: after a
+        thermal change, so the status shows the new state at once)."""
+        with self._tick_lock:
+            readings = self.sampler.sensors.read()
+            limited = self.governor is not None and self.governor.limited
+            sample = self.sampler.sample(readings, thermal_limited=limited)
+            self.publish(sample)
+            self.summary = summarise(sample, self.summary)
+            now = time.monotonic()
+            if report_now or now >= self._next_report:
+                self._next_report = now + self.settings.status_every_s
+                self.report(self.summary)
+            return sample
 
     def _run(self) -> None:
         while True:
