@@ -33,8 +33,8 @@ class LoadSpec(_Message):
     #: instructions, a retried prompt).
     prefix_reuse: bool = True
     #: Also keep the states of older prompts in RAM (llama-cpp-python's LlamaRAMCache). Off by
-    #: default: saving and searching states costs ~5 % throughput and ~30 ms TTFT per request
-    #: (docs/benchmarks.md), and Slips' prompts share their prefix with the previous one anyway.
+    #: default: saving each state costs ~5 % TTFT and ~100 MB per 4k-token context; it brings an
+    #: alert asked about again after others back in under a second (docs/benchmarks.md).
     prompt_cache_mb: Annotated[int, Field(ge=0)] = 0
 
 
