@@ -138,13 +138,14 @@ def export_command(
 ) -> None:
     """Merge the adapter and write checked GGUF files, offline."""
     from trainer.export import export, parse_quants
+    from trainer.layout import RunLayout
 
     quants = parse_quants(quant)
     with _spinner("preparing the llama.cpp tree"):
         tree = toolchain_module.prepare_toolchain()
     with _spinner(f"exporting {', '.join(q.value for q in quants)}"):
         files = export(run_dir, quants, tree, keep_merged)
-    table = Table(title=f"GGUF -> {files[0].path.parent}")
+    table = Table(title=f"GGUF -> {RunLayout(run_dir).export.root}")
     for column in ("quant", "file", "MiB", "tensor types", "sha256"):
         table.add_column(column)
     for item in files:
