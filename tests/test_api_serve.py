@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from tests.harness.net import free_port
+from tests.harness.waiting import wait_until
 
 PROMPT = [{"role": "user", "content": "Summarise: host 10.0.0.5 scanned 200 ports in 3 seconds."}]
 
@@ -225,14 +226,68 @@ def test_more_connections_than_the_queue_get_429_and_the_server_recovers(server)
     assert call(0) == 200
 
 
+def _metric(base: str, name: str) -> float:
+    """The sum of a metric's samples whose line starts with ``name`` (0 when absent)."""
+    lines = httpx.get(f"{base}/metrics", timeout=10).text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name))
+
+
+def _idle_after(base: str, endpoint: str, status: str) -> None:
+    """Wait until the request ended with ``status`` and nothing runs or waits any more."""
+    ended = f'immune_edge_requests_total{{endpoint="{endpoint}",status="{status}"}}'
+    wait_until(lambda: _metric(base, ended) == 1, 60, f"a {status} on {endpoint} in /metrics")
+    wait_until(lambda: _metric(base, "immune_edge_queue_depth") == 0, 60, "the worker idle")
+
+
+#: A base model counting on and on: far more tokens than any of these tests waits for.
+COUNTING = {"model": "gemma", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 2000, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def gemma_server(tmp_path_factory, gemma3_model) -> Iterator[Server]:
+    socket = tmp_path_factory.mktemp("gemma") / "s.sock"
+    with serving(gemma3_model, socket, "--name", "gemma", "--max-tokens-cap", "2000") as running:
+        yield running
+
+
+def test_a_hang_up_cancels_a_non_streaming_generation(gemma_server) -> None:
+    """Bug: a client that hung up on a non-streaming request (Slips' kind) left its generation
+    running to max_tokens, counted as a 200, while every request behind it waited."""
+    base = gemma_server.base
+    before = _metric(base, "immune_edge_completion_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json=COUNTING, timeout=httpx.Timeout(30, read=2))
+    _idle_after(base, "/v1/completions", "499")
+    assert _metric(base, 'immune_edge_requests_total{endpoint="/v1/completions",status="200"}') == 0
+    assert _metric(base, "immune_edge_completion_tokens_total") == before  # no result was produced
+    ollama = {"model": "gemma", "prompt": COUNTING["prompt"], "raw": True, "stream": False}
+    with pytest.raises(httpx.ReadTimeout):
+        options = {"num_predict": 2000, "temperature": 0}
+        httpx.post(
+            f"{base}/api/generate", json=ollama | {"options": options}, timeout=httpx.Timeout(30, read=2)
+        )
+    _idle_after(base, "/api/generate", "499")
+
+
+def test_a_hang_up_cancels_a_streaming_generation(gemma_server) -> None:
+    base = gemma_server.base
+    with httpx.stream(
+        "POST", f"{base}/v1/completions", json=COUNTING | {"stream": True}, timeout=60
+    ) as reply:
+        lines = reply.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # the first token arrived
+    _idle_after(base, "/v1/completions", "499")
+
+
 def test_request_timeout_cancels_and_the_server_stays_healthy(tmp_path, gemma3_model) -> None:
     with serving(gemma3_model, tmp_path / "s.sock", "--request-timeout", "1", "--name", "gemma") as server:
-        # A base model counting on and on: far more than one second of tokens.
-        body = {"model": "gemma", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1000, "temperature": 0}
-        started = time.monotonic()
-        response = httpx.post(f"{server.base}/v1/completions", json=body, timeout=60)
+        response = httpx.post(
+            f"{server.base}/v1/completions", json=COUNTING | {"max_tokens": 1000}, timeout=60
+        )
         assert response.status_code == 504, response.text
         assert response.json()["error"]["code"] == "timeout"
-        assert time.monotonic() - started < 30
-        quick = httpx.post(f"{server.base}/v1/completions", json=body | {"max_tokens": 4}, timeout=60)
+        # The generation was cancelled, not left running: the worker is idle and produced no result.
+        wait_until(lambda: _metric(server.base, "immune_edge_queue_depth") == 0, 60, "the worker idle")
+        assert _metric(server.base, "immune_edge_completion_tokens_total") == 0
+        quick = httpx.post(f"{server.base}/v1/completions", json=COUNTING | {"max_tokens": 4}, timeout=60)
         assert quick.status_code == 200 and quick.json()["choices"][0]["text"]

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.api import ollama_api, openai_api
-from edge.api.generation import ApiError, Serving
+from edge.api.generation import ApiError, ClientGoneError, Serving
 
 #: Slips' longest prompts are ~3,200 tokens (~13 kB); 1 MiB leaves room and stops abuse early.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -113,6 +113,11 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(request.url.path, exc)
+
+    @app.exception_handler(ClientGoneError)
+    async def client_gone(request: Request, exc: ClientGoneError) -> Response:
+        # Nobody is listening; the status (nginx's "client closed request") is for the access log.
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -3,11 +3,14 @@ streaming, and the bookkeeping (metrics, trial statistics) every request feeds."
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 
+import anyio
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from edge.metrics import Metrics
@@ -27,6 +30,12 @@ from edge.runtime.router import (
 RESTART_WAIT_S = 30.0
 #: A client marks a request it can wait for (batch summaries) with ``X-Immune-Priority: low``.
 PRIORITY_HEADER = "x-immune-priority"
+#: How often a non-streaming request checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.25
+
+
+class ClientGoneError(Exception):
+    """The client hung up before its answer was ready; the generation was cancelled."""
 
 
 class ApiError(Exception):
@@ -131,6 +140,8 @@ class Generation:
         self._started = time.monotonic()
         self._deadline = self._started + serving.request_timeout_s
         self._closed = False
+        #: Set when the client hung up: the generation stops at the worker's next token.
+        self._client_gone = threading.Event()
 
     @classmethod
     async def open(
@@ -239,21 +250,41 @@ class Generation:
         finally:
             self._close(status, done)
 
-    async def collect(self) -> Result:
-        """Run to completion (non-streaming)."""
+    async def collect(self, is_disconnected: Callable[[], Awaitable[bool]]) -> Result:
+        """Run to completion (non-streaming). ``is_disconnected`` (Starlette's request method) is
+        polled meanwhile: a client that hangs up cancels its generation instead of leaving the worker
+        busy until ``max_tokens``; ClientGoneError then."""
 
         def run() -> Result:
             parts: list[str] = []
             done: WorkerEvent | None = None
-            for event in self._events():  # "done" is the last event: the loop ends with the generation
-                if event.type == "done":
-                    done = event
-                parts.append(event.text)
+            with closing(self._events()) as events:  # closing cancels the generation in the worker
+                for event in events:  # "done" is the last event: the loop ends with the generation
+                    if self._client_gone.is_set():
+                        raise ClientGoneError
+                    if event.type == "done":
+                        done = event
+                    parts.append(event.text)
             if done is None:
                 raise ApiError(503, "model worker ended without a result", "worker_failed")
             return Result(self.model, "".join(parts), done)
 
-        return await run_in_threadpool(run)
+        failure: Exception | None = None
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(self._watch_client, is_disconnected)
+            try:
+                result = await run_in_threadpool(run)
+            except Exception as exc:  # raised after the group: inside, it would become an ExceptionGroup
+                failure = exc
+            watchers.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return result
+
+    async def _watch_client(self, is_disconnected: Callable[[], Awaitable[bool]]) -> None:
+        while not await is_disconnected():
+            await anyio.sleep(DISCONNECT_POLL_S)
+        self._client_gone.set()
 
     async def stream(self) -> AsyncIterator[WorkerEvent]:
         """Events as they come; abandoning the iterator (client gone) cancels the generation."""
@@ -262,5 +293,8 @@ class Generation:
             async for event in iterate_in_threadpool(events):
                 yield event
         finally:
-            await run_in_threadpool(events.close)
+            # Runs when the response task is cancelled (the client went away): shielded, or the
+            # await would be cancelled before the generator is closed and the worker kept generating.
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(events.close)
             self._close(499)

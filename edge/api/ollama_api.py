@@ -126,7 +126,7 @@ async def chat(body: ChatRequest, request: Request) -> dict[str, object] | Strea
                     }
 
         return _ndjson(lines())
-    result = await generation.collect()
+    result = await generation.collect(request.is_disconnected)
     return {
         "model": name,
         "created_at": _now(),
@@ -169,7 +169,7 @@ async def generate(body: GenerateApiRequest, request: Request) -> dict[str, obje
                     yield {"model": name, "created_at": _now(), "response": "", **_stats(event)}
 
         return _ndjson(lines())
-    result = await generation.collect()
+    result = await generation.collect(request.is_disconnected)
     return {"model": name, "created_at": _now(), "response": result.text, **_stats(result.done)}
 
 

@@ -118,7 +118,7 @@ async def chat_completions(
                     }
 
         return _sse(chunks())
-    result = await generation.collect()
+    result = await generation.collect(request.is_disconnected)
     message = {"role": "assistant", "content": result.text}
     return _final(ident, "chat.completion", created, {"message": message}, result)
 
@@ -144,7 +144,7 @@ async def completions(body: CompletionRequest, request: Request) -> dict[str, ob
                 yield {**head, "choices": [{"index": 0, "text": event.text, "finish_reason": finish}]}
 
         return _sse(chunks())
-    result = await generation.collect()
+    result = await generation.collect(request.is_disconnected)
     return _final(ident, "text_completion", created, {"text": result.text}, result)
 
 
