@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -66,9 +67,11 @@ def deployments(observer, artifact_server, fleet_keys) -> Deployments:
     return Deployments(observer, artifact_server, fleet_keys)
 
 
-def test_happy_path_real_model_events_in_order(
+def test_happy_path_real_gguf_stored_with_events_in_order(
     config_file, observer, artifact_server, fleet_keys, smollm2_model
 ) -> None:
+    """The control plane on a real GGUF file with the runtime off (the store-only activator, whose
+    activating and trial states cannot fail). Loading and serving it: tests/test_edge_serving.py."""
     data = smollm2_model.read_bytes()
     url = artifact_server.add_file(smollm2_model)
     envelope = sign_manifest([fleet_keys.trainer], data, url, serial=1)
@@ -203,9 +206,16 @@ def test_hostile_manifests_are_rejected_and_change_nothing(
             assert current is not None and current.model_sha256 == digest(good), label
             assert sorted(p.name for p in daemon.control.store.blobs.iterdir()) == blobs_before, label
             assert list(daemon.control.store.partials.iterdir()) == [], label
-        # Unauthenticated rejections carry no name or serial: nothing from them is trusted.
-        first_rejection = next(e for e in observer.unique_events() if e["state"] == "rejected")
-        assert "manifest_name" not in first_rejection and "serial" not in first_rejection
+        # Rejections before the signature verified carry no name or serial: nothing from them is trusted.
+        unauthenticated = ("bad-signature", "unknown-key", "wrong-role", "schema", "too-large")
+        early = [
+            e
+            for e in observer.unique_events()
+            if e["state"] == "rejected" and e["reason"].split(":")[0] in unauthenticated
+        ]
+        assert len(early) == 6  # bad signature, unknown key, wrong role, unsigned, malformed, oversized
+        for rejection in early:
+            assert "manifest_name" not in rejection and "serial" not in rejection, rejection
         # Still healthy: a good newer manifest goes through.
         _, newer = deployments.envelope("newer", serial=30)
         assert deployments.publish(newer)["state"] == "committed"
@@ -311,9 +321,12 @@ def test_operator_rollback_pin_unpin_rollout_and_gc(config_file, deployments, ob
         data3, env3 = deployments.envelope("three", serial=3)
         ends = len(observer.terminal_events())
         observer.publish(TOPICS.desired_fleet(), env3)
+        time.sleep(1.0)  # past settle_s (0.3 s): the reconciliation is queued on the deployer thread
+        # Commands run on that same thread, after it: once this answer is here, it has run.
         response = command({"action": "rollout", "manifest": json.loads(env3)})
         assert not response["ok"] and response["result"]["reason"] == "pinned"
         assert len(observer.terminal_events()) == ends  # pinned: nothing deployed
+        assert ledger.current().serial == 1
         assert command({"action": "unpin"})["ok"]
         end = observer.wait_terminal(ends + 1)[-1]
         assert end["state"] == "committed" and end["serial"] == 3
@@ -344,10 +357,18 @@ def test_keyring_update_over_mqtt(config_file, deployments, observer, fleet_keys
         assert deployments.publish(one_signature)["reason"].startswith("below-threshold")
         forged = sign_envelope(keys.keyring(version=3).to_json(), KEYRING_PAYLOAD_TYPE, [keys.stranger])
         observer.publish(TOPICS.keyring(), forged.to_json())
-        observer.wait_for(
-            lambda: any("keyring update rejected" in (s.get("last_result") or "") for s in observer.statuses),
+        note = observer.wait_for(
+            lambda: next(
+                (
+                    s["last_result"]
+                    for s in observer.statuses
+                    if "keyring update rejected" in (s.get("last_result") or "")
+                ),
+                None,
+            ),
             what="rejected keyring noted in status",
         )
+        assert "(unknown-key)" in note, note  # the forger's key is in neither keyring
         assert daemon.control.trust.keyring.version == 2
 
 

@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from edge.delivery.store import ContentStore
+from edge.state.db import StateDB
+from edge.state.outbox import Outbox
 from tests.harness.artifact_server import Fault
 from tests.harness.broker import Mosquitto
 from tests.harness.edge import (
@@ -35,6 +37,14 @@ def _daemon_process(config: Path) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def _outbox_rows(state_db: Path) -> int:
+    db = StateDB(state_db)
+    try:
+        return len(Outbox(db))
+    finally:
+        db.close()
 
 
 def _wait(condition, timeout: float, what: str) -> None:
@@ -128,6 +138,15 @@ def test_outbox_survives_a_daemon_restart_while_offline(
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    state_db = tmp_path / "device" / "state" / "state.db"
+    queued = _outbox_rows(state_db)
+    assert queued > 0
+    # The daemon starts and is stopped again while the broker is still down.
+    offline = _daemon_process(config)
+    time.sleep(3.0)  # a few connection attempts
+    offline.terminate()
+    assert offline.wait(timeout=30) == 0
+    assert _outbox_rows(state_db) >= queued  # nothing dropped (its own offline status may be added)
     mqtt_broker.start()
     watcher = FleetObserver(mqtt_broker)
     try:

@@ -197,6 +197,14 @@ def test_pin_blocks_a_rollout_and_unpin_releases(fleet: Fleet) -> None:
     assert pinned.returncode == 0, pinned.stderr
     assert json.loads(pinned.stdout)["pi-c"]["result"]["pinned"] is True
     assert fleet.status()["pi-c"]["pinned"]
+    serial_c = fleet.status()["pi-c"]["serial"]
+    # A rollout reaches every device but the pinned one, which refuses it and stays where it is.
+    result = fleet.cli("rollout", fleet.envelope(4), "--group", GROUP, "--canary", "1", "--json")
+    assert result.returncode == 2, result.stdout + result.stderr
+    state = json.loads(result.stdout)
+    assert state["devices"]["pi-c"]["state"] == "failed" and state["devices"]["pi-c"]["reason"] == "pinned"
+    assert {state["devices"][d]["state"] for d in ("pi-a", "pi-b")} == {"committed"}
+    assert fleet.status()["pi-c"]["serial"] == serial_c
     unpinned = fleet.cli("unpin", "--device", "pi-c", "--json")
     assert unpinned.returncode == 0 and json.loads(unpinned.stdout)["pi-c"]["result"]["pinned"] is False
 
