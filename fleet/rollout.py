@@ -192,6 +192,24 @@ class Rollout:
             self._say(f"{device}: {progress.reason}")
 
 
+def resumable_state(path: Path, manifest_sha256: str) -> RolloutState | None:
+    """The rules for running a rollout again: no state file, a new rollout (None); the state of
+    another manifest is refused; a halted rollout is not retried silently; a running one resumes
+    (devices already committed are skipped, devices only sent are sent again)."""
+    if not path.exists():
+        return None
+    state = RolloutState.model_validate_json(path.read_text())
+    if state.manifest_sha256 != manifest_sha256:
+        raise RolloutError(
+            "rollout-mismatch", f"{path} belongs to another manifest; pass a different --state file"
+        )
+    if state.status == "halted":
+        raise RolloutError(
+            "rollout-halted", f"{path}: halted ({state.halted_reason}); delete it to start over"
+        )
+    return state
+
+
 def start_or_resume(
     client: FleetClient,
     envelope: bytes,
@@ -207,17 +225,8 @@ def start_or_resume(
     devices that have reported a status (optionally only one group's)."""
     manifest, digest = manifest_of(envelope)
     path = state_path or client.settings.rollouts_dir / f"{manifest.name}-{manifest.serial}.json"
-    if path.exists():
-        state = RolloutState.model_validate_json(path.read_text())
-        if state.manifest_sha256 != digest:
-            raise RolloutError(
-                "rollout-mismatch", f"{path} belongs to another manifest; pass a different --state file"
-            )
-        if state.status == "halted":
-            raise RolloutError(
-                "rollout-halted", f"{path}: halted ({state.halted_reason}); delete it to start over"
-            )
-        return state, path
+    if (resumed := resumable_state(path, digest)) is not None:
+        return resumed, path
     devices = [view.device_id for view in client.snapshot(group)]
     if not devices:
         raise RolloutError("no-devices", f"no device of {group or 'the fleet'} has reported a status")

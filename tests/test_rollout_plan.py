@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.rollout import RolloutError, RolloutState, parse_waves, plan_waves
+from fleet.rollout import RolloutError, RolloutState, parse_waves, plan_waves, resumable_state
 
 
 def test_waves_are_cumulative_and_end_at_everyone() -> None:
@@ -25,20 +25,47 @@ def test_bad_waves_are_refused_with_the_option_named(text: str) -> None:
         parse_waves(text)
 
 
-def test_state_file_round_trip_is_atomic(tmp_path: Path) -> None:
-    state = RolloutState(
-        manifest_sha256="a" * 64,
-        manifest_name="m",
-        serial=3,
-        group="g",
-        canary=1,
-        waves=[["pi-a"], ["pi-b"]],
-        max_failures=0,
-        wave_timeout_s=60,
-        rollback_on_halt=True,
-        next_wave=1,
-    )
+def _state(**overrides: object) -> RolloutState:
+    values: dict[str, object] = {
+        "manifest_sha256": "a" * 64,
+        "manifest_name": "m",
+        "serial": 3,
+        "group": "g",
+        "canary": 1,
+        "waves": [["pi-a"], ["pi-b"]],
+        "max_failures": 0,
+        "wave_timeout_s": 60,
+        "rollback_on_halt": True,
+        "next_wave": 1,
+    }
+    return RolloutState.model_validate(values | overrides)
+
+
+def test_state_file_is_replaced_atomically(tmp_path: Path) -> None:
     path = tmp_path / "rollouts" / "m-3.json"
+    state = _state()
     state.save(path)
     assert RolloutState.model_validate_json(path.read_text()) == state
+    first = path.stat().st_ino
+    state.next_wave = 2
+    state.save(path)
+    # A new file renamed over the old one (a plain write would keep the inode and could be cut short).
+    assert path.stat().st_ino != first
+    assert RolloutState.model_validate_json(path.read_text()).next_wave == 2
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_resume_rules(tmp_path: Path) -> None:
+    path = tmp_path / "m-3.json"
+    assert resumable_state(path, "a" * 64) is None  # no state: a new rollout
+    running = _state(devices={"pi-a": {"state": "committed"}, "pi-b": {"state": "sent"}})
+    running.save(path)
+    resumed = resumable_state(path, "a" * 64)
+    assert resumed == running and resumed.next_wave == 1
+    with pytest.raises(RolloutError, match="belongs to another manifest") as other:
+        resumable_state(path, "b" * 64)
+    assert other.value.reason == "rollout-mismatch"
+    _state(status="halted", halted_reason="canary failed").save(path)
+    with pytest.raises(RolloutError, match="halted \\(canary failed\\)") as halted:
+        resumable_state(path, "a" * 64)
+    assert halted.value.reason == "rollout-halted"
