@@ -20,7 +20,10 @@ from shared.manifest import ArtifactFile
 from tests.factories import gguf_bytes
 from tests.harness.artifact_server import ArtifactServer, Fault
 
-FAST = DownloadPolicy(attempts=4, backoff_initial_s=0.01, stall_timeout_s=1.0, free_space_margin_bytes=0)
+# Fast retries; a stall timeout no busy 2-core machine reaches between two chunks of a healthy
+# download, so the tests' exact request lists hold. The stall test sets its own, shorter one.
+FAST = DownloadPolicy(attempts=4, backoff_initial_s=0.01, stall_timeout_s=15.0, free_space_margin_bytes=0)
+STALLING = DownloadPolicy(attempts=4, backoff_initial_s=0.01, stall_timeout_s=3.0, free_space_margin_bytes=0)
 
 
 def entry_for(data: bytes, *urls: str, name: str = "model.gguf") -> ArtifactFile:
@@ -70,8 +73,8 @@ def test_truncated_transfer_resumes_with_a_range_request(artifact_server, store,
 
 def test_stalled_server_is_dropped_and_resumed(artifact_server, store, blob) -> None:
     entry = entry_for(blob, artifact_server.add("m.gguf", blob))
-    artifact_server.inject("m.gguf", Fault("stall", after_bytes=500_000, delay_s=30))
-    Downloader(store, FAST).fetch(entry)
+    artifact_server.inject("m.gguf", Fault("stall", after_bytes=500_000, delay_s=60))
+    Downloader(store, STALLING).fetch(entry)
     assert [r.range for r in artifact_server.requests] == [None, "bytes=500000-"]
 
 

@@ -140,10 +140,11 @@ def test_crashed_worker_is_restarted_and_requests_survive(tmp_path, mqtt_broker,
                 assert time.monotonic() < deadline, "the worker was not restarted"
                 time.sleep(0.1)
             load.wait_for_requests(4)
-        # A request that had produced nothing yet is retried on the new worker; one cut off
-        # mid-generation cannot be and gets a 503 with Retry-After.
+        # One worker serves one request at a time: at the kill, at most one request was running on
+        # it. A request that had produced nothing yet (the one waiting, or one still in its prompt) is
+        # retried on the new worker; only one cut off mid-generation may fail, with a 503.
         assert all(o.status == 503 for o in load.failures())
-        assert len(load.failures()) <= 2
+        assert len(load.failures()) <= 1, load.failures()
         assert "immune_edge_worker_restarts_total 1.0" in httpx.get(f"{options.base_url}/metrics").text
         assert daemon.control.ledger.current().serial == 1
 

@@ -58,7 +58,9 @@ def fleet(tmp_path: Path) -> Path:
 
 
 def test_generated_private_keys_are_0600(fleet: Path) -> None:
-    for key in (fleet / "keys").glob("*.key"):
+    keys = sorted((fleet / "keys").glob("*.key"))
+    assert [key.name for key in keys] == ["op1.key", "root1.key", "trainer1.key"]
+    for key in keys:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     shown = run("keys", "show", "keyring.json", cwd=fleet)
     assert shown.returncode == 0 and "trainer1" in shown.stdout

@@ -94,6 +94,13 @@ def test_devices_cannot_impersonate_each_other_and_refuse_unsigned_commands(
             forger.publish(
                 TOPICS.telemetry("pi-a"), json.dumps({**forged_telemetry, "device_id": "pi-a"}), qos=1
             ),
+            # A genuine operator-signed command, smuggled in with a device's certificate: the ACL
+            # gives devices no write on command topics, so pi-b never sees it (it would obey it).
+            forger.publish(
+                TOPICS.command("pi-b"),
+                sign_command([fleet_keys.operator], {"action": "pin"}, device="pi-b"),
+                qos=1,
+            ),
         ]
         for result in results:
             result.wait_for_publish(10)
@@ -103,12 +110,13 @@ def test_devices_cannot_impersonate_each_other_and_refuse_unsigned_commands(
         assert not any(getattr(m, "soc_temp_c", None) == 99.9 and m.device_id == "pi-b" for _, m in received)
         assert not any(getattr(m, "manifest_name", None) == "evil" for _, m in received)
         assert fleet.devices["pi-b"].status is not None and fleet.devices["pi-b"].status.online
+        assert fleet.command("pi-b", {"action": "status"}, timeout_s=30).result["pinned"] is False
         forger.loop_stop()
         forger.disconnect()
         # Refused commands are answered too, and the operator's client accepts those answers.
         refusals_seen = len([m for k, m in received if k == "response"])
 
-        # The forger cannot command pi-b either (its certificate has no write right on commands).
+        # Through an operator's certificate a command reaches pi-b, but needs an operator signature.
         watcher = FleetObserver(broker, cert=operator_cert)
         try:
             unsigned = canonical_json({"action": {"action": "status"}, "device_id": "pi-b"})
