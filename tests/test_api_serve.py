@@ -3,6 +3,7 @@ over TCP and over the Unix socket, plus hostile HTTP input."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -291,3 +292,40 @@ def test_request_timeout_cancels_and_the_server_stays_healthy(tmp_path, gemma3_m
         assert _metric(server.base, "immune_edge_completion_tokens_total") == 0
         quick = httpx.post(f"{server.base}/v1/completions", json=COUNTING | {"max_tokens": 4}, timeout=60)
         assert quick.status_code == 200 and quick.json()["choices"][0]["text"]
+
+
+def test_ollama_generate_streams_ndjson_with_raw_system_and_durations(server) -> None:
+    url = f"{server.base}/api/generate"
+    body = {
+        "model": "slips-summary-smol",
+        "prompt": "Name a colour.",
+        "options": {"num_predict": 6, "temperature": 0},
+    }
+    with httpx.stream("POST", url, json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in reply.iter_lines() if line]
+    assert len(lines) >= 2 and all(line["done"] is False for line in lines[:-1])
+    final = lines[-1]
+    assert final["done"] is True and final["model"] == "slips-summary-smol"
+    assert "".join(line["response"] for line in lines[:-1]).strip()
+    assert final["done_reason"] in ("stop", "length") and 1 <= final["eval_count"] <= 6
+    assert final["total_duration"] >= final["prompt_eval_duration"] > 0 and final["eval_duration"] > 0
+
+    def prompt_tokens(**extra: object) -> int:
+        options = {"num_predict": 1, "temperature": 0}
+        answer = httpx.post(url, json=body | {"stream": False, "options": options} | extra, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["done_reason"] == "length"  # stopped by num_predict, said so
+        return int(answer.json()["prompt_eval_count"])
+
+    templated = prompt_tokens()
+    assert prompt_tokens(raw=True) < templated  # raw: the prompt goes to the model as it is
+    assert prompt_tokens(system="You are a terse SOC analyst. Answer in one word.") > templated
+
+
+def test_ollama_ps_and_version(server) -> None:
+    loaded = httpx.get(f"{server.base}/api/ps", timeout=10).json()["models"]
+    assert {m["name"] for m in loaded} == {"slips-summary-smol", "slips-fast"}
+    version = httpx.get(f"{server.base}/api/version", timeout=10).json()["version"]
+    assert [int(part) for part in version.split(".")] >= [0, 1]
