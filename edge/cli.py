@@ -25,6 +25,7 @@ from shared.config import load_config
 from shared.errors import ContractError
 from shared.gguf import DEFAULT_ARCHITECTURES, read_gguf_header
 from shared.manifest import FileRole, RuntimeProfile
+from shared.outcome import Outcome
 from shared.signing import Keyring
 
 app = typer.Typer(
@@ -81,7 +82,11 @@ def install(
     ] = None,
     config: ConfigOption = DEFAULT_CONFIG_FILE,
 ) -> None:
-    """Install a signed manifest through the same checks and store as the daemon (offline/USB use)."""
+    """Install a signed manifest through the same checks and store as the daemon (offline/USB use).
+
+    Exit status: 0 installed (or already installed); 1 bad invocation or config; 2 refused (bad
+    signature, serial, compatibility, integrity, a model that failed): do not retry; 75 the device
+    could not finish for now (download, disk): retry later."""
     setup_logging(False)
     envelope = manifest.read_bytes()
     node = ControlPlane.open(load_config(config, EdgeConfig))
@@ -102,8 +107,24 @@ def install(
         node.close()
     colour = "green" if outcome.ok else "red"
     console.print(f"[{colour}]{outcome.result}[/]: {outcome.message}")
-    if not outcome.ok:
-        raise typer.Exit(1)
+    raise typer.Exit(install_exit_code(outcome))
+
+
+#: ``immune-edge install`` exit statuses (scripts and Ansible tell retrying from giving up by them).
+EXIT_INSTALLED = 0
+#: Bad invocation, config or keyring (the one-line "REJECTED (...)" on stderr).
+EXIT_USAGE = 1
+#: The manifest or its model was refused: retrying the same input will not help.
+EXIT_REFUSED = 2
+#: The device could not finish for now (network, disk): retry later.
+EXIT_RETRY_LATER = 75  # EX_TEMPFAIL in sysexits.h
+
+
+def install_exit_code(outcome: Outcome) -> int:
+    """0 installed, 2 refused (rejected, rolled back, a model that cannot load), 75 retry later."""
+    if outcome.ok:
+        return EXIT_INSTALLED
+    return EXIT_RETRY_LATER if outcome.transient else EXIT_REFUSED
 
 
 @app.command()

@@ -10,7 +10,7 @@ import pytest
 
 from tests.harness.broker import Mosquitto
 from tests.harness.edge import OTHER_ARCH, digest, sign_manifest, write_edge_config
-from tests.test_edge_daemon import model_blob
+from tests.test_edge_daemon import _tampered, model_blob
 
 
 def immune_edge(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -61,9 +61,46 @@ def test_install_refuses_a_file_that_does_not_match(setup, tmp_path) -> None:
     wrong = tmp_path / "wrong.gguf"
     wrong.write_bytes(data[:-1] + b"?")
     result = immune_edge("install", manifest, "--artifact", wrong, "--config", config)
-    assert result.returncode == 1
+    assert result.returncode == 2  # refused: the same input will never install
     assert "rejected" in result.stdout and "hash-mismatch" in result.stdout
     assert not list((tmp_path / "device" / "state" / "store" / "sha256").iterdir())
+
+
+def test_install_exit_status_tells_refused_from_retry_later(
+    setup, tmp_path, fleet_keys, artifact_server
+) -> None:
+    """0 installed, 2 refused (do not retry), 75 could not finish now (retry), 1 bad invocation."""
+    config, model, manifest, data = setup
+
+    def install(envelope: bytes, *extra: str | Path) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "case.dsse.json"
+        path.write_bytes(envelope)
+        return immune_edge("install", path, "--config", config, *extra)
+
+    url = artifact_server.add("u.gguf", data)
+    refused = {
+        "bad-signature": _tampered(sign_manifest([fleet_keys.trainer], data, url, serial=8)),
+        "unknown-key": sign_manifest([fleet_keys.stranger], data, url, serial=8),
+        "incompatible-arch": sign_manifest(
+            [fleet_keys.trainer], data, url, serial=8, compatibility={"cpu_arch": [OTHER_ARCH]}
+        ),
+        "bad-gguf": sign_manifest(
+            [fleet_keys.trainer], b"PK" + data[2:], artifact_server.add("z.gguf", b"PK" + data[2:]), serial=8
+        ),
+    }
+    for reason, envelope in refused.items():
+        result = install(envelope)
+        assert result.returncode == 2, (reason, result.stdout + result.stderr)
+        assert reason in result.stdout, (reason, result.stdout)
+    dead_link = sign_manifest([fleet_keys.trainer], data, "http://127.0.0.1:9/gone.gguf", serial=8)
+    result = install(dead_link)
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert "failed" in result.stdout and "download-failed" in result.stdout
+    assert immune_edge("install", manifest, "--artifact", model, "--config", config).returncode == 0
+    older = sign_manifest([fleet_keys.trainer], data, url, serial=2)
+    result = install(older)
+    assert result.returncode == 2 and "serial-not-newer" in result.stdout
+    assert immune_edge("install", tmp_path / "absent.json", "--config", config).returncode == 1
 
 
 def test_verify_explains_each_check(setup, tmp_path, fleet_keys, artifact_server) -> None:
