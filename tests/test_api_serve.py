@@ -4,6 +4,7 @@ over TCP and over the Unix socket, plus hostile HTTP input."""
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 import time
@@ -116,6 +117,7 @@ def test_openai_client_over_unix_socket(server) -> None:
     client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=server.uds())
     reply = client.chat.completions.create(model="slips-fast", messages=PROMPT, max_tokens=8)
     assert reply.choices[0].message.content
+    assert stat.S_IMODE(server.socket.stat().st_mode) == 0o660  # `serve --socket`: the same default mode
 
 
 def test_ollama_client_over_tcp_and_unix_socket(server) -> None:

@@ -57,13 +57,13 @@ def bind_sockets(api: ApiSettings) -> list[socket.socket]:
         if api.socket is not None:
             group = grp.getgrnam(api.socket_group).gr_gid if api.socket_group else None
             sockets.append(bind_unix(api.socket, api.socket_mode, group))
-    except KeyError:
-        raise ConfigError(
-            "config-invalid", f"api.socket_group: no group named {api.socket_group!r}"
-        ) from None
-    except OSError as exc:
-        for sock in sockets:
+    except (KeyError, OSError) as exc:
+        for sock in sockets:  # nothing stays bound behind a refusal
             sock.close()
+        if isinstance(exc, KeyError):
+            raise ConfigError(
+                "config-invalid", f"api.socket_group: no group named {api.socket_group!r}"
+            ) from None
         raise ConfigError("config-invalid", f"api: cannot listen: {exc}") from None
     if not sockets:
         raise ConfigError("config-invalid", "api: nothing to listen on (set host and port, or socket)")
@@ -73,11 +73,6 @@ def bind_sockets(api: ApiSettings) -> list[socket.socket]:
 def _server(app: FastAPI) -> uvicorn.Server:
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
     return uvicorn.Server(config)
-
-
-def serve_api(app: FastAPI, sockets: list[socket.socket]) -> None:
-    """Run uvicorn on pre-bound sockets in this (main) thread until SIGTERM/SIGINT."""
-    asyncio.run(_server(app).serve(sockets=sockets))
 
 
 class ApiServerThread:
