@@ -51,10 +51,10 @@ class Deployments:
         self.server = server
         self.keys = keys
 
-    def envelope(self, tag: str, serial: int, **overrides: Any) -> tuple[bytes, bytes]:
+    def envelope(self, tag: str, serial: int, signer=None, **overrides: Any) -> tuple[bytes, bytes]:
         data = model_blob(tag)
         url = self.server.add(f"{tag}.gguf", data)
-        return data, sign_manifest([self.keys.trainer], data, url, serial=serial, **overrides)
+        return data, sign_manifest([signer or self.keys.trainer], data, url, serial=serial, **overrides)
 
     def publish(self, envelope: bytes, topic: str | None = None) -> dict[str, Any]:
         ends = len(self.observer.terminal_events())
@@ -370,6 +370,38 @@ def test_keyring_update_over_mqtt(config_file, deployments, observer, fleet_keys
         )
         assert "(unknown-key)" in note, note  # the forger's key is in neither keyring
         assert daemon.control.trust.keyring.version == 2
+
+
+def test_root_rotation_over_mqtt_retires_the_old_trainer_and_survives_a_restart(
+    config_file, deployments, observer, fleet_keys
+) -> None:
+    from shared.signing import KEYRING_PAYLOAD_TYPE, Keyring, Role, TrustedKey, generate_key
+
+    keys = fleet_keys
+    new_root, new_trainer = generate_key(), generate_key()
+    entries = [(new_root, Role.ROOT), (new_trainer, Role.TRAINER), (keys.operator, Role.OPERATOR)]
+    rotated = Keyring(
+        version=2, keys=[TrustedKey(keyid=k.keyid, role=r, public_key=k.public_b64) for k, r in entries]
+    )
+    # Signed by the current root (authority) and the new one (proof it is held).
+    update = sign_envelope(rotated.to_json(), KEYRING_PAYLOAD_TYPE, [keys.root, new_root]).to_json()
+    with running_daemon(config_file) as daemon:
+        observer.publish(TOPICS.keyring(), update)
+        observer.wait_for(lambda: daemon.control.trust.keyring.version == 2, what="keyring v2")
+        assert (
+            deployments.publish(deployments.envelope("new", 2, signer=new_trainer)[1])["state"] == "committed"
+        )
+        retired = deployments.publish(deployments.envelope("old", 3)[1])
+        assert retired["state"] == "rejected" and retired["reason"].startswith("unknown-key"), retired
+    observer.publish(TOPICS.keyring(), b"")  # no retained copy to adopt again: the device must remember
+    with running_daemon(config_file) as daemon:
+        assert daemon.control.trust.keyring.version == 2
+        retired = deployments.publish(deployments.envelope("old-again", 4)[1])
+        assert retired["state"] == "rejected" and retired["reason"].startswith("unknown-key"), retired
+        assert (
+            deployments.publish(deployments.envelope("newer", 5, signer=new_trainer)[1])["state"]
+            == "committed"
+        )
 
 
 def test_daemon_over_tls_with_client_certificate_and_acl(
