@@ -211,3 +211,29 @@ def test_bearer_token_on_tcp_socket_by_file_mode(tmp_path, mqtt_broker, fleet_ke
         transport = httpx.HTTPTransport(uds=str(socket))
         with httpx.Client(transport=transport, base_url="http://edge", timeout=60) as client:
             assert client.get("/api/tags").json()["models"][0]["name"] == "slips-summary-smol"
+
+
+def test_errors_during_the_trial_roll_back(tmp_path, mqtt_broker, fleet_keys, fleet, observer) -> None:
+    """The `trial-errors` rollback: server-side failures (here 504s from a 1 s request timeout) of
+    real traffic during the trial window, above the allowed rate, send the device back."""
+    options = ServingOptions(
+        trial_s=120.0, request_timeout_s=1.0, runtime="trial_min_requests = 3\ntrial_max_error_rate = 0.5\n"
+    )
+    with running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon:
+        assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
+        ends = len(observer.terminal_events())
+        observer.publish(TOPICS.desired_fleet(), fleet.envelope("gemma", 2))
+        observer.wait_for(
+            lambda: any((e["serial"], e["state"]) == (2, "trial") for e in observer.unique_events()),
+            timeout=120,
+            what="serial 2 on trial",
+        )
+        # Gemma-3 is a base model: it counts on far longer than the 1 s each request may take.
+        counting = {"model": "slips", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 500, "temperature": 0}
+        for _ in range(3):
+            reply = httpx.post(f"{options.base_url}/v1/completions", json=counting, timeout=60)
+            assert reply.status_code == 504, reply.text
+        end = observer.wait_terminal(ends + 1, timeout=60)[-1]
+        assert (*_ended(end), end["serial"]) == ("rolled_back", "trial-errors", 2), end
+        assert daemon.data.router.active.key == ("stable", 1)
+        assert daemon.control.ledger.current().serial == 1
