@@ -23,6 +23,7 @@ from tests.harness.artifact_server import ArtifactServer
 from tests.harness.broker import Mosquitto
 from tests.harness.edge import FLEET, TOPICS, FleetObserver, ServingOptions, sign_manifest, write_edge_config
 from tests.harness.models import smollm2_gguf
+from tests.harness.waiting import wait_until
 
 DEVICES = ("pi-a", "pi-b", "pi-c")
 GROUP = "lab-group"
@@ -207,6 +208,49 @@ def test_pin_blocks_a_rollout_and_unpin_releases(fleet: Fleet) -> None:
     assert fleet.status()["pi-c"]["serial"] == serial_c
     unpinned = fleet.cli("unpin", "--device", "pi-c", "--json")
     assert unpinned.returncode == 0 and json.loads(unpinned.stdout)["pi-c"]["result"]["pinned"] is False
+
+
+def test_a_rollout_killed_mid_wave_resumes_where_it_stopped(fleet: Fleet) -> None:
+    manifest, state_file = fleet.envelope(5), fleet.root / "killed-rollout.json"
+    args = ["rollout", manifest, "--group", GROUP, "--canary", "1", "--waves", "100%", "--no-publish-desired"]
+    args += ["--state", state_file]
+
+    def second_wave_sent() -> bool:
+        if not state_file.exists():
+            return False
+        devices = json.loads(state_file.read_text())["devices"]
+        return all(devices.get(d, {}).get("state") == "sent" for d in ("pi-b", "pi-c"))
+
+    process = subprocess.Popen(
+        [*FLEET_CLI, *map(str, args), "--config", str(fleet.operator_config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(second_wave_sent, 300, "the second wave sent")
+    finally:
+        process.kill()
+        process.wait()
+    killed = json.loads(state_file.read_text())
+    assert killed["status"] == "running" and killed["next_wave"] == 1
+    assert killed["devices"]["pi-a"]["state"] == "committed"
+    wait_until(lambda: fleet.committed("pi-b", 5) and fleet.committed("pi-c", 5), 300, "the sent wave done")
+
+    again = fleet.cli(*args, "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    final = json.loads(again.stdout)
+    assert final["status"] == "done"
+    assert {d: p["state"] for d, p in final["devices"].items()} == dict.fromkeys(DEVICES, "committed")
+    status = fleet.status()
+    # "sent" devices were sent again (and answered that the model is already there); the committed
+    # canary was skipped.
+    for device in ("pi-b", "pi-c"):
+        assert "already-installed" in (status[device]["last_result"] or ""), status[device]
+    assert "already-installed" not in (status["pi-a"]["last_result"] or ""), status["pi-a"]
+    assert all(row["serial"] == 5 for row in status.values())
+    # The state file of this rollout cannot be reused for another manifest.
+    other = fleet.cli("rollout", fleet.envelope(6), "--group", GROUP, "--state", state_file, "--json")
+    assert other.returncode == 1 and "belongs to another manifest" in other.stderr
 
 
 def test_collect_and_html_report_in_headless_chromium(fleet: Fleet) -> None:
