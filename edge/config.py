@@ -161,6 +161,8 @@ class TelemetrySettings(ConfigModel):
     status_every_s: Annotated[float, Field(ge=1, le=86400)] = 60.0
     #: Used for the throttling flags only when the firmware's sysfs node is missing.
     vcgencmd: str | None = "vcgencmd"
+    #: Samples kept while the broker is unreachable (QoS 0, not stored): the newest, the oldest dropped.
+    offline_backlog: Annotated[int, Field(ge=1, le=10_000)] = 16
 
 
 class ThermalSettings(ConfigModel):

@@ -83,6 +83,7 @@ class EdgeDaemon:
             outbox=control.outbox,
             on_message=self._receive,
             on_connected=self._connected,
+            direct_backlog=config.telemetry.offline_backlog,
         )
         self._worker = threading.Thread(target=self._work, name="deployer", daemon=True)
         self.telemetry = self._telemetry_loop() if config.telemetry.enabled else None

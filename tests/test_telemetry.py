@@ -300,26 +300,24 @@ def test_thermal_back_off_works_with_telemetry_switched_off(
 def test_telemetry_while_the_broker_is_down_keeps_only_the_newest(
     tmp_path: Path, mqtt_broker: Mosquitto, fleet_keys: FleetKeys
 ) -> None:
-    """QoS 0 telemetry is not stored: while offline only the newest DIRECT_BACKLOG samples wait, and
-    sending resumes after the reconnect."""
-    from edge.mqtt.agent import DIRECT_BACKLOG
-
-    config = write_edge_config(
-        tmp_path / "device", mqtt_broker, fleet_keys.keyring(), extra="[telemetry]\ninterval_s = 1\n"
-    )
+    """QoS 0 telemetry is not stored: while offline only the newest `offline_backlog` samples wait,
+    and sending resumes after the reconnect."""
+    backlog = 4
+    telemetry = f"[telemetry]\ninterval_s = 1\noffline_backlog = {backlog}\n"
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), extra=telemetry)
     with running_daemon(config):
         listener, before = _telemetry_listener(mqtt_broker)
         wait_until(lambda: len(before) >= 2, 30, "telemetry before the outage")
         listener.loop_stop()
         mqtt_broker.stop()
         outage_started = time.time()
-        time.sleep(DIRECT_BACKLOG + 4)  # more samples than the backlog holds
+        time.sleep(backlog + 4)  # more samples than the backlog holds
         mqtt_broker.start()
         restarted_at = time.time()
         listener, after = _telemetry_listener(mqtt_broker)  # subscribed before the daemon's reconnect
         reconnected = wait_until(lambda: [s for s in after if float(s["ts"]) > outage_started], 60, "backlog")
         wait_until(
-            lambda: len([s for s in after if float(s["ts"]) > outage_started]) > DIRECT_BACKLOG, 60, "resumed"
+            lambda: len([s for s in after if float(s["ts"]) > outage_started]) > backlog, 60, "resumed"
         )
         listener.loop_stop()
         listener.disconnect()
@@ -329,4 +327,4 @@ def test_telemetry_while_the_broker_is_down_keeps_only_the_newest(
     # dropped): the first delivered was taken well after the outage began.
     assert from_outage == sorted(from_outage)
     assert from_outage[0] > outage_started + 3
-    assert len([ts for ts in from_outage if ts < restarted_at]) <= DIRECT_BACKLOG
+    assert len([ts for ts in from_outage if ts < restarted_at]) <= backlog

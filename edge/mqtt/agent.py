@@ -58,6 +58,7 @@ class MqttAgent:
         outbox: Outbox,
         on_message: Callable[[Inbound], None],
         on_connected: Callable[[], None],
+        direct_backlog: int = DIRECT_BACKLOG,
     ) -> None:
         self.settings = settings
         self.subscriptions = list(subscriptions)
@@ -71,7 +72,7 @@ class MqttAgent:
         #: Set once the subscriptions of the current connection are acknowledged.
         self.subscribed = threading.Event()
         self._pump: threading.Thread | None = None
-        self._direct: deque[tuple[str, bytes]] = deque(maxlen=DIRECT_BACKLOG)
+        self._direct: deque[tuple[str, bytes]] = deque(maxlen=direct_backlog)
 
         client = mqtt_client(settings, client_id)
         client.will_set(will[0], will[1], qos=1, retain=True)
