@@ -80,15 +80,35 @@ def test_eval_compares_each_quant_with_f16(trained: TinyRun) -> None:
     for name in ("q8_0", "q4_k_m"):
         assert quants[name]["perplexity"] > 1.0 and quants[name]["accepted"] is True
         assert {"rouge_l", "names_source_ip", "gives_verdict", "one_paragraph"} <= set(quants[name]["tasks"])
-    # A bound of zero refuses the 4-bit file unless it happens to score at or below F16.
+
+
+def test_eval_refuses_a_file_worse_than_f16(trained: TinyRun) -> None:
+    """The gate, made deterministic: in a copy of the export, the "q4_k_m" file is the F16 model with
+    its output projection zeroed, so it predicts every token with probability 1/vocab. Any trained
+    model beats that, so a bound of 0 must refuse it, and the table says so."""
+    from gguf import GGUFReader
+
     strict = trained.root / "strict-gguf"
     shutil.copytree(trained.gguf_dir, strict)
-    immune_train(
+    broken = next(strict.glob("*.q4_k_m.gguf"))
+    shutil.copyfile(next(strict.glob("*.f16.gguf")), broken)
+    reader = GGUFReader(broken, "r+")
+    names = {tensor.name for tensor in reader.tensors}
+    projection = "output.weight" if "output.weight" in names else "token_embd.weight"  # tied embeddings
+    vocab = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
+    for tensor in reader.tensors:
+        if tensor.name == projection:
+            tensor.data[...] = 0
+    del reader  # flush the memory map
+    result = immune_train(
         "eval", strict, "--data", trained.data / "eval.jsonl", "--quant", "q4_k_m",
         "--max-ppl-rise", "0", "--ppl-records", "4", "--task-records", "0", "--threads", "1",
     )  # fmt: skip
-    refused = json.loads((strict / "eval.json").read_text())["quants"]["q4_k_m"]
-    assert refused["accepted"] is (refused["perplexity_rise_vs_f16"] <= 0.0)
+    report = json.loads((strict / "eval.json").read_text())["quants"]
+    assert report["f16"]["perplexity"] < vocab  # the trained model beats a uniform guess
+    assert report["q4_k_m"]["perplexity"] > report["f16"]["perplexity"]
+    assert report["q4_k_m"]["accepted"] is False
+    assert "REFUSED" in result.stdout
 
 
 def test_finetune_resumes_from_its_checkpoint(trained: TinyRun, tmp_path: Path) -> None:
