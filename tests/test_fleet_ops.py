@@ -198,14 +198,19 @@ def test_pin_blocks_a_rollout_and_unpin_releases(fleet: Fleet) -> None:
     assert pinned.returncode == 0, pinned.stderr
     assert json.loads(pinned.stdout)["pi-c"]["result"]["pinned"] is True
     assert fleet.status()["pi-c"]["pinned"]
-    serial_c = fleet.status()["pi-c"]["serial"]
-    # A rollout reaches every device but the pinned one, which refuses it and stays where it is.
-    result = fleet.cli("rollout", fleet.envelope(4), "--group", GROUP, "--canary", "1", "--json")
+    before = {device: row["serial"] for device, row in fleet.status().items()}
+    # Canary pi-a, then one wave of pi-b and pi-c. The pinned pi-c refuses the rollout and stays where
+    # it is; that halts the rollout, and pi-b, which committed in the halted wave, is rolled back.
+    args = ("--group", GROUP, "--canary", "1", "--waves", "100%", "--no-publish-desired", "--json")
+    result = fleet.cli("rollout", fleet.envelope(4), *args)
     assert result.returncode == 2, result.stdout + result.stderr
     state = json.loads(result.stdout)
+    assert state["status"] == "halted"
     assert state["devices"]["pi-c"]["state"] == "failed" and state["devices"]["pi-c"]["reason"] == "pinned"
-    assert {state["devices"][d]["state"] for d in ("pi-a", "pi-b")} == {"committed"}
-    assert fleet.status()["pi-c"]["serial"] == serial_c
+    assert state["devices"]["pi-b"]["state"] == "rolled_back", state["devices"]["pi-b"]
+    assert state["devices"]["pi-a"]["state"] == "committed"
+    after = {device: row["serial"] for device, row in fleet.status().items()}
+    assert after == {"pi-a": 4, "pi-b": before["pi-b"], "pi-c": before["pi-c"]}
     unpinned = fleet.cli("unpin", "--device", "pi-c", "--json")
     assert unpinned.returncode == 0 and json.loads(unpinned.stdout)["pi-c"]["result"]["pinned"] is False
 
