@@ -311,7 +311,7 @@ def test_power_cut_during_trial_retries_the_new_model_and_commits_it(
     # The retry's trial must end for the test: after the restart, a short trial window.
     config.write_text(config.read_text().replace("trial_s = 600.0", "trial_s = 2.0"))
     with running_daemon(config) as daemon:
-        end = observer.wait_terminal(ends + 1, timeout=180)[-1]
+        end = observer.wait_terminal(ends + 1, timeout=180)[ends]
         assert (end["serial"], end["state"]) == (2, "committed"), end
         time.sleep(1.5)  # past settle_s: the retained desired state for serial 2 has been seen again
         assert daemon.control.ledger.current().serial == 2
@@ -335,11 +335,11 @@ def test_a_serial_interrupted_too_often_is_marked_bad_and_reported_as_known_bad(
     )
     ends = len(observer.terminal_events())
     with running_daemon(config) as daemon:
-        back = observer.wait_terminal(ends + 1, timeout=180)[-1]
+        back = observer.wait_terminal(ends + 1, timeout=180)[ends]  # both may have arrived by now
         assert (back["serial"], back["state"]) == (2, "rolled_back"), back
         assert back["reason"].startswith("restart-during-trial"), back
         # The retained desired state still names serial 2: reported as known bad, with why.
-        refused = observer.wait_terminal(ends + 2, timeout=60)[-1]
+        refused = observer.wait_terminal(ends + 2, timeout=60)[ends + 1]
         assert (refused["serial"], refused["state"]) == (2, "rejected"), refused
         assert refused["reason"].startswith("known-bad") and "restart-during-trial" in refused["reason"]
         assert daemon.control.ledger.current().serial == 1
