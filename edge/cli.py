@@ -142,11 +142,11 @@ def verify(
     """Explain which admission checks a manifest and model file pass on this device, and why others
     fail: the same pipeline the daemon runs (shared.admission)."""
     envelope = manifest.read_bytes()
+    claimed = read_manifest_unverified(envelope)  # only to look up the channel's floor and file name
     if config is not None:
         node = ControlPlane.open(load_config(config, EdgeConfig))
         try:
             device = device_profile(node.config)
-            claimed = read_manifest_unverified(envelope)
             given = AdmissionInput(
                 envelope,
                 node.trust.keyring,
@@ -163,7 +163,6 @@ def verify(
         allowed = DEFAULT_ARCHITECTURES
     else:
         raise ContractError("usage", "give --config (device state) or --keyring")
-    claimed = read_manifest_unverified(envelope)
     name = claimed.model_file.name if claimed else artifact.name
     facts = {name: read_file_facts(artifact, FileRole.MODEL, allowed)}
     steps = run_admission(replace(given, files=facts, allowed_architectures=allowed))
