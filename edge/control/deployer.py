@@ -29,6 +29,7 @@ from edge.state.ledger import Deployment, InstalledModel, Ledger
 from shared.admission import DeviceProfile, admit_files, admit_for_device, verify_manifest
 from shared.artifacts import read_file_facts
 from shared.errors import ContractError, TransientError
+from shared.gguf import GgufHeader
 from shared.manifest import Manifest
 from shared.messages import DeploymentState
 from shared.outcome import Outcome, ResultCode
@@ -148,7 +149,7 @@ class Deployer:
                 paths[entry.name] = self.downloader.fetch(entry, on_progress)
         return paths
 
-    def _admit_stored(self, manifest: Manifest, paths: Mapping[str, Path]) -> object:
+    def _admit_stored(self, manifest: Manifest, paths: Mapping[str, Path]) -> GgufHeader:
         """Phase 3 of admission on blobs in the store. Their sha256 was checked on the way in (the
         downloader and import hash every byte; a blob's name is its digest), so it is not read again."""
         facts = {
