@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,44 @@ def test_real_slips_datasets_prepare_without_leakage(tmp_path, counter) -> None:
     assert stats["tokens"]["train"]["max"] <= 8192 and stats["truncated"] > 0
     assert all(r.meta["source_ip"] for r in train + held_out)
     assert not any("LLM query failed" in r.answer for r in train + held_out)
+    # The teachers' error messages ("Behavior analysis failed: Error code: 429 ...") are not answers.
+    assert not any(re.search(r"(analysis|assessment) failed:", r.answer) for r in train + held_out)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Seen in the real summarization dataset (75 gpt_4o answers) and the risk dataset.
+        "Behavior analysis failed: Error code: 429 - {'error': {'message': 'You exceeded your current quota'}}",
+        "Behavior analysis failed: peer closed connection without sending complete message body",
+        "Risk assessment failed: <html>\r\n<head><title>502 Bad Gateway</title></head>",
+        "Cause analysis failed: <html>\r\n<head><title>504 Gateway Time-out</title></head>",
+        "LLM query failed - timeout",
+    ],
+)
+def test_teacher_error_messages_are_not_answers(text: str) -> None:
+    from trainer.dataset.slips import clean_answer
+
+    assert clean_answer(text) is None
+
+
+def test_a_real_answer_mentioning_a_failure_is_kept() -> None:
+    from trainer.dataset.slips import clean_answer
+
+    text = "**Source:** 10.0.0.5\n**Activity:** SSH login failed: 40 attempts against 10.0.0.9"
+    assert clean_answer(text) == text
+
+
+def test_answer_parts_choose_what_the_model_learns(tmp_path, counter) -> None:
+    summary, _ = write_slips_fixture(tmp_path / "slips", incidents=6)
+    parts = {"slips-summary": ("behavior_analysis",)}
+    options = PrepareOptions(max_tokens=1024, eval_fraction=0.0, answer_parts=parts)
+    result = prepare([Source.parse(f"slips-summary={summary}")], tmp_path / "out", counter, options)
+    answers = [r.answer for r in read_records(result.train)]
+    assert answers and all(a.startswith("**Source:**") for a in answers)
+    assert result.stats["options"]["answer_parts"] == {"slips-summary": ["behavior_analysis"]}
+    with pytest.raises(TrainerError, match="unknown answer part 'verdict' for slips-summary"):
+        prepare(
+            [Source.parse(f"slips-summary={summary}")], tmp_path / "bad", counter,
+            PrepareOptions(answer_parts={"slips-summary": ("verdict",)}),
+        )  # fmt: skip

@@ -7,7 +7,7 @@ import logging
 import random
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 from trainer.dataset.chat_jsonl import import_chat_jsonl
 from trainer.dataset.problems import Problems
 from trainer.dataset.records import ChatMessage, ChatRecord, file_sha256, write_records
-from trainer.dataset.slips import DEFAULT_TEACHERS, SlipsTask, import_slips
+from trainer.dataset.slips import DEFAULT_TEACHERS, SlipsTask, answer_parts, import_slips
 from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class PrepareOptions:
     seed: int = 3407
     teachers: Sequence[str] = DEFAULT_TEACHERS
     fatal_errors: bool = False
+    #: Per Slips task, which parts of the teacher's answer to learn (default: all of them).
+    answer_parts: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,9 +76,14 @@ def chat_token_counter(tokenizer: Any) -> TokenCounter:
 
 
 def load_tokenizer(name_or_path: str) -> Any:
-    """The base model's tokenizer, from a local folder or the local Hugging Face cache (never downloaded)."""
+    """The base model's tokenizer, from a GGUF file, a local folder or the local Hugging Face cache
+    (never downloaded)."""
     from transformers import AutoTokenizer
 
+    from trainer.base_model import is_gguf, load_gguf_tokenizer
+
+    if is_gguf(name_or_path):
+        return load_gguf_tokenizer(Path(name_or_path))
     try:
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -143,12 +150,17 @@ def prepare(
     sources: Iterable[Source], output_dir: Path, count: TokenCounter, options: PrepareOptions
 ) -> PrepareResult:
     """Build ``train.jsonl``, ``eval.jsonl`` and ``stats.json`` in ``output_dir`` from ``sources``."""
+    for task, parts in options.answer_parts.items():
+        if task not in ("slips-summary", "slips-risk"):
+            raise TrainerError("bad-answer-parts", f"answer parts are for Slips tasks, not {task!r}")
+        answer_parts(task, parts)  # type: ignore[arg-type] - checked just above
     problems = Problems(fatal=options.fatal_errors)
     imported: list[ChatRecord] = []
     for source in sources:
         if source.slips:
             task: SlipsTask = "slips-summary" if source.task == "slips-summary" else "slips-risk"
-            imported.extend(import_slips(source.path, task, options.teachers, problems))
+            parts = options.answer_parts.get(task)
+            imported.extend(import_slips(source.path, task, options.teachers, problems, parts))
         else:
             imported.extend(import_chat_jsonl(source.path, source.task, problems))
 
@@ -206,6 +218,7 @@ def prepare(
             "eval_fraction": options.eval_fraction,
             "seed": options.seed,
             "teachers": list(options.teachers),
+            "answer_parts": {task: list(parts) for task, parts in options.answer_parts.items()},
         },
         "sha256": file_sha256(result.train, result.eval),
     }

@@ -31,8 +31,12 @@ RISK_INSTRUCTION = (
     "ending with the risk level.\n\n"
 )
 
-# Teacher answers that are really error messages from the generation run.
-_FAILED_ANSWER = re.compile(r"LLM query failed|^error:|Traceback \(most recent", re.IGNORECASE | re.MULTILINE)
+# Teacher answers that are really error messages from the generation run: "LLM query failed ...",
+# and a step's own failure report at the very start ("Behavior analysis failed: Error code: 429 ...").
+_FAILED_ANSWER = re.compile(
+    r"LLM query failed|^error:|Traceback \(most recent|\A\s*[A-Z][a-z]+(?: [a-z]+){0,3} failed:",
+    re.IGNORECASE | re.MULTILINE,
+)
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*$", re.MULTILINE)
 
 # Per task: the key holding a teacher's answer, and the answer's parts in order.
@@ -80,9 +84,28 @@ def clean_answer(text: object) -> str | None:
     return text
 
 
-def pick_answer(raw: dict[str, Any], task: SlipsTask, teachers: Sequence[str]) -> tuple[str, str] | None:
-    """The first teacher in preference order whose answer parts are all usable: (teacher, text)."""
-    key_pattern, parts = _ANSWERS[task]
+def answer_parts(task: SlipsTask, chosen: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The parts of ``task``'s teacher answer to train on, in the dataset's order (default: all)."""
+    known = _ANSWERS[task][1]
+    if chosen is None:
+        return known
+    unknown = [part for part in chosen if part not in known]
+    if unknown or not chosen:
+        raise TrainerError(
+            "bad-answer-parts",
+            f"unknown answer part {unknown[0]!r} for {task} (known: {', '.join(known)})"
+            if unknown
+            else f"no answer part chosen for {task}",
+        )
+    return tuple(part for part in known if part in chosen)
+
+
+def pick_answer(
+    raw: dict[str, Any], task: SlipsTask, teachers: Sequence[str], parts: Sequence[str] | None = None
+) -> tuple[str, str] | None:
+    """The first teacher in preference order whose chosen answer parts are all usable: (teacher, text)."""
+    key_pattern = _ANSWERS[task][0]
+    parts = answer_parts(task, parts)
     for teacher in teachers:
         answer = raw.get(key_pattern.format(teacher=teacher))
         if not isinstance(answer, dict):
@@ -104,9 +127,15 @@ def incident_messages(task: SlipsTask, incident: str) -> list[ChatMessage]:
 
 
 def import_slips(
-    path: Path, task: SlipsTask, teachers: Sequence[str], problems: Problems
+    path: Path,
+    task: SlipsTask,
+    teachers: Sequence[str],
+    problems: Problems,
+    parts: Sequence[str] | None = None,
 ) -> Iterator[ChatRecord]:
-    """One record per incident of ``path``; incidents with no usable teacher answer are reported."""
+    """One record per incident of ``path`` answered with ``parts`` of the teacher's answer (default:
+    all); incidents with no usable teacher answer are reported."""
+    parts = answer_parts(task, parts)
     for index, raw in enumerate(load_slips_file(path)):
         where = f"{path.name}[{index}]"
         if not isinstance(raw, dict):
@@ -118,7 +147,7 @@ def import_slips(
             error = exc.errors()[0]
             problems.report(where, f"{'.'.join(map(str, error['loc']))}: {error['msg']}")
             continue
-        picked = pick_answer(raw, task, teachers)
+        picked = pick_answer(raw, task, teachers, parts)
         if picked is None:
             problems.report(
                 where, f"incident {incident.incident_id} has no usable answer from {', '.join(teachers)}"
