@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(ARCH)),-DGGML_NATIVE=OFF,)
 LLAMA_WHEELS := .cache/wheels/llama-$(LLAMA_VERSION)-$(ARCH)$(if $(LLAMA_CMAKE_ARGS),-avx2)
 DEMO_DIR := demo-out
 
-.PHONY: test demo bench lint system-deps venv trainer-deps clean
+.PHONY: test demo bench train-real lint system-deps venv trainer-deps clean
 
 ## Debian packages: mosquitto (real broker for tests), venv support, a C++ compiler
 ## (llama-cpp-python is built from source; PyPI has no wheel), chromium (the fleet report is
@@ -87,5 +87,11 @@ bench: venv
 	$(PY) -m bench.api_throughput
 	$(PY) -m bench.swap_latency
 
+## The real trainer recipe (about an hour on 2 CPU cores): SmolLM2-135M-Instruct from its GGUF, LoRA on
+## the real Slips summaries (../shared/datasets/slips), f16/q8_0/q4_k_m (+importance matrix), eval
+## against the base, publish to a local daemon. Results in train-real-out/results.md.
+train-real: trainer-deps
+	$(PY) -m bench.real_finetune --out train-real-out
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(DEMO_DIR) train-real-out .pytest_cache .ruff_cache .hypothesis

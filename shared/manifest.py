@@ -135,6 +135,26 @@ class EvalScores(Contract):
     metrics: dict[Annotated[str, Field(max_length=64)], float] = {}
 
 
+class MetricDelta(Contract):
+    """One metric of the published model against its baseline on the same held-out incidents."""
+
+    challenger: float
+    baseline: float
+    diff: float
+    stderr: Annotated[float, Field(ge=0.0)]
+    verdict: Literal["better", "worse", "within-noise"]
+
+
+class BaselineComparison(Contract):
+    """Why the model was published: how it compared with the baseline (base model or champion)
+    on the trainer's gate, with the margins the gate allowed."""
+
+    baseline: Annotated[str, Field(min_length=1, max_length=64)]
+    baseline_sha256: Sha256Hex
+    metrics: Annotated[dict[Annotated[str, Field(max_length=64)], MetricDelta], Field(max_length=32)]
+    margins: Annotated[dict[Annotated[str, Field(max_length=64)], float], Field(max_length=32)] = {}
+
+
 class Provenance(Contract):
     """Where the model came from: enough to reproduce and audit it."""
 
@@ -143,6 +163,7 @@ class Provenance(Contract):
     eval: dict[Quantization, EvalScores] = {}
     trainer_version: Annotated[str, Field(max_length=64)] | None = None
     source: Annotated[str, Field(max_length=256)] | None = None
+    comparison: BaselineComparison | None = None
 
 
 class Manifest(Contract):

@@ -248,7 +248,7 @@ def test_real_slips_datasets_prepare_without_leakage(tmp_path, counter) -> None:
     "text",
     [
         # Seen in the real summarization dataset (75 gpt_4o answers) and the risk dataset.
-        "Behavior analysis failed: Error code: 429 - {'error': {'message': 'You exceeded your current quota'}}",
+        "Behavior analysis failed: Error code: 429 - {'error': {'message': 'You exceeded your quota'}}",
         "Behavior analysis failed: peer closed connection without sending complete message body",
         "Risk assessment failed: <html>\r\n<head><title>502 Bad Gateway</title></head>",
         "Cause analysis failed: <html>\r\n<head><title>504 Gateway Time-out</title></head>",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -79,36 +80,119 @@ def test_eval_compares_each_quant_with_f16(trained: TinyRun) -> None:
     assert quants["f16"]["perplexity_rise_vs_f16"] == 0.0
     for name in ("q8_0", "q4_k_m"):
         assert quants[name]["perplexity"] > 1.0 and quants[name]["accepted"] is True
-        assert {"rouge_l", "names_source_ip", "gives_verdict", "one_paragraph"} <= set(quants[name]["tasks"])
+        assert {
+            "rouge_l", "names_source_ip", "gives_verdict", "same_layout", "within_budget", "no_prompt_echo"
+        } <= set(quants[name]["tasks"])  # fmt: skip
 
 
-def test_eval_refuses_a_file_worse_than_f16(trained: TinyRun) -> None:
-    """The gate, made deterministic: in a copy of the export, the "q4_k_m" file is the F16 model with
-    its output projection zeroed, so it predicts every token with probability 1/vocab. Any trained
-    model beats that, so a bound of 0 must refuse it, and the table says so."""
+@pytest.fixture(scope="module")
+def broken(trained: TinyRun) -> Path:
+    """A copy of the export whose "q4_k_m" file is the F16 model with its output projection zeroed:
+    it predicts every token with probability 1/vocab, so any trained model beats it."""
     from gguf import GGUFReader
 
     strict = trained.root / "strict-gguf"
     shutil.copytree(trained.gguf_dir, strict)
+    (strict / "eval.json").unlink(missing_ok=True)
     broken = next(strict.glob("*.q4_k_m.gguf"))
     shutil.copyfile(next(strict.glob("*.f16.gguf")), broken)
     reader = GGUFReader(broken, "r+")
     names = {tensor.name for tensor in reader.tensors}
     projection = "output.weight" if "output.weight" in names else "token_embd.weight"  # tied embeddings
-    vocab = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
     for tensor in reader.tensors:
         if tensor.name == projection:
             tensor.data[...] = 0
     del reader  # flush the memory map
-    result = immune_train(
-        "eval", strict, "--data", trained.data / "eval.jsonl", "--quant", "q4_k_m",
-        "--max-ppl-rise", "0", "--ppl-records", "4", "--task-records", "0", "--threads", "1",
+    return broken
+
+
+def _eval(export: Path, trained: TinyRun, *extra: str | Path, check: bool = True):  # type: ignore[no-untyped-def]
+    return immune_train(
+        "eval", export, "--data", trained.data / "eval.jsonl", "--ppl-records", "4", "--threads", "1",
+        *extra, check=check,
     )  # fmt: skip
-    report = json.loads((strict / "eval.json").read_text())["quants"]
+
+
+def test_eval_refuses_a_file_worse_than_f16(trained: TinyRun, broken: Path) -> None:
+    """The gate, made deterministic: a bound of 0 must refuse the zeroed file, and the table says so."""
+    from gguf import GGUFReader
+
+    vocab = next(int(t.shape[-1]) for t in GGUFReader(broken).tensors if t.name == "token_embd.weight")
+    result = _eval(broken.parent, trained, "--quant", "q4_k_m", "--max-ppl-rise", "0", "--task-records", "0")
+    report = json.loads((broken.parent / "eval.json").read_text())["quants"]
     assert report["f16"]["perplexity"] < vocab  # the trained model beats a uniform guess
     assert report["q4_k_m"]["perplexity"] > report["f16"]["perplexity"]
     assert report["q4_k_m"]["accepted"] is False
     assert "REFUSED" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def compared(trained: TinyRun, broken: Path) -> subprocess.CompletedProcess[str]:
+    """The export evaluated against the zeroed model as its baseline (what publish's gate reads)."""
+    return _eval(
+        trained.gguf_dir, trained, "--quant", "q8_0,q4_k_m", "--max-ppl-rise", "0.5", "--task-records", "3",
+        "--baseline", broken, "--baseline-label", "zeroed",
+    )  # fmt: skip
+
+
+def test_eval_compares_with_a_baseline_on_the_same_incidents(
+    trained: TinyRun, broken: Path, compared: subprocess.CompletedProcess[str]
+) -> None:
+    """Against the zeroed model as baseline, the trained model is better in perplexity beyond noise;
+    every task metric is compared pairwise on the same incidents, with its spread."""
+    result = compared
+    comparison = json.loads((trained.gguf_dir / "eval.json").read_text())["comparison"]
+    assert comparison["label"] == "zeroed" and comparison["file"] == str(broken)
+    for quant in ("f16", "q8_0", "q4_k_m"):
+        metrics = comparison["quants"][quant]
+        assert metrics["perplexity"]["verdict"] == "better", metrics["perplexity"]
+        assert metrics["perplexity"]["challenger"] < metrics["perplexity"]["baseline"]
+        assert {"rouge_l", "names_source_ip", "gives_verdict", "within_budget"} <= set(metrics)
+        assert all(m["n"] == 3 and m["stderr"] >= 0 for name, m in metrics.items() if name != "perplexity")
+    assert "q8_0 vs zeroed" in result.stdout and "better" in result.stdout
+
+
+def test_eval_refuses_a_baseline_that_is_not_a_gguf(trained: TinyRun, tmp_path: Path) -> None:
+    not_gguf = tmp_path / "champion.bin"
+    not_gguf.write_bytes(b"PK\x03\x04 not a model")
+    for baseline, message in [
+        (not_gguf, "the baseline must be a GGUF model file"),
+        (tmp_path / "absent.gguf", "no such baseline file"),
+    ]:
+        result = _eval(trained.gguf_dir, trained, "--quant", "q8_0", "--baseline", baseline, check=False)
+        assert result.returncode == 1 and "REJECTED (bad-baseline)" in result.stderr
+        assert message in result.stderr
+
+
+def test_publish_gate_refuses_a_challenger_below_the_champion(
+    trained: TinyRun, broken: Path, tmp_path: Path, fleet_keys
+) -> None:
+    """The zeroed file as challenger, the trained F16 as champion: refused before anything is uploaded,
+    with the comparison named; without a comparison in eval.json a configured gate refuses too."""
+    _eval(
+        broken.parent, trained, "--quant", "q4_k_m", "--max-ppl-rise", "100", "--task-records", "0",
+        "--baseline", trained.gguf_dir / "run.f16.gguf", "--baseline-label", "champion",
+    )  # fmt: skip
+    keyring = tmp_path / "keyring.json"
+    keyring.write_bytes(fleet_keys.keyring().to_json())
+    key = tmp_path / "trainer.key"
+    write_private_key(fleet_keys.trainer, key)
+    store = tmp_path / "store"
+    config = write_publish_config(
+        tmp_path / "publish.toml", FLEET, [key], keyring, "127.0.0.1", 9, store, "http://127.0.0.1:9/m",
+        gate={"perplexity": 0.05},
+    )  # fmt: skip
+    args = ("publish", broken.parent, "--config", config, "--name", "slips/tiny", "--quant", "q4_k_m")
+    result = immune_train(*args, check=False)
+    assert result.returncode == 1 and "REJECTED (champion-better)" in result.stderr, result.stderr
+    assert "q4_k_m scores below the champion" in result.stderr and "perplexity" in result.stderr
+    assert "q4_k_m vs champion" in result.stdout  # the comparison is printed
+    assert not store.exists(), "nothing may be uploaded for a refused challenger"
+    (broken.parent / "eval.json").write_text(
+        json.dumps({**json.loads((broken.parent / "eval.json").read_text()), "comparison": None})
+    )
+    result = immune_train(*args, check=False)
+    assert "REJECTED (no-baseline)" in result.stderr and "--baseline" in result.stderr
 
 
 def test_finetune_resumes_from_its_checkpoint(trained: TinyRun, tmp_path: Path) -> None:
@@ -127,7 +211,13 @@ def test_finetune_resumes_from_its_checkpoint(trained: TinyRun, tmp_path: Path) 
 
 
 def test_published_model_is_verified_and_served_by_a_daemon(
-    trained: TinyRun, tmp_path, mqtt_broker, artifact_server, fleet_keys, observer
+    trained: TinyRun,
+    compared: subprocess.CompletedProcess[str],
+    tmp_path,
+    mqtt_broker,
+    artifact_server,
+    fleet_keys,
+    observer,
 ) -> None:
     keyring = tmp_path / "keyring.json"
     keyring.write_bytes(fleet_keys.keyring().to_json())
@@ -135,7 +225,7 @@ def test_published_model_is_verified_and_served_by_a_daemon(
     write_private_key(fleet_keys.trainer, key)
     config = write_publish_config(
         tmp_path / "publish.toml", FLEET, [key], keyring, mqtt_broker.host, mqtt_broker.port,
-        artifact_server.root, artifact_server.base_url,
+        artifact_server.root, artifact_server.base_url, gate={"perplexity": 0.0, "rouge_l": 0.0},
     )  # fmt: skip
     options = ServingOptions()
     device = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
@@ -168,3 +258,8 @@ def test_published_model_is_verified_and_served_by_a_daemon(
         == json.loads((trained.run_dir / "run.json").read_text())["data_sha256"]
     )
     assert manifest.provenance.hyperparameters["lora.r"] == 8
+    # The champion/challenger comparison the gate passed travels in the signed provenance.
+    comparison = manifest.provenance.comparison
+    assert comparison is not None and comparison.baseline == "zeroed"
+    assert comparison.margins == {"perplexity": 0.0, "rouge_l": 0.0}
+    assert comparison.metrics["perplexity"].verdict == "better"

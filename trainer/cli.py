@@ -18,6 +18,7 @@ from trainer import toolchain as toolchain_module
 from trainer.dataset.prepare import PrepareOptions, Source, chat_token_counter, load_tokenizer, prepare
 from trainer.dataset.records import read_records
 from trainer.dataset.slips import DEFAULT_TEACHERS, SUMMARY_SYSTEM_PROMPT
+from trainer.records import EvalReport
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -78,9 +79,22 @@ def prepare_command(
     strict: Annotated[
         bool, typer.Option(help="Stop at the first malformed line instead of skipping it.")
     ] = False,
+    answer_parts: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TASK=PART[,PART]: which parts of a Slips teacher answer to learn, e.g. "
+            "slips-summary=behavior_analysis (default: all parts; repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """Import datasets into ChatML records, de-duplicate, fit the token budget and split train/eval."""
-    options = PrepareOptions(max_tokens, eval_fraction, seed, tuple(teacher or DEFAULT_TEACHERS), strict)
+    parts: dict[str, tuple[str, ...]] = {}
+    for spec in answer_parts or []:
+        task, _, names = spec.partition("=")
+        parts[task.strip()] = tuple(filter(None, (name.strip() for name in names.split(","))))
+    options = PrepareOptions(
+        max_tokens, eval_fraction, seed, tuple(teacher or DEFAULT_TEACHERS), strict, parts
+    )
     with _spinner("preparing records"):
         result = prepare(
             [Source.parse(s) for s in sources], output, chat_token_counter(load_tokenizer(tokenizer)), options
@@ -135,8 +149,16 @@ def export_command(
         str, typer.Option(help="Comma-separated quantizations (F16 is always written).")
     ] = "q4_k_m,q5_k_m,q8_0",
     keep_merged: bool = False,
+    imatrix: Annotated[
+        bool,
+        typer.Option(
+            help="Quantize k-quants with an importance matrix from the training data (builds "
+            "llama.cpp's llama-imatrix and llama-quantize once); the plain k-quant is kept beside."
+        ),
+    ] = False,
+    imatrix_chunks: Annotated[int, typer.Option(min=1, help="512-token chunks of calibration text.")] = 64,
 ) -> None:
-    """Merge the adapter and write checked GGUF files, offline."""
+    """Merge the adapter and write checked GGUF files (same tokenizer as the base), offline."""
     from trainer.export import export, parse_quants
     from trainer.layout import RunLayout
 
@@ -144,14 +166,22 @@ def export_command(
     with _spinner("preparing the llama.cpp tree"):
         tree = toolchain_module.prepare_toolchain()
     with _spinner(f"exporting {', '.join(q.value for q in quants)}"):
-        files = export(run_dir, quants, tree, keep_merged)
+        report = export(run_dir, quants, tree, keep_merged, imatrix, imatrix_chunks)
     table = Table(title=f"GGUF -> {RunLayout(run_dir).export.root}")
-    for column in ("quant", "file", "MiB", "tensor types", "sha256"):
+    for column in ("quant", "file", "MiB", "tensor types", "imatrix", "sha256"):
         table.add_column(column)
-    for item in files:
+    for item in report.files:
         types = ", ".join(f"{k} {v}" for k, v in sorted(item.tensor_types.items()))
-        table.add_row(item.quant.value, item.file, f"{item.size / 2**20:.1f}", types, item.sha256[:12])
+        with_matrix = f"yes (plain: {item.without_imatrix})" if item.without_imatrix else "-"
+        table.add_row(
+            item.quant.value, item.file, f"{item.size / 2**20:.1f}", types, with_matrix, item.sha256[:12]
+        )
     console.print(table)
+    fidelity = report.tokenizer
+    console.print(
+        f"tokenizer identical to the {fidelity.reference}: "
+        f"{fidelity.samples} samples, {fidelity.tokens} tokens"
+    )
 
 
 @app.command("eval")
@@ -169,28 +199,56 @@ def eval_command(
     ppl_records: int = 32,
     ppl_ctx: int = 1024,
     task_records: int = 8,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Answer budget (Slips asks for 220).")] = 220,
     threads: int | None = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(help="A GGUF to compare with on the same incidents: the base model or the champion."),
+    ] = None,
+    baseline_label: Annotated[
+        str, typer.Option(help="What the baseline is, in tables and manifests.")
+    ] = "base",
 ) -> None:
-    """Perplexity vs F16 and Slips task checks with llama-cpp-python; writes eval.json."""
+    """Perplexity vs F16, Slips task checks and (with --baseline) the comparison; writes eval.json."""
     from trainer.evaluate import EvalOptions, evaluate
     from trainer.export import parse_quants
 
     quants = [q for q in parse_quants(quant)]
-    options = EvalOptions(max_ppl_rise, ppl_records, ppl_ctx, task_records, n_threads=threads)
+    options = EvalOptions(max_ppl_rise, ppl_records, ppl_ctx, task_records, max_tokens, n_threads=threads)
     with _spinner("evaluating with llama-cpp-python"):
-        report = evaluate(export_dir, quants, list(read_records(data)), options)
+        report = evaluate(export_dir, quants, list(read_records(data)), options, baseline, baseline_label)
     table = Table(title=f"evaluation ({report.records['perplexity']} records; bound +{max_ppl_rise:.0%})")
     task_names = sorted({name for r in report.quants.values() for name in r.tasks})
-    for column in ("quant", "perplexity", "vs F16", "publish", *task_names):
+    for column in ("quant", "perplexity", "vs F16", "no imatrix", "publish", *task_names):
         table.add_column(column)
     for name, result in report.quants.items():
+        without = result.perplexity_without_imatrix
         table.add_row(
             name.value,
             f"{result.perplexity:.3f}",
             f"{result.perplexity_rise_vs_f16:+.2%}",
+            f"{without:.3f}" if without else "-",
             "yes" if result.accepted else "REFUSED",
             *(f"{result.tasks.get(t, float('nan')):.2f}" for t in task_names),
         )
+    console.print(table)
+    for name in report.quants:
+        _print_comparison(report, name)
+
+
+def _print_comparison(report: EvalReport, quant: Quantization) -> None:
+    """The baseline comparison of one file, as a table (nothing when eval made none)."""
+    comparison = report.comparison
+    if comparison is None or quant not in comparison.quants:
+        return
+    table = Table(title=f"{quant.value} vs {comparison.label} ({report.records['tasks']} incidents)")
+    for column in ("metric", quant.value, comparison.label, "diff", "± stderr", "verdict"):
+        table.add_column(column)
+    for metric, row in comparison.quants[quant].items():
+        table.add_row(
+            metric, f"{row.challenger:.3f}", f"{row.baseline:.3f}", f"{row.diff:+.3f}", f"{row.stderr:.3f}",
+            row.verdict,
+        )  # fmt: skip
     console.print(table)
 
 
@@ -220,11 +278,13 @@ def publish_command(
     ] = None,
 ) -> None:
     """Upload an accepted GGUF, sign its manifest with the trainer key(s) and publish it retained."""
+    from trainer.evaluate import load_eval
     from trainer.layout import RunLayout
     from trainer.publish import PublishRequest, load_publish_settings, publish
     from trainer.records import RunRecord
 
     settings = load_publish_settings(config)
+    _print_comparison(load_eval(export_dir), quant)
     provenance = None
     if run_dir is not None and RunLayout(run_dir).run_file.is_file():
         run = RunRecord.read(RunLayout(run_dir).run_file, "run immune-train finetune first")

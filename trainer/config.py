@@ -43,7 +43,8 @@ class TrainingSettings(_Section):
 class TrainConfig(_Section):
     """A fine-tuning run: base model, data, LoRA and optimiser settings, and where results go."""
 
-    #: A local model folder, or a Hub id already in the local cache (runs never download).
+    #: A local model folder, a Hub id already in the local cache (runs never download), or a GGUF
+    #: file (dequantized and checked against llama.cpp first; see trainer.base_model).
     base_model: Annotated[str, Field(min_length=1)]
     train_file: Path
     eval_file: Path | None = None
@@ -59,7 +60,7 @@ class TrainConfig(_Section):
 def load_train_config(path: Path) -> TrainConfig:
     """Read and validate ``train.toml``; relative paths are relative to the file."""
     config = load_config(path, TrainConfig)
-    base = path.parent
+    base = path.resolve().parent  # absolute: later stages read run.json from anywhere
     updates: dict[str, object] = {
         "train_file": base / config.train_file,
         "output_dir": base / config.output_dir,

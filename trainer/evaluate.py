@@ -1,34 +1,33 @@
 """``immune-train eval``: judge every exported GGUF with llama-cpp-python, the runtime the Pi uses.
 
 Perplexity over held-out conversations (rendered with the GGUF's own chat template) is compared with
-the F16 export; a quant whose rise exceeds the bound is refused for publishing. Task checks generate
-answers for held-out Slips incidents and score them against the reference answer."""
+the F16 export; a quant whose rise exceeds the bound is refused for publishing. Task checks
+(trainer.task_checks) generate answers for held-out Slips incidents and score them against the
+reference answer. Given a baseline GGUF (the base model or the published champion), every file is
+compared with it on the same incidents (trainer.comparison)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.artifacts import sha256_file
+from shared.errors import ArtifactError
+from shared.gguf import read_gguf_header
 from shared.manifest import Quantization
+from trainer.comparison import compare_perplexity, compare_scores
 from trainer.dataset.records import ChatRecord
 from trainer.errors import TrainerError
 from trainer.export import find_gguf
 from trainer.layout import ExportLayout
-from trainer.records import EvalReport, QuantScores
+from trainer.records import BaselineComparison, EvalReport, ExportReport, QuantScores
+from trainer.task_checks import task_scores
 
 log = logging.getLogger(__name__)
-
-_VERDICT = {
-    "slips-risk": re.compile(r"risk\s*level\W{0,6}\s*(low|medium|high|critical)", re.IGNORECASE),
-    "slips-summary": re.compile(
-        r"\b(critical|high|medium|low|info|malicious|benign|normal|suspicious)\b", re.IGNORECASE
-    ),
-}
 
 
 @dataclass
@@ -59,48 +58,55 @@ def _render(model: Any, messages: list[dict[str, str]]) -> str:
     return formatter(messages=messages).prompt
 
 
-def perplexity(path: Path, records: Sequence[ChatRecord], options: EvalOptions) -> float:
-    """exp(mean negative log-likelihood) of every token after the first, each record in one window."""
+def token_nll(logits: Any, targets: Sequence[int]) -> Any:
+    """Negative log-likelihood of each target token under its row of ``logits`` (numpy, float64)."""
     import numpy as np
 
+    rows = np.asarray(logits, dtype=np.float64)
+    peak = rows.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(rows - peak).sum(axis=1)) + peak[:, 0]
+    picked = np.asarray(targets)
+    return log_norm - rows[np.arange(len(picked)), picked]
+
+
+def llama_nll(model: Any, tokens: Sequence[int]) -> Any:
+    """Per-token NLL of ``tokens[1:]`` under a llama-cpp-python model opened with ``logits_all``."""
+    model.reset()
+    model.eval(tokens)
+    return token_nll(model.scores[: len(tokens) - 1], tokens[1:])
+
+
+def record_nlls(path: Path, records: Sequence[ChatRecord], options: EvalOptions) -> list[tuple[float, int]]:
+    """(summed NLL, token count) of each record rendered with the GGUF's own chat template."""
     model = _open(path, options.ppl_ctx, options.n_threads, logits_all=True)
-    total_nll, total_tokens = 0.0, 0
+    results: list[tuple[float, int]] = []
     try:
         for record in records:
             text = _render(model, [m.model_dump() for m in record.messages])
             tokens = model.tokenize(text.encode("utf-8"), add_bos=True, special=True)[: options.ppl_ctx]
             if len(tokens) < 2:
                 continue
-            model.reset()
-            model.eval(tokens)
-            logits = np.asarray(model.scores[: len(tokens) - 1], dtype=np.float64)
-            peak = logits.max(axis=1, keepdims=True)
-            log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
-            targets = np.asarray(tokens[1:])
-            total_nll += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
-            total_tokens += len(targets)
+            results.append((float(llama_nll(model, tokens).sum()), len(tokens) - 1))
     finally:
         model.close()
+    return results
+
+
+def perplexity_of(nlls: Sequence[tuple[float, int]]) -> float:
+    """exp(mean NLL per token) over all records."""
+    total_tokens = sum(count for _, count in nlls)
     if total_tokens == 0:
         raise TrainerError("empty-dataset", "no evaluation tokens: the held-out set is empty")
-    return math.exp(total_nll / total_tokens)
+    return math.exp(sum(nll for nll, _ in nlls) / total_tokens)
 
 
-def task_scores(record: ChatRecord, answer: str, rouge: Callable[[str, str], float]) -> dict[str, float]:
-    """Checks of one generated answer: 1.0 pass / 0.0 fail, and ROUGE-L F1 against the reference."""
-    scores = {"rouge_l": rouge(record.answer, answer), "non_empty": float(bool(answer.strip()))}
-    source_ip = record.meta.get("source_ip")
-    if source_ip:
-        scores["names_source_ip"] = float(source_ip in answer)
-    if record.task in _VERDICT:
-        scores["gives_verdict"] = float(bool(_VERDICT[record.task].search(answer)))
-    if record.task == "slips-summary":
-        scores["one_paragraph"] = float(bool(answer.strip()) and not re.search(r"\n\s*\n", answer.strip()))
-    return scores
+def perplexity(path: Path, records: Sequence[ChatRecord], options: EvalOptions) -> float:
+    """exp(mean negative log-likelihood) of every token after the first, each record in one window."""
+    return perplexity_of(record_nlls(path, records, options))
 
 
-def run_tasks(path: Path, records: Sequence[ChatRecord], options: EvalOptions) -> dict[str, float]:
-    """Mean task scores over held-out records, answers generated greedily as the edge would."""
+def run_tasks(path: Path, records: Sequence[ChatRecord], options: EvalOptions) -> list[dict[str, float]]:
+    """Task scores of each held-out record, answers generated greedily as the edge would."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -109,43 +115,89 @@ def run_tasks(path: Path, records: Sequence[ChatRecord], options: EvalOptions) -
         return float(scorer.score(reference, prediction)["rougeL"].fmeasure)
 
     model = _open(path, options.ppl_ctx * 2, options.n_threads)
-    totals: dict[str, list[float]] = {}
+    rows: list[dict[str, float]] = []
     try:
         for record in records:
             reply = model.create_chat_completion(
-                messages=record.prompt,
+                messages=record.prompt,  # type: ignore[arg-type]
                 max_tokens=options.max_tokens,
-                temperature=0.0,  # type: ignore[arg-type]
+                temperature=0.0,
             )
-            answer = reply["choices"][0]["message"]["content"] or ""  # type: ignore[index]
-            for name, value in task_scores(record, answer, rouge).items():
-                totals.setdefault(name, []).append(value)
+            choice = reply["choices"][0]  # type: ignore[index]
+            answer = choice["message"]["content"] or ""
+            rows.append(task_scores(record, answer, choice["finish_reason"] == "stop", rouge))
     finally:
         model.close()
-    return {name: sum(values) / len(values) for name, values in totals.items()}
+    return rows
+
+
+def mean_scores(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    names = sorted({name for row in rows for name in row})
+    return {n: sum(r[n] for r in rows if n in r) / sum(1 for r in rows if n in r) for n in names}
+
+
+@dataclass
+class _Measured:
+    """One GGUF measured on the held-out sets."""
+
+    path: Path
+    nlls: list[tuple[float, int]]
+    tasks: list[dict[str, float]]
+
+
+def _measure(
+    path: Path, ppl_set: Sequence[ChatRecord], task_set: Sequence[ChatRecord], options: EvalOptions
+) -> _Measured:
+    nlls = record_nlls(path, ppl_set, options)
+    tasks = run_tasks(path, task_set, options) if task_set else []
+    return _Measured(path, nlls, tasks)
+
+
+def check_baseline(path: Path) -> Path:
+    """A baseline must be a GGUF file llama-cpp-python can run (the base model or the champion)."""
+    if not path.is_file():
+        raise TrainerError("bad-baseline", f"{path}: no such baseline file")
+    try:
+        read_gguf_header(path, allowed_architectures=None)
+    except ArtifactError as exc:
+        raise TrainerError("bad-baseline", f"{path}: the baseline must be a GGUF model file ({exc})") from exc
+    return path
 
 
 def evaluate(
-    export_dir: Path, quants: Sequence[Quantization], records: Sequence[ChatRecord], options: EvalOptions
-) -> dict[str, Any]:
-    """Score F16 and each of ``quants``; write ``eval.json`` in ``export_dir`` and return it."""
+    export_dir: Path,
+    quants: Sequence[Quantization],
+    records: Sequence[ChatRecord],
+    options: EvalOptions,
+    baseline: Path | None = None,
+    baseline_label: str = "base",
+) -> EvalReport:
+    """Score F16 and each of ``quants`` (and ``baseline`` when given, on the same incidents); write
+    ``eval.json`` in ``export_dir`` and return it."""
+    if baseline is not None:
+        check_baseline(baseline)
     if not records:
         raise TrainerError("empty-dataset", "the held-out set is empty: nothing to evaluate on")
     ppl_set = list(records[: options.ppl_records])
     task_set = [r for r in records if r.task.startswith("slips-")][: options.task_records]
-    baseline = perplexity(find_gguf(export_dir, Quantization.F16), ppl_set, options)
+    exported = _exported_files(export_dir)
+    order = [Quantization.F16, *[q for q in quants if q is not Quantization.F16]]
+    measured = {q: _measure(find_gguf(export_dir, q), ppl_set, task_set, options) for q in order}
+    f16 = perplexity_of(measured[Quantization.F16].nlls)
     results: dict[Quantization, QuantScores] = {}
-    for quant in [Quantization.F16, *[q for q in quants if q is not Quantization.F16]]:
-        path = find_gguf(export_dir, quant)
-        ppl = baseline if quant is Quantization.F16 else perplexity(path, ppl_set, options)
-        rise = ppl / baseline - 1.0
+    for quant, found in measured.items():
+        ppl = perplexity_of(found.nlls)
+        rise = ppl / f16 - 1.0
         accepted = rise <= options.max_ppl_rise
+        plain = exported.get(found.path.name)
+        without = perplexity(export_dir / plain, ppl_set, options) if plain else None
         results[quant] = QuantScores(
-            file=path.name,
+            file=found.path.name,
             perplexity=ppl,
             perplexity_rise_vs_f16=rise,
             accepted=accepted,
-            tasks=run_tasks(path, task_set, options) if task_set else {},
+            tasks=mean_scores(found.tasks),
+            perplexity_without_imatrix=without,
         )
         log.info(
             "%s: perplexity %.3f (%+.2f%% vs F16)%s",
@@ -154,14 +206,41 @@ def evaluate(
             rise * 100,
             "" if accepted else " REFUSED",
         )
+    comparison = None
+    if baseline is not None:
+        base = _measure(baseline, ppl_set, task_set, options)
+        comparison = BaselineComparison(
+            label=baseline_label,
+            file=str(baseline),
+            sha256=sha256_file(baseline)[1],
+            perplexity=perplexity_of(base.nlls),
+            tasks=mean_scores(base.tasks),
+            quants={
+                quant: {
+                    "perplexity": compare_perplexity(found.nlls, base.nlls),
+                    **compare_scores(found.tasks, base.tasks),
+                }
+                for quant, found in measured.items()
+            },
+        )
     report = EvalReport(
         baseline=Quantization.F16,
         max_ppl_rise=options.max_ppl_rise,
         records={"perplexity": len(ppl_set), "tasks": len(task_set)},
         quants=results,
+        comparison=comparison,
     )
     report.write(ExportLayout(export_dir).eval_file)
     return report
+
+
+def _exported_files(export_dir: Path) -> dict[str, str]:
+    """File name -> its plain (no importance matrix) sibling, from export.json when there is one."""
+    path = ExportLayout(export_dir).export_file
+    if not path.is_file():
+        return {}
+    report = ExportReport.read(path, "run immune-train export first")
+    return {item.file: item.without_imatrix for item in report.files if item.without_imatrix}
 
 
 def load_eval(export_dir: Path) -> EvalReport:

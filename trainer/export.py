@@ -1,21 +1,43 @@
-"""``immune-train export``: merge the LoRA adapter and write GGUF files through Unsloth's exporter,
-offline, then check each file's tensor types and that llama-cpp-python runs it."""
+"""``immune-train export``: merge the LoRA adapter into an F16 GGUF through Unsloth's exporter,
+offline; give it the base's own tokenizer as llama.cpp reads it (trainer.gguf_metadata); refuse it
+unless it tokenizes exactly like the base; quantize it into each asked type (k-quants optionally
+with an importance matrix, trainer.quantize); check each file's tensor types and that
+llama-cpp-python runs it."""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from shared.artifacts import sha256_file
 from shared.manifest import Quantization
+from trainer.base_model import is_gguf
+from trainer.dataset.records import ChatRecord, read_records
 from trainer.errors import TrainerError
 from trainer.gguf_check import check_tensor_types, smoke_generate
+from trainer.gguf_metadata import transplant_tokenizer
 from trainer.layout import RunLayout
-from trainer.records import ExportedFile, ExportReport
+from trainer.quantize import (
+    CHUNK_TOKENS,
+    DEFAULT_CHUNKS,
+    calibration_text,
+    compute_imatrix,
+    quantize,
+    quantize_with_imatrix,
+    takes_imatrix,
+)
+from trainer.records import ExportedFile, ExportReport, RunRecord
+from trainer.tokenizer_fidelity import Reference, check_fidelity, gguf_reference, hf_reference
 from trainer.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
+
+#: How many real training conversations the tokenizer-fidelity check compares (besides its probes).
+FIDELITY_SAMPLES = 32
 
 
 def parse_quants(spec: str) -> list[Quantization]:
@@ -33,13 +55,21 @@ def parse_quants(spec: str) -> list[Quantization]:
 
 
 def export(
-    run_dir: Path, quants: list[Quantization], toolchain: Toolchain, keep_merged: bool = False
-) -> list[ExportedFile]:
-    """Write ``<run>/gguf/<run-name>.<quant>.gguf`` for each of ``quants`` and ``export.json`` beside them."""
+    run_dir: Path,
+    quants: list[Quantization],
+    toolchain: Toolchain,
+    keep_merged: bool = False,
+    imatrix: bool = False,
+    imatrix_chunks: int = DEFAULT_CHUNKS,
+) -> ExportReport:
+    """Write ``<run>/gguf/<run-name>.<quant>.gguf`` for each of ``quants`` and ``export.json`` beside
+    them. Every file must tokenize like the base model. With ``imatrix``, k-quants are made with an
+    importance matrix from the training data; the plain k-quant is kept beside for comparison."""
     layout = RunLayout(run_dir)
     adapter = layout.adapter_dir
     if not (adapter / "adapter_config.json").is_file():
         raise TrainerError("missing-adapter", f"{adapter}: no LoRA adapter (run immune-train finetune first)")
+    run = RunRecord.read(layout.run_file, "run immune-train finetune first")
     toolchain.check()
     toolchain.activate()
     from unsloth import FastLanguageModel
@@ -52,25 +82,119 @@ def export(
     target = layout.export.root
     if target.exists():
         shutil.rmtree(target)
-    model.save_pretrained_gguf(str(target), tokenizer, quantization_method=[q.value for q in quants])
+    # Unsloth merges and converts to F16; every other type is quantized from that F16 here, after
+    # its tokenizer is settled, so all files share it.
+    model.save_pretrained_gguf(str(target), tokenizer, quantization_method=[Quantization.F16.value])
+    written = sorted(target.glob("*.F16.gguf"))
+    if not written:
+        raise TrainerError("export-failed", f"Unsloth wrote no F16 GGUF into {target}")
+    f16 = written[0].rename(layout.export.gguf(run_dir.name, Quantization.F16))
+    spec = str(run.config["base_model"])
+    transplant_tokenizer(base_vocabulary(spec, toolchain, target), f16)
 
+    records = training_records(run)
+    samples = [
+        tokenizer.apply_chat_template([m.model_dump() for m in r.messages], tokenize=False)
+        for r in records[:FIDELITY_SAMPLES]
+    ]
+    reference = base_tokenizer_reference(spec)
+    try:
+        fidelity = check_fidelity(f16, reference, samples)
+    finally:
+        reference.close()
+
+    matrix: Path | None = None
+    if imatrix and any(takes_imatrix(q) for q in quants):
+        calibration = target / "calibration.txt"
+        calibration.write_text(calibration_text(records, tokenizer, imatrix_chunks * CHUNK_TOKENS * 4))
+        matrix = compute_imatrix(toolchain, f16, calibration, target / "imatrix.gguf", imatrix_chunks)
     exported: list[ExportedFile] = []
     for quant in quants:
-        produced = sorted(target.glob(f"*.{quant.value.upper()}.gguf"))
-        if not produced:
-            raise TrainerError("export-failed", f"Unsloth wrote no {quant.value} GGUF into {target}")
-        path = produced[0].rename(layout.export.gguf(run_dir.name, quant))
-        types = check_tensor_types(path, quant)
-        smoke_generate(path)
+        path, plain = f16, None
+        if quant is not Quantization.F16:
+            path = quantize(f16, layout.export.gguf(run_dir.name, quant), quant)
+            if matrix is not None and takes_imatrix(quant):
+                plain_path = path.rename(layout.export.gguf_without_imatrix(run_dir.name, quant))
+                quantize_with_imatrix(toolchain, f16, matrix, path, quant)
+                _check_file(plain_path, quant, f16)
+                plain = plain_path.name
+        types = _check_file(path, quant, f16)
         size, digest = sha256_file(path)
         exported.append(
-            ExportedFile(quant=quant, file=path.name, size=size, sha256=digest, tensor_types=types)
+            ExportedFile(
+                quant=quant,
+                file=path.name,
+                size=size,
+                sha256=digest,
+                tensor_types=types,
+                imatrix_sha256=sha256_file(matrix)[1] if matrix is not None and plain else None,
+                without_imatrix=plain,
+            )
         )
         log.info("exported %s (%d bytes, tensors %s)", path.name, size, types)
     if not keep_merged:
         shutil.rmtree(layout.export.merged_dir, ignore_errors=True)
-    ExportReport(files=exported).write(layout.export.export_file)
-    return exported
+    report = ExportReport(files=exported, tokenizer=fidelity)
+    report.write(layout.export.export_file)
+    return report
+
+
+def _check_file(path: Path, quant: Quantization, reference: Path) -> dict[str, int]:
+    """Tensor types as asked, llama-cpp-python runs it, and the same tokenizer as ``reference``."""
+    types = check_tensor_types(path, quant)
+    smoke_generate(path)
+    if reference != path:
+        same = gguf_reference(reference)
+        try:
+            check_fidelity(path, same, [])
+        finally:
+            same.close()
+    return types
+
+
+def training_records(run: RunRecord) -> list[ChatRecord]:
+    """The run's training records (the real prompts the fidelity check and the imatrix use)."""
+    train_file = Path(str(run.config["train_file"]))
+    return list(read_records(train_file))
+
+
+def base_vocabulary(spec: str, toolchain: Toolchain, directory: Path) -> Path:
+    """A GGUF holding the base's tokenizer as llama.cpp reads it: the base GGUF itself, or the base
+    folder converted with ``--vocab-only`` (from its own tokenizer files, which the merged model
+    Unsloth writes may lack: without ``tokenizer.model`` a SentencePiece vocabulary comes back with
+    placeholder scores and merges differently)."""
+    if is_gguf(spec):
+        return Path(spec)
+    folder = Path(spec)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id=spec, local_files_only=True))
+    target = directory / "base-vocab.gguf"
+    result = subprocess.run(
+        [
+            sys.executable, str(toolchain.root / "convert_hf_to_gguf.py"), str(folder), "--vocab-only",
+            "--outfile", str(target),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **toolchain.environment()},
+        check=False,
+    )  # fmt: skip
+    if result.returncode != 0 or not target.is_file():
+        raise TrainerError(
+            "export-failed", f"cannot read the base tokenizer of {spec}: {result.stderr.strip()[-300:]}"
+        )
+    return target
+
+
+def base_tokenizer_reference(spec: str) -> Reference:
+    """The tokenizer an export must match: the base GGUF's, or the base folder's own."""
+    if is_gguf(spec):
+        return gguf_reference(Path(spec))
+    from trainer.dataset.prepare import load_tokenizer
+
+    return hf_reference(load_tokenizer(spec), spec)
 
 
 def find_gguf(export_dir: Path, quant: Quantization) -> Path:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from trainer.base_model import describe, resolve_base
 from trainer.config import TrainConfig
 from trainer.dataset.records import ChatRecord, file_sha256, read_records
 from trainer.errors import TrainerError
@@ -70,6 +72,15 @@ def _has_checkpoint(directory: Path) -> bool:
     return any(directory.glob("checkpoint-*")) if directory.is_dir() else False
 
 
+def keep_sentencepiece_model(base_dir: Path, adapter_dir: Path) -> None:
+    """Copy the base's ``tokenizer.model`` beside the adapter when saving the (fast) tokenizer did not:
+    the export finds the tokenizer there, and without it llama.cpp's converter rebuilds a SentencePiece
+    vocabulary from tokenizer.json with placeholder scores, which merges tokens differently."""
+    source, target = base_dir / "tokenizer.model", adapter_dir / "tokenizer.model"
+    if source.is_file() and not target.exists():
+        shutil.copyfile(source, target)
+
+
 def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     """Train a LoRA adapter on ``config.train_file``; with ``resume``, continue from the newest checkpoint."""
     train_records = _load_split(config.train_file, "train")
@@ -84,13 +95,15 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel  # must precede trl/transformers: it patches them
 
+    samples = [[*r.prompt, r.messages[-1].model_dump()] for r in (eval_records or train_records)[:4]]
+    base = resolve_base(config.base_model, samples)
     on_gpu = torch.cuda.is_available()
     load_in_4bit = config.load_in_4bit and on_gpu
     if config.load_in_4bit and not on_gpu:
         log.warning("no GPU: training in 16-bit instead of QLoRA (4-bit merge is not supported on CPU)")
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=config.base_model,
+            model_name=base.load_path,
             max_seq_length=config.max_seq_length,
             load_in_4bit=load_in_4bit,
             dtype=None,
@@ -155,6 +168,7 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     adapter_dir = layout.adapter_dir
     model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
+    keep_sentencepiece_model(Path(base.load_path), adapter_dir)
     data_files = [config.train_file] + ([config.eval_file] if config.eval_file else [])
     run = RunRecord(
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -167,6 +181,7 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
         versions=package_versions(),
         metrics=metrics,
         resumed=resume,
+        base=describe(base),
     )
     run_file = layout.run_file
     run.write(run_file)

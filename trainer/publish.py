@@ -17,7 +17,13 @@ from pydantic import Field, model_validator
 
 from shared.admission import verify_manifest
 from shared.config import ConfigModel, ConfigPath, MqttSettings, load_config
-from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest, Quantization, RuntimeProfile
+from shared.manifest import (
+    MANIFEST_PAYLOAD_TYPE,
+    BaselineComparison,
+    Manifest,
+    Quantization,
+    RuntimeProfile,
+)
 from shared.manifest_builder import ManifestSpec, build_manifest
 from shared.mqtt import mqtt_client
 from shared.schema import Identifier
@@ -27,6 +33,7 @@ from shared.topics import Topics
 from trainer.errors import TrainerError
 from trainer.evaluate import load_eval
 from trainer.export import find_gguf
+from trainer.gate import GateSettings, apply_gate
 from trainer.gguf_check import chat_template_of
 from trainer.layout import ExportLayout
 from trainer.records import PublishedRecord, QuantScores
@@ -61,6 +68,7 @@ class PublishSettings(ConfigModel):
     client_id: Identifier = "trainer"
     mqtt: MqttSettings = MqttSettings()
     store: StoreSettings
+    gate: GateSettings = GateSettings()
 
 
 def load_publish_settings(path: Path) -> PublishSettings:
@@ -153,9 +161,16 @@ def upload(store: StoreSettings, source: Path, object_path: str, on_progress: Ca
     return f"{store.base_url.rstrip('/')}/{object_path}"
 
 
-def build_publish_manifest(request: PublishRequest, gguf: Path, url: str, scores: QuantScores) -> Manifest:
-    """The manifest for ``gguf``: runtime profile from the file's own chat template, eval scores
-    and provenance; the rest through the shared builder (quantization checked against the header)."""
+def build_publish_manifest(
+    request: PublishRequest,
+    gguf: Path,
+    url: str,
+    scores: QuantScores,
+    comparison: BaselineComparison | None = None,
+) -> Manifest:
+    """The manifest for ``gguf``: runtime profile from the file's own chat template, eval scores,
+    the baseline comparison and provenance; the rest through the shared builder (quantization
+    checked against the header)."""
     template = chat_template_of(gguf)
     if not template:
         raise TrainerError(
@@ -185,7 +200,11 @@ def build_publish_manifest(request: PublishRequest, gguf: Path, url: str, scores
         min_ram_mb=request.min_ram_mb,
         device_groups=[request.group] if request.group else [],
         expires_in_days=request.expires_in_days,
-        provenance={**(request.provenance or {}), "eval": {request.quant.value: eval_entry}},
+        provenance={
+            **(request.provenance or {}),
+            "eval": {request.quant.value: eval_entry},
+            "comparison": comparison.model_dump(mode="json") if comparison else None,
+        },
     )
     return build_manifest(gguf, spec)
 
@@ -206,6 +225,7 @@ def publish(
             f"{request.quant.value}: perplexity rise {scores.perplexity_rise_vs_f16:+.1%} vs F16 exceeds "
             f"the bound {report.max_ppl_rise:.1%}; it may not be published",
         )
+    comparison = apply_gate(report, request.quant, settings.gate)
     gguf = find_gguf(request.export_dir, request.quant)
     if not settings.keyring_file.is_file():
         raise TrainerError("missing-keyring", f"{settings.keyring_file}: keyring file not found")
@@ -213,7 +233,7 @@ def publish(
     keys = trainer_keys(settings, keyring)  # before any upload: a bad key must not leave stray files
 
     url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
-    manifest = build_publish_manifest(request, gguf, url, scores)
+    manifest = build_publish_manifest(request, gguf, url, scores, comparison)
     envelope = sign_envelope(manifest.to_json(), MANIFEST_PAYLOAD_TYPE, keys)
     verify_manifest(Envelope.from_json(envelope.to_json()), keyring)  # devices must accept what we send
 

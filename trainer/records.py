@@ -10,7 +10,9 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from shared.manifest import Quantization
+from trainer.comparison import MetricComparison
 from trainer.errors import TrainerError
+from trainer.tokenizer_fidelity import FidelityReport
 
 
 class _Record(BaseModel):
@@ -43,6 +45,8 @@ class RunRecord(_Record):
     versions: dict[str, str]
     metrics: dict[str, float]
     resumed: bool
+    #: Where the base came from (a GGUF: its conversion and parity check, trainer.base_model).
+    base: dict[str, Any] = {}
 
 
 class ExportedFile(_Record):
@@ -53,12 +57,16 @@ class ExportedFile(_Record):
     size: int
     sha256: str
     tensor_types: dict[str, int]
+    #: The importance matrix the file was quantized with, and the plain k-quant kept for comparison.
+    imatrix_sha256: str | None = None
+    without_imatrix: str | None = None
 
 
 class ExportReport(_Record):
     """``export.json``."""
 
     files: list[ExportedFile]
+    tokenizer: FidelityReport
 
 
 class QuantScores(_Record):
@@ -69,6 +77,19 @@ class QuantScores(_Record):
     perplexity_rise_vs_f16: float
     accepted: bool
     tasks: dict[str, float]
+    #: The plain k-quant's perplexity, when this file was quantized with an importance matrix.
+    perplexity_without_imatrix: float | None = None
+
+
+class BaselineComparison(_Record):
+    """Every evaluated file against a baseline GGUF on the same held-out incidents."""
+
+    label: str
+    file: str
+    sha256: str
+    perplexity: float
+    tasks: dict[str, float]
+    quants: dict[Quantization, dict[str, MetricComparison]]
 
 
 class EvalReport(_Record):
@@ -78,6 +99,7 @@ class EvalReport(_Record):
     max_ppl_rise: float
     records: dict[str, int]
     quants: dict[Quantization, QuantScores]
+    comparison: BaselineComparison | None = None
 
 
 class PublishedRecord(_Record):

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("IMMUNE_TRAIN_CACHE", Path.home() / ".cache" / "immune-train"))
 _REQUIRED = ("convert_hf_to_gguf.py", "gguf-py", "src", "ggml", "common")
+#: llama.cpp's own binaries the importance-matrix path needs (the Python quantizer cannot take one).
+NATIVE_TOOLS = ("llama-imatrix", "llama-quantize")
 _QUANTIZE_SCRIPT = '''#!{python}
 """llama-quantize for immune-train: quantise a GGUF through llama-cpp-python's C API.
 Usage: llama-quantize [--allow-requantize] INPUT OUTPUT TYPE [NTHREADS]"""
@@ -77,6 +79,40 @@ class Toolchain:
     @property
     def quantize(self) -> Path:
         return self.root / "llama-quantize"
+
+    @property
+    def build_dir(self) -> Path:
+        """Where ``build_native`` puts llama.cpp's own binaries (built on demand, kept)."""
+        return self.root / "build-immune"
+
+    def native(self, name: str) -> Path:
+        """The path of one of llama.cpp's own tools (``llama-imatrix``, ``llama-quantize``)."""
+        return self.build_dir / "bin" / name
+
+    def build_native(self, tools: tuple[str, ...] = NATIVE_TOOLS, jobs: int | None = None) -> None:
+        """Compile llama.cpp's own ``tools`` from this tree with cmake, once (a few minutes on 2 cores).
+
+        Built for the common x86-64-v3/armv8 level rather than -march=native, as the edge wheel is:
+        some virtual machines advertise AMX and llama.cpp's AMX kernel then faults."""
+        if all(os.access(self.native(tool), os.X_OK) for tool in tools):
+            return
+        if shutil.which("cmake") is None:
+            raise TrainerError("toolchain", "cmake is not installed (apt-get install cmake)")
+        log.info("building %s from %s (once)", ", ".join(tools), self.root)
+        configure = [
+            "cmake", "-S", str(self.root), "-B", str(self.build_dir), "-DCMAKE_BUILD_TYPE=Release",
+            "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF",
+        ]  # fmt: skip
+        build = ["cmake", "--build", str(self.build_dir), "-j", str(jobs or os.cpu_count() or 2)]
+        for tool in tools:
+            build += ["--target", tool]
+        for command in (configure, build):
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise TrainerError(
+                    "toolchain", f"{' '.join(command[:3])} failed: {result.stderr.strip()[-400:]}"
+                )
 
     def environment(self) -> dict[str, str]:
         """Variables that point Unsloth at this tree and forbid any download or install."""

@@ -19,6 +19,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 VOCAB_SIZE = 384
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 _TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
     "bos_token": "<s>",
@@ -45,7 +46,12 @@ def build_tiny_llama(directory: Path, corpus: Iterable[str], seed: int = 0) -> P
         vocab_size=VOCAB_SIZE,
         byte_fallback=True,
         character_coverage=0.999,  # rare characters fall back to bytes
-        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        user_defined_symbols=list(CHATML_TOKENS),
+        # llama.cpp's SentencePiece tokenizer neither normalizes text nor merges digit runs the way
+        # sentencepiece's BPE does; without these, the two disagree on IPs and repeated spaces.
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
         pad_id=3,
         unk_id=0,
         bos_id=1,
@@ -60,6 +66,23 @@ def build_tiny_llama(directory: Path, corpus: Iterable[str], seed: int = 0) -> P
     tokenizer = AutoTokenizer.from_pretrained(directory)
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(directory)
+    # As real instruct models ship it: the ChatML markers listed as special in tokenizer_config.json,
+    # which is where llama.cpp's converter looks, so the GGUF marks them as control tokens and
+    # llama.cpp parses them out of the text as transformers does.
+    # No space prefix, on either side: transformers adds one only at the start of a text, llama.cpp
+    # after every special token too, so with one they would disagree after each ChatML marker.
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["added_tokens_decoder"] = {
+        str(tokenizer.convert_tokens_to_ids(token)): {"content": token, "special": True}
+        for token in CHATML_TOKENS
+    }
+    config["add_prefix_space"] = False
+    config_file.write_text(json.dumps(config))
+    tokenizer_file = directory / "tokenizer.json"
+    fast = json.loads(tokenizer_file.read_text())
+    fast["pre_tokenizer"]["prepend_scheme"] = "never"
+    tokenizer_file.write_text(json.dumps(fast))
 
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -116,15 +116,25 @@ base_url = "{base_url}"
 
 
 def write_publish_config(
-    path: Path, fleet: str, keys: list[Path], keyring: Path, host: str, port: int, store: Path, base_url: str
+    path: Path,
+    fleet: str,
+    keys: list[Path],
+    keyring: Path,
+    host: str,
+    port: int,
+    store: Path,
+    base_url: str,
+    gate: dict[str, float] | None = None,
 ) -> Path:
-    """A ``publish.toml`` for a loopback broker and a directory artifact store."""
+    """A ``publish.toml`` for a loopback broker and a directory artifact store (and a champion/
+    challenger gate with these margins)."""
     quoted = ", ".join(f'"{key}"' for key in keys)
-    path.write_text(
-        PUBLISH_TOML.format(
-            fleet=fleet, keys=quoted, keyring=keyring, host=host, port=port, store=store, base_url=base_url
-        )
+    text = PUBLISH_TOML.format(
+        fleet=fleet, keys=quoted, keyring=keyring, host=host, port=port, store=store, base_url=base_url
     )
+    if gate:
+        text += "\n[gate]\nmargins = { " + ", ".join(f"{k} = {v}" for k, v in gate.items()) + " }\n"
+    path.write_text(text)
     return path
 
 

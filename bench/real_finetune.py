@@ -1,0 +1,305 @@
+"""The real trainer recipe, one command (``make train-real``): SmolLM2-135M-Instruct from its GGUF ->
+LoRA on the real Slips summary data -> GGUF export (f16, q8_0, q4_k_m with and without an importance
+matrix) -> evaluation against the base model on held-out incidents -> signed publish to a local
+daemon, which answers a Slips-style request with the new model.
+
+Each step runs the ``immune-train`` CLI as a user would; the wall time and peak RSS of each step
+(the process and its children) are measured, and everything lands in OUT/results.json and a
+Markdown table (OUT/results.md) for docs/benchmarks.md.
+
+Why these choices (see docs/benchmarks.md for the figures):
+- answer part: ``behavior_analysis`` only. Slips asks for an alert summary with max_tokens 220; the
+  teachers' two parts together run to ~500 tokens (cut off on the device), the behaviour analysis
+  alone fits (source, activity, flows, a one-line verdict), while the ``summary`` part mostly
+  restates the incident's own header and event list;
+- budget: 1024 tokens per conversation (incident cut with a visible marker): no incident is dropped,
+  and a training step stays at a few seconds on 2 CPU cores;
+- steps: enough optimizer steps to see each of ``--train-records`` records once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SLIPS = ROOT.parent / "shared" / "datasets" / "slips"
+
+TRAIN_TOML = """
+base_model = "{base}"
+train_file = "data/train-subset.jsonl"
+output_dir = "run"
+max_seq_length = {max_tokens}
+seed = 3407
+
+[lora]
+r = 16
+alpha = 32
+
+[training]
+epochs = 1
+learning_rate = {lr}
+lr_scheduler = "cosine"
+warmup_ratio = 0.05
+batch_size = 1
+gradient_accumulation = 8
+logging_steps = 5
+save_steps = 20
+gradient_checkpointing = false
+"""
+
+
+@dataclass
+class StepResult:
+    step: str
+    wall_s: float
+    peak_rss_mb: float
+    command: str
+
+
+def measured(name: str, command: list[str], log: Path) -> StepResult:
+    """Run ``command``, sampling the RSS of it and its children every 0.5 s; stop on failure."""
+    started = time.monotonic()
+    with log.open("a") as sink:
+        sink.write(f"\n$ {' '.join(command)}\n")
+        sink.flush()
+        process = subprocess.Popen(command, stdout=sink, stderr=sink, cwd=ROOT)
+        peak = 0
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            watched = psutil.Process(process.pid)
+            while not done.is_set():
+                try:
+                    rss = watched.memory_info().rss + sum(
+                        child.memory_info().rss for child in watched.children(recursive=True)
+                    )
+                    peak = max(peak, rss)
+                except psutil.Error:
+                    pass
+                done.wait(0.5)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = process.wait()
+        done.set()
+        sampler.join()
+    if code != 0:
+        raise SystemExit(f"step {name} failed (exit {code}); see {log}")
+    result = StepResult(name, time.monotonic() - started, peak / 2**20, " ".join(command))
+    print(f"{name}: {result.wall_s:.0f} s, peak RSS {result.peak_rss_mb:.0f} MiB", flush=True)
+    return result
+
+
+def train_subset(data: Path, count: int) -> int:
+    """The first ``count`` training records (prepare's order is seeded) as train-subset.jsonl."""
+    lines = (data / "train.jsonl").read_text().splitlines()[:count]
+    (data / "train-subset.jsonl").write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def publish_and_ask(out: Path, export: Path, run: Path) -> dict[str, object]:
+    """Publish the q4_k_m to a daemon on a local broker; ask it what Slips asks (Ollama provider)."""
+    from shared.signing import generate_key, write_private_key
+    from shared.signing.keyring import Keyring, Role, Thresholds, TrustedKey
+    from tests.harness.artifact_server import ArtifactServer
+    from tests.harness.broker import Mosquitto
+    from tests.harness.edge import (
+        FLEET,
+        HOST_ARCH,
+        FleetObserver,
+        ServingOptions,
+        running_daemon,
+        write_edge_config,
+    )
+    from tests.harness.slips_prompts import incident_texts, summary_messages
+    from tests.harness.training import immune_train, write_publish_config
+
+    keys = {role: generate_key() for role in (Role.ROOT, Role.TRAINER, Role.OPERATOR)}
+    keyring = Keyring(
+        version=1,
+        keys=[
+            TrustedKey(keyid=key.keyid, role=role, public_key=key.public_b64, name=f"{role.value}-1")
+            for role, key in keys.items()
+        ],
+        thresholds=Thresholds(),
+    )
+    keyring_file = out / "keyring.json"
+    keyring_file.write_bytes(keyring.to_json())
+    trainer_key = out / "trainer.key"
+    write_private_key(keys[Role.TRAINER], trainer_key)
+    with Mosquitto(out / "broker") as broker, ArtifactServer(out / "artifacts") as server:
+        config = write_publish_config(
+            out / "publish.toml", FLEET, [trainer_key], keyring_file, broker.host, broker.port,
+            server.root, server.base_url, gate={"names_source_ip": 0.0, "rouge_l": 0.0},
+        )  # fmt: skip
+        serving = ServingOptions(trial_s=5.0, request_timeout_s=600.0)
+        device = write_edge_config(out / "device", broker, keyring, serving=serving)
+        observer = FleetObserver(broker)
+        with running_daemon(device):
+            immune_train(
+                "publish", export, "--config", config, "--name", "slips/smollm2-135m-slips:q4_k_m",
+                "--quant", "q4_k_m", "--arch", HOST_ARCH, "--run-dir", run, "--n-ctx", "2048",
+                "--base-model", "SmolLM2-135M-Instruct",
+            )  # fmt: skip
+            end = observer.wait_terminal(1, timeout=600)[-1]
+            if end["state"] != "committed":
+                raise SystemExit(f"the daemon did not commit the model: {end}")
+            incident = incident_texts(1)[0]
+            body = {
+                "model": "slips",
+                "messages": summary_messages(incident),
+                "stream": False,
+                "options": {"temperature": 0.2, "num_predict": 220},
+            }
+            reply = httpx.post(f"{serving.base_url}/api/chat", json=body, timeout=600).raise_for_status()
+            return {"deployment": end, "reply": reply.json()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "train-real-out")
+    parser.add_argument("--train-records", type=int, default=320)
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--task-records", type=int, default=30)
+    parser.add_argument("--ppl-records", type=int, default=30)
+    parser.add_argument("--answer-part", default="behavior_analysis")
+    parser.add_argument("--skip-publish", action="store_true")
+    args = parser.parse_args()
+    if not SHARED_SLIPS.is_dir():
+        raise SystemExit(f"the real Slips datasets are not at {SHARED_SLIPS}")
+    from tests.harness.models import smollm2_gguf
+
+    base = smollm2_gguf()
+    out: Path = args.out.resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log = out / "steps.log"
+    cli = [sys.executable, "-m", "trainer.cli"]
+    data, run = out / "data", out / "run"
+    export = run / "gguf"
+    steps = [
+        measured(
+            "prepare",
+            [
+                *cli,
+                "prepare",
+                f"slips-summary={SHARED_SLIPS / 'summarization_dataset_v3.json.gz'}",
+                "--tokenizer",
+                str(base),
+                "--output",
+                str(data),
+                "--max-tokens",
+                str(args.max_tokens),
+                "--eval-fraction",
+                "0.1",
+                "--answer-parts",
+                f"slips-summary={args.answer_part}",
+            ],
+            log,
+        ),
+    ]
+    used = train_subset(data, args.train_records)
+    (out / "train.toml").write_text(TRAIN_TOML.format(base=base, max_tokens=args.max_tokens, lr=args.lr))
+    steps.append(measured("finetune", [*cli, "finetune", "--config", str(out / "train.toml")], log))
+    steps.append(measured("export", [*cli, "export", str(run), "--quant", "q8_0,q4_k_m", "--imatrix"], log))
+    threads = str(os.cpu_count() or 2)
+    steps.append(
+        measured(
+            "eval",
+            [
+                *cli,
+                "eval",
+                str(export),
+                "--data",
+                str(data / "eval.jsonl"),
+                "--quant",
+                "q8_0,q4_k_m",
+                "--ppl-records",
+                str(args.ppl_records),
+                "--ppl-ctx",
+                str(args.max_tokens),
+                "--task-records",
+                str(args.task_records),
+                "--threads",
+                threads,
+                "--baseline",
+                str(base),
+                "--baseline-label",
+                "base",
+            ],
+            log,
+        ),
+    )
+    served: dict[str, object] = {}
+    if not args.skip_publish:
+        started = time.monotonic()
+        served = publish_and_ask(out, export, run)
+        steps.append(StepResult("publish+serve", time.monotonic() - started, 0.0, "immune-train publish"))
+    results = {
+        "train_records": used,
+        "stats": json.loads((data / "stats.json").read_text()),
+        "run": json.loads((run / "run.json").read_text()),
+        "export": json.loads((export / "export.json").read_text()),
+        "eval": json.loads((export / "eval.json").read_text()),
+        "steps": [asdict(s) for s in steps],
+        "served": served,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    print((out / "results.md").read_text())
+
+
+def markdown(results: dict[str, object]) -> str:
+    """The tables docs/benchmarks.md records."""
+    lines = ["| step | wall | peak RSS |", "|---|---|---|"]
+    for step in results["steps"]:  # type: ignore[attr-defined]
+        rss = f"{step['peak_rss_mb']:.0f} MiB" if step["peak_rss_mb"] else "-"
+        lines.append(f"| {step['step']} | {step['wall_s'] / 60:.1f} min | {rss} |")
+    evaluation = results["eval"]
+    comparison = evaluation["comparison"]  # type: ignore[index]
+    lines += [
+        "",
+        "| metric | base | " + " | ".join(comparison["quants"]) + " |",
+        "|---|---|" + "---|" * len(comparison["quants"]),
+    ]
+    metrics = next(iter(comparison["quants"].values()))
+    for metric in metrics:
+        cells = []
+        for quant_metrics in comparison["quants"].values():
+            row = quant_metrics[metric]
+            cells.append(
+                f"{row['challenger']:.3f} ({row['diff']:+.3f} ± {row['stderr']:.3f}, {row['verdict']})"
+            )
+        lines.append(f"| {metric} | {metrics[metric]['baseline']:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "| file | perplexity | vs F16 | without imatrix |", "|---|---|---|---|"]
+    for quant, scores in evaluation["quants"].items():  # type: ignore[index]
+        without = scores.get("perplexity_without_imatrix")
+        lines.append(
+            f"| {quant} | {scores['perplexity']:.3f} | {scores['perplexity_rise_vs_f16']:+.2%} | "
+            + (
+                f"{without:.3f} ({without / evaluation['quants']['f16']['perplexity'] - 1:+.2%})"
+                if without
+                else "-"
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Where a fine-tune's base model comes from: a local Hugging Face folder, a Hub id already in the
+local cache, or a GGUF file.
+
+A GGUF base is dequantized by transformers into an HF folder once (cached under the file's sha256),
+with its tokenizer and chat template. Nothing trains on it before two checks pass:
+- the tokenizer transformers rebuilt from the GGUF must split text into the same ids as llama.cpp
+  does (for Gemma-3 it does not: its rebuilt tokenizer cuts words into pieces and drops BOS, which is
+  why the model "degenerates" in transformers although its weights convert correctly);
+- the converted model's perplexity on sample conversations must match llama-cpp-python's on the
+  source GGUF, over the very same token ids (the weights)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.artifacts import sha256_file
+from shared.errors import ArtifactError
+from shared.gguf import read_gguf_header
+from trainer.errors import TrainerError
+from trainer.tokenizer_fidelity import FidelityReport, compare_tokenizers, gguf_reference, hf_reference
+from trainer.toolchain import DEFAULT_CACHE
+
+log = logging.getLogger(__name__)
+
+#: GGUF architectures whose conversion back to transformers has been checked against llama.cpp.
+#: Others may load in transformers but have not been shown to give the same model.
+CONVERTIBLE_ARCHITECTURES = frozenset({"llama", "qwen2", "gemma3"})
+
+#: Largest relative perplexity gap between the converted model and llama-cpp-python on the GGUF.
+#: Dequantized weights in float32 against llama.cpp's quantized kernels differ by a few percent at
+#: most; a wrong conversion is off by orders of magnitude.
+PARITY_TOLERANCE = 0.10
+PARITY_TOKENS = 384
+_RECORD = "immune-base.json"
+
+
+class ParityCheck(BaseModel):
+    """The converted model against llama-cpp-python on the same GGUF and the same tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    perplexity_converted: float
+    perplexity_llama_cpp: float
+    samples: int
+    tokens: int
+
+    @property
+    def gap(self) -> float:
+        return self.perplexity_converted / self.perplexity_llama_cpp - 1.0
+
+
+class ConvertedBase(BaseModel):
+    """``immune-base.json`` in a converted folder: where it came from and how it was checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    sha256: str
+    architecture: str
+    tokenizer: FidelityReport
+    parity: ParityCheck
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """A resolved base model: what transformers/Unsloth load, and the GGUF it came from (if any)."""
+
+    spec: str
+    load_path: str
+    gguf: Path | None = None
+    converted: ConvertedBase | None = None
+
+
+def is_gguf(spec: str) -> bool:
+    return spec.lower().endswith(".gguf")
+
+
+def gguf_architecture(path: Path) -> str:
+    """The ``general.architecture`` of a GGUF; TrainerError when the file is missing or not a GGUF."""
+    if not path.is_file():
+        raise TrainerError("missing-base-model", f"{path}: no such GGUF file")
+    try:
+        return read_gguf_header(path, allowed_architectures=None).architecture
+    except ArtifactError as exc:
+        raise TrainerError("bad-base-model", f"{path}: {exc}") from exc
+
+
+def check_convertible(path: Path) -> str:
+    """The architecture of ``path``, or TrainerError when its conversion back is not supported."""
+    architecture = gguf_architecture(path)
+    if architecture not in CONVERTIBLE_ARCHITECTURES:
+        raise TrainerError(
+            "unsupported-architecture",
+            f"{path.name}: architecture {architecture!r} cannot be trained from a GGUF here "
+            f"(supported: {', '.join(sorted(CONVERTIBLE_ARCHITECTURES))}); use its Hugging Face folder",
+        )
+    return architecture
+
+
+def load_gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer (with its chat template) stored in a GGUF, rebuilt by transformers and checked
+    against llama.cpp's on fixed probes (check_rebuilt_tokenizer)."""
+    from transformers import AutoTokenizer
+
+    check_convertible(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainerError("bad-tokenizer", f"cannot read the tokenizer of {path}: {exc}") from exc
+    check_rebuilt_tokenizer(path, tokenizer, ())
+    return tokenizer
+
+
+def check_rebuilt_tokenizer(path: Path, tokenizer: Any, samples: Sequence[str]) -> FidelityReport:
+    """``tokenizer`` (rebuilt from ``path``) must split ``samples`` and the probes exactly as
+    llama.cpp splits them with the same file; TrainerError('tokenizer-mismatch') otherwise."""
+    reference = gguf_reference(path)
+    try:
+        return compare_tokenizers(
+            hf_reference(tokenizer, f"rebuilt by transformers from {path.name}"), reference, samples
+        )
+    except TrainerError as exc:
+        raise TrainerError(
+            exc.reason,
+            f"{path.name} cannot be trained from its GGUF: transformers rebuilds a tokenizer that "
+            f"differs from llama.cpp's for this file, so training would see other tokens than the "
+            f"device serves ({exc}); use the model's Hugging Face folder instead",
+        ) from None
+    finally:
+        reference.close()
+
+
+def resolve_base(
+    spec: str, samples: Sequence[list[dict[str, str]]], cache_dir: Path | None = None
+) -> BaseSource:
+    """``spec`` as something Unsloth can load. A GGUF is converted (once) and parity-checked on
+    ``samples`` (conversations, rendered with the model's own chat template)."""
+    if not is_gguf(spec):
+        return BaseSource(spec=spec, load_path=spec)
+    path = Path(spec).expanduser().resolve()
+    architecture = check_convertible(path)
+    _, digest = sha256_file(path)
+    target = (cache_dir or DEFAULT_CACHE / "bases") / digest[:24]
+    record_file = target / _RECORD
+    if record_file.is_file():
+        converted = ConvertedBase.model_validate_json(record_file.read_bytes())
+        log.info("base %s: using the converted copy in %s", path.name, target)
+        return BaseSource(spec=spec, load_path=str(target), gguf=path, converted=converted)
+    if not samples:
+        raise TrainerError("empty-dataset", "no sample conversations to check the converted base with")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        staging = Path(scratch) / "model"
+        tokenizer = load_gguf_tokenizer(path)
+        texts = [tokenizer.apply_chat_template(list(c), tokenize=False) for c in samples[:4]]
+        fidelity = check_rebuilt_tokenizer(path, tokenizer, texts)
+        model = _dequantize(path)
+        parity = parity_check(model, path, texts)
+        if abs(math.log1p(parity.gap)) > math.log1p(PARITY_TOLERANCE):
+            raise TrainerError(
+                "broken-conversion",
+                f"{path.name} ({architecture}): converted to transformers, the model's perplexity is "
+                f"{parity.perplexity_converted:.3g} where llama-cpp-python gets "
+                f"{parity.perplexity_llama_cpp:.3g} on the same {parity.tokens} tokens "
+                f"({parity.gap:+.0%}); refusing to train on weights that differ from the GGUF",
+            )
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        converted = ConvertedBase(
+            source=str(path),
+            sha256=digest,
+            architecture=architecture,
+            tokenizer=fidelity,
+            parity=parity,
+        )
+        (staging / _RECORD).write_text(converted.model_dump_json(indent=2) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)  # whole or not at all
+    log.info(
+        "base %s converted to %s (perplexity %.3f vs llama.cpp %.3f)",
+        path.name, target, parity.perplexity_converted, parity.perplexity_llama_cpp,
+    )  # fmt: skip
+    return BaseSource(spec=spec, load_path=str(target), gguf=path, converted=converted)
+
+
+def _dequantize(path: Path) -> Any:
+    """The GGUF's weights as a float32 transformers model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise TrainerError("bad-base-model", f"transformers cannot load {path.name}: {exc}") from exc
+    # The weights are plain float32 tensors now; without this, transformers refuses to save the model
+    # ("quantized with GGUF and not serializable") and later loaders would look for a GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model.eval()
+
+
+def parity_check(model: Any, gguf: Path, texts: Sequence[str]) -> ParityCheck:
+    """Perplexity of the transformers ``model`` and of llama-cpp-python on ``gguf`` over the same
+    token ids (tokenized by llama.cpp, cut to PARITY_TOKENS)."""
+    import torch
+    from llama_cpp import Llama
+
+    from trainer.evaluate import llama_nll, token_nll
+
+    llama = Llama(model_path=str(gguf), n_ctx=PARITY_TOKENS, logits_all=True, verbose=False)
+    nll_converted = nll_llama = 0.0
+    tokens_seen = 0
+    try:
+        for text in texts:
+            tokens = llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)[:PARITY_TOKENS]
+            if len(tokens) < 2:
+                continue
+            nll_llama += float(llama_nll(llama, tokens).sum())
+            with torch.no_grad():
+                logits = model(torch.tensor([tokens])).logits[0, :-1].float().numpy()
+            nll_converted += float(token_nll(logits, tokens[1:]).sum())
+            tokens_seen += len(tokens) - 1
+    finally:
+        llama.close()
+    if tokens_seen == 0:
+        raise TrainerError("empty-dataset", "the sample conversations gave no tokens to check the base on")
+    return ParityCheck(
+        perplexity_converted=math.exp(nll_converted / tokens_seen),
+        perplexity_llama_cpp=math.exp(nll_llama / tokens_seen),
+        samples=len(texts),
+        tokens=tokens_seen,
+    )
+
+
+def describe(source: BaseSource) -> dict[str, Any]:
+    """What run.json records about the base."""
+    if source.converted is None:
+        return {"spec": source.spec}
+    return {
+        "spec": source.spec,
+        "converted_to": source.load_path,
+        **json.loads(source.converted.model_dump_json()),
+    }
