@@ -245,11 +245,6 @@ def main() -> None:
             log,
         ),
     )
-    served: dict[str, object] = {}
-    if not args.skip_publish:
-        started = time.monotonic()
-        served = publish_and_ask(out, export, run)
-        steps.append(StepResult("publish+serve", time.monotonic() - started, 0.0, "immune-train publish"))
     results = {
         "train_records": used,
         "stats": json.loads((data / "stats.json").read_text()),
@@ -257,11 +252,24 @@ def main() -> None:
         "export": json.loads((export / "export.json").read_text()),
         "eval": json.loads((export / "eval.json").read_text()),
         "steps": [asdict(s) for s in steps],
-        "served": served,
     }
+    write_results(out, results)  # before publishing: a refused challenger keeps its figures
+    if not args.skip_publish:
+        started = time.monotonic()
+        try:
+            results["served"] = publish_and_ask(out, export, run)
+        except AssertionError as refused:  # immune_train's failure, e.g. the gate's refusal
+            results["served"] = {"refused": str(refused)[-2000:]}
+        results["steps"].append(  # type: ignore[attr-defined]
+            asdict(StepResult("publish+serve", time.monotonic() - started, 0.0, "immune-train publish"))
+        )
+        write_results(out, results)
+    print((out / "results.md").read_text())
+
+
+def write_results(out: Path, results: dict[str, object]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
-    print((out / "results.md").read_text())
 
 
 def markdown(results: dict[str, object]) -> str:
