@@ -89,7 +89,7 @@ bench: venv
 
 ## The real trainer recipe (about an hour on 2 CPU cores): SmolLM2-135M-Instruct from its GGUF, LoRA on
 ## the real Slips summaries (../shared/datasets/slips), f16/q8_0/q4_k_m (+importance matrix), eval
-## against the base, publish to a local daemon. Results in train-real-out/results.md.
+## against the base, publish to a local daemon. Results in train-real-out/results.md (docs/benchmarks.md).
 train-real: trainer-deps
 	$(PY) -m bench.real_finetune --out train-real-out
 

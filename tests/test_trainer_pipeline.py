@@ -85,6 +85,22 @@ def test_eval_compares_each_quant_with_f16(trained: TinyRun) -> None:
         } <= set(quants[name]["tasks"])  # fmt: skip
 
 
+def test_export_refuses_a_tokenizer_other_than_the_bases(
+    trained: TinyRun, smollm2_model: Path, tmp_path: Path
+) -> None:
+    """The run record names SmolLM2's GGUF as the base of the tiny model's adapter: the export is
+    refused (the vocabularies differ), and no export.json is written."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained.run_dir / "adapter", copy / "adapter")
+    run = json.loads((trained.run_dir / "run.json").read_text())
+    run["config"]["base_model"] = str(smollm2_model)
+    (copy / "run.json").write_text(json.dumps(run))
+    result = immune_train("export", copy, "--quant", "q8_0", check=False)
+    assert result.returncode == 1 and "REJECTED (tokenizer-mismatch)" in result.stderr, result.stderr
+    assert "has 384 tokens, its base SmolLM2-135M-Instruct.Q4_1.gguf 49152" in result.stderr
+    assert not (copy / "gguf" / "export.json").exists()
+
+
 @pytest.fixture(scope="module")
 def broken(trained: TinyRun) -> Path:
     """A copy of the export whose "q4_k_m" file is the F16 model with its output projection zeroed:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.harness.slips_fixture import write_slips_fixture
 from tests.harness.training import immune_train
-from trainer.base_model import PARITY_TOLERANCE, resolve_base
+from trainer.base_model import PARITY_TOLERANCE, parity_check, require_parity, resolve_base
 from trainer.dataset.prepare import load_tokenizer
 from trainer.dataset.records import read_records
 from trainer.errors import TrainerError
@@ -69,8 +69,25 @@ def test_gguf_base_converts_and_matches_llama_cpp(smollm2_model: Path, tmp_path:
     parity = source.converted.parity
     assert parity.tokens > 40 and abs(parity.gap) <= PARITY_TOLERANCE, parity
     assert source.converted.tokenizer.tokens > 40  # the rebuilt tokenizer matched llama.cpp's
+    # The GGUF's special tokens, not transformers' guess (it made <|im_start|> the EOS).
+    tokenizer = load_tokenizer(str(folder))
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert config["eos_token_id"] == 2
     again = resolve_base(str(smollm2_model), [], cache_dir=tmp_path)  # no samples needed: cached
     assert again.load_path == source.load_path and again.converted == source.converted
+    # Weights that do not behave like the GGUF's are refused: the converted model with one layer's
+    # attention output zeroed, against llama-cpp-python on the untouched file.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source.load_path, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    broken = parity_check(model, smollm2_model, [SAMPLES[0][1]["content"], SAMPLES[1][0]["content"]])
+    with pytest.raises(TrainerError, match=r"refusing to train on weights that differ from the GGUF") as e:
+        require_parity(broken, smollm2_model, "llama")
+    assert e.value.reason == "broken-conversion" and broken.gap > PARITY_TOLERANCE
 
 
 def test_gemma3_gguf_is_refused_for_its_rebuilt_tokenizer(gemma3_model: Path, tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel  # must precede trl/transformers: it patches them
 
-    samples = [[*r.prompt, r.messages[-1].model_dump()] for r in (eval_records or train_records)[:4]]
+    samples = [[*r.prompt, r.messages[-1].model_dump()] for r in (eval_records or train_records)[:64]]
     base = resolve_base(config.base_model, samples)
     on_gpu = torch.cuda.is_available()
     load_in_4bit = config.load_in_4bit and on_gpu

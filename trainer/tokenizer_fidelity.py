@@ -21,6 +21,7 @@ Tokenize = Callable[[str], list[int]]
 #: CJK, emoji, control tokens as plain text, runs of spaces and a bare newline.
 PROBES = (
     "Source IP: 192.168.1.113 | Timewindow: 25\n• 00:02-00:27 - 223.142.160.232:443/TCP → [HIGH]",
+    "Events:  2957 | to  449 unique destinations on port  80/TCP\n  12 more",
     "**Activity:** horizontal port scan  (440 hosts)\n\n```plaintext\nThreat Level: 15.4\n```",
     "Ünïcödé résumé naïve — 日本語のテキスト 🙂 \t tabs\tand   spaces\n",
     "<|im_start|>user\nIs 10.0.0.1 scanning?<|im_end|>\n<|im_start|>assistant\n",
