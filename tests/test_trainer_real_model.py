@@ -15,7 +15,7 @@ from trainer.base_model import PARITY_TOLERANCE, parity_check, require_parity, r
 from trainer.dataset.prepare import load_tokenizer
 from trainer.dataset.records import read_records
 from trainer.errors import TrainerError
-from trainer.tokenizer_fidelity import check_fidelity, gguf_reference
+from trainer.tokenizer_fidelity import PROBES, check_fidelity, gguf_reference
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -132,7 +132,7 @@ def test_tokenizer_fidelity_refuses_a_different_tokenizer(smollm2_model: Path, g
         report = check_fidelity(smollm2_model, same, ["Source IP: 10.0.0.1 → 8.8.8.8:53/UDP"])
     finally:
         same.close()
-    assert report.tokens > 50 and report.samples == 5
+    assert report.tokens > 50 and report.samples == len(PROBES) + 1
     other = gguf_reference(gemma3_model)
     try:
         with pytest.raises(TrainerError, match=r"tokenizes differently from the base GGUF gemma") as caught:
