@@ -237,3 +237,39 @@ def test_errors_during_the_trial_roll_back(tmp_path, mqtt_broker, fleet_keys, fl
         assert (*_ended(end), end["serial"]) == ("rolled_back", "trial-errors", 2), end
         assert daemon.data.router.active.key == ("stable", 1)
         assert daemon.control.ledger.current().serial == 1
+
+
+def test_a_model_that_slows_down_during_the_trial_rolls_back(
+    tmp_path, mqtt_broker, fleet_keys, fleet, observer
+) -> None:
+    """The `trial-slow` rollback: the model passes the gate at full speed, then real traffic during
+    the trial is served below the signed floor. The slowdown is a Pi losing its CPU (throttling,
+    another process): the worker is stopped for 4 s in the middle of a 12-token answer, so that
+    answer decodes at most 11 / 4 tokens/s on any machine, far under the floor of 5."""
+    options = ServingOptions(trial_s=20.0)
+    with running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon:
+        assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
+        ends = len(observer.terminal_events())
+        health = {"golden_prompts": ["Count from one to twenty."], "min_tokens_per_second": 5.0}
+        observer.publish(TOPICS.desired_fleet(), fleet.envelope("gemma", 2, health=health))
+        observer.wait_for(
+            lambda: any((e["serial"], e["state"]) == (2, "trial") for e in observer.unique_events()),
+            timeout=120,
+            what="serial 2 on trial (the gate passed at full speed)",
+        )
+        worker = daemon.data.router.active.worker
+        counting = {"model": "slips", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 12, "temperature": 0}
+        with httpx.stream(
+            "POST", f"{options.base_url}/v1/completions", json=counting | {"stream": True}, timeout=60
+        ) as reply:
+            chunks = reply.iter_lines()
+            assert next(line for line in chunks if line.startswith("data: {"))
+            os.kill(worker.pid, signal.SIGSTOP)
+            time.sleep(4.0)
+            os.kill(worker.pid, signal.SIGCONT)
+            assert [line for line in chunks if line.startswith("data: ")][-1] == "data: [DONE]"
+        end = observer.wait_terminal(ends + 1, timeout=60)[-1]
+        assert (*_ended(end), end["serial"]) == ("rolled_back", "trial-slow", 2), end
+        assert "floor 5.0" in end["reason"], end
+        assert daemon.data.router.active.key == ("stable", 1)
+        assert daemon.control.ledger.current().serial == 1
