@@ -1,4 +1,4 @@
-"""The FastAPI application: both APIs, health endpoints, error shapes and a request body limit."""
+"""The FastAPI application: the three APIs, health endpoints, error shapes and a request body limit."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge.api import ollama_api, openai_api
+from edge.api import anthropic_api, ollama_api, openai_api
 from edge.api.generation import ApiError, ClientGoneError, Serving
 
 #: Slips' longest prompts are ~3,200 tokens (~13 kB); 1 MiB leaves room and stops abuse early.
@@ -55,12 +55,14 @@ class BodyLimit:
 
 
 class BearerAuth:
-    """Require ``Authorization: Bearer <token>`` on TCP; the Unix socket is guarded by its file mode.
-    ``/health`` stays open for liveness probes."""
+    """Require the token on TCP, as ``Authorization: Bearer <token>`` or as Anthropic clients send it,
+    ``x-api-key: <token>``; the Unix socket is guarded by its file mode. ``/health`` stays open for
+    liveness probes."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.bearer = f"Bearer {token}".encode()
+        self.api_key = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         server = scope.get("server")
@@ -68,12 +70,16 @@ class BearerAuth:
         if scope["type"] != "http" or not over_tcp or scope["path"] == "/health":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers", [])).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        headers = dict(scope.get("headers", []))
+        bearer, api_key = headers.get(b"authorization"), headers.get(b"x-api-key")
+        # Both compared, always: no shortcut that would time which header was right.
+        good_bearer = hmac.compare_digest(bearer or b"", self.bearer)
+        good_key = hmac.compare_digest(api_key or b"", self.api_key)
+        if good_bearer or good_key:
             await self.app(scope, receive, send)
             return
-        what = "missing" if not given else "wrong"
-        response = _error(scope["path"], ApiError(401, f"{what} bearer token", "unauthorized"))
+        what = "missing" if bearer is None and api_key is None else "wrong"
+        response = _error(scope["path"], ApiError(401, f"{what} bearer token or x-api-key", "unauthorized"))
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, _nothing, send)
 
@@ -87,9 +93,12 @@ async def _nothing() -> Message:
 
 
 def _error(path: str, error: ApiError) -> JSONResponse:
-    """OpenAI-shaped errors under /v1, Ollama-shaped elsewhere."""
+    """Anthropic-shaped errors under /v1/messages, OpenAI-shaped elsewhere under /v1, Ollama-shaped
+    for the rest."""
     headers = {"Retry-After": str(error.retry_after_s)} if error.status in (429, 503) else None
-    if path.startswith("/v1"):
+    if path.startswith(anthropic_api.PREFIX):
+        body = anthropic_api.error_body(error.status, error.message)
+    elif path.startswith("/v1"):
         kind = "invalid_request_error" if error.status < 500 and error.status != 429 else "server_error"
         body: dict[str, object] = {
             "error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}
@@ -109,6 +118,7 @@ def create_app(
     serving.metrics.watch_queue(lambda: router.queue_depth)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(anthropic_api.router)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -125,13 +135,11 @@ def create_app(
         for err in exc.errors():
             location = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
             if err["type"] == "json_invalid":
-                problems.append(
-                    f"invalid JSON at byte {err['loc'][-1]}: {err.get('ctx', {}).get('error', '')}"
-                )
-            elif err["type"] == "model_attributes_type" or location == "body":
-                problems.append(
-                    "the request body must be a JSON object (send Content-Type: application/json)"
-                )
+                problems.append(f"invalid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+            elif location == "body":
+                problems.append("the request body must be a JSON object")
+            elif err["type"] == "extra_forbidden":
+                problems.append(f"{location}: not supported by this server")
             else:
                 problems.append(f"{location}: {err['msg']}")
         first = exc.errors()[0] if exc.errors() else {"loc": (), "type": ""}

@@ -14,9 +14,9 @@ import anyio
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from edge.metrics import Metrics
-from edge.runtime.handle import RequestTimeoutError, WorkerError
+from edge.runtime.handle import RequestRejectedError, RequestTimeoutError, WorkerError
 from edge.runtime.health import decode_rate
-from edge.runtime.protocol import ChatMessage, GenerateRequest, WorkerEvent
+from edge.runtime.protocol import ChatMessage, GenerateRequest, JsonOutput, WorkerEvent
 from edge.runtime.router import (
     DeferredError,
     ModelRouter,
@@ -54,14 +54,19 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling options common to both APIs (None: the model's default)."""
+    """What every API may ask of a generation (None: the model's signed default)."""
 
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    repeat_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: Constrain the answer to JSON (a schema, or any object).
+    json_output: JsonOutput | None = None
+    #: The context the client needs (Ollama's num_ctx): refused when over the model's.
+    context_tokens: int | None = None
 
 
 @dataclass
@@ -92,6 +97,13 @@ class Serving:
         return model_name is not None and model_name in self.low_priority_models
 
 
+def with_system_prompt(model: ServedModel, messages: list[ChatMessage]) -> list[ChatMessage]:
+    """The model's signed system prompt goes first unless the client sent its own."""
+    if model.system_prompt and not any(m.role == "system" for m in messages):
+        return [ChatMessage(role="system", content=model.system_prompt), *messages]
+    return messages
+
+
 def _request(
     model: ServedModel, sampling: Sampling, messages: list[ChatMessage] | None, prompt: str | None
 ) -> GenerateRequest:
@@ -107,8 +119,15 @@ def _request(
             "max_tokens_too_large",
             "max_tokens",
         )
-    if messages is not None and model.system_prompt and not any(m.role == "system" for m in messages):
-        messages = [ChatMessage(role="system", content=model.system_prompt), *messages]
+    if sampling.context_tokens is not None and sampling.context_tokens > model.n_ctx:
+        raise ApiError(
+            400,
+            f"num_ctx {sampling.context_tokens} exceeds this model's context of {model.n_ctx} tokens",
+            "context_too_large",
+            "options.num_ctx",
+        )
+    if messages is not None:
+        messages = with_system_prompt(model, messages)
 
     def pick(value: float | int | None, key: str, fallback: float | int) -> float | int:
         return value if value is not None else defaults.get(key, fallback)
@@ -122,10 +141,42 @@ def _request(
         top_p=float(pick(sampling.top_p, "top_p", 0.95)),
         top_k=int(pick(sampling.top_k, "top_k", 40)),
         min_p=float(defaults.get("min_p", 0.05)),
-        repeat_penalty=float(defaults.get("repeat_penalty", 1.1)),
+        repeat_penalty=float(pick(sampling.repeat_penalty, "repeat_penalty", 1.1)),
         stop=list(sampling.stop),
         seed=sampling.seed,
+        json_output=sampling.json_output,
     )
+
+
+def _rejected(exc: RequestRejectedError, model: ServedModel) -> ApiError:
+    if exc.code == "context_length_exceeded":
+        message = f"prompt is longer than the context window ({model.n_ctx} tokens): {exc}"
+        return ApiError(400, message, exc.code, "messages")
+    return ApiError(400, str(exc), exc.code)
+
+
+async def count_tokens(serving: Serving, model_name: str | None, messages: list[ChatMessage]) -> int:
+    """Tokens ``messages`` (with the model's system prompt) take in the served model's template."""
+    router = serving.router
+    try:
+        model = await run_in_threadpool(router.checkout, model_name, serving.request_timeout_s)
+    except UnknownModelError as exc:
+        raise ApiError(404, str(exc), "model_not_found", "model") from None
+    except NoModelError as exc:
+        raise ApiError(503, str(exc), "no_model") from None
+    deadline = time.monotonic() + serving.request_timeout_s
+    try:
+        return await run_in_threadpool(
+            model.worker.count_tokens, with_system_prompt(model, messages), deadline
+        )
+    except RequestRejectedError as exc:
+        raise _rejected(exc, model) from None
+    except RequestTimeoutError as exc:
+        raise ApiError(504, str(exc), "timeout") from None
+    except WorkerError as exc:
+        raise ApiError(503, f"model worker failed: {exc}", "worker_failed") from None
+    finally:
+        router.checkin(model)
 
 
 class Generation:
@@ -235,16 +286,11 @@ class Generation:
             raise ApiError(
                 504, f"{exc} (request_timeout_s is {self._serving.request_timeout_s:.0f})", "timeout"
             ) from None
+        except RequestRejectedError as exc:
+            status = 400
+            raise _rejected(exc, self.model) from None
         except WorkerError as exc:
             message = str(exc)
-            if "exceed context window" in message:
-                status = 400
-                raise ApiError(
-                    400,
-                    f"prompt is longer than the context window ({self.model.n_ctx} tokens): {message}",
-                    "context_length_exceeded",
-                    "messages",
-                ) from None
             status = 503
             raise ApiError(503, f"model worker failed: {message}", "worker_failed") from None
         finally:

@@ -1,20 +1,26 @@
-"""Ollama-compatible subset: /api/chat, /api/generate (NDJSON streaming by default), /api/tags,
-/api/ps, /api/version."""
+"""Ollama-compatible endpoints: /api/chat, /api/generate (NDJSON streaming by default), /api/tags,
+/api/ps, /api/show, /api/version. Bodies are JSON whatever the Content-Type, as with Ollama.
+
+Of Ollama's ``options``, these are honoured: temperature, num_predict, top_p, top_k, seed, stop,
+repeat_penalty, and num_ctx (accepted up to the model's context, which is fixed at load; 400 above).
+Every other option, and ``keep_alive`` (the served model is always loaded), is accepted and ignored."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.generation import PRIORITY_HEADER, Generation, Sampling, Serving
+from edge.api.body import json_body
+from edge.api.generation import PRIORITY_HEADER, ApiError, Generation, Sampling, Serving
+from edge.api.structured import from_ollama_format
 from edge.runtime.protocol import ChatMessage, WorkerEvent
-from edge.runtime.router import ModelRouter
+from edge.runtime.router import ModelRouter, ServedModel
 
 router = APIRouter(prefix="/api")
 OLLAMA_COMPATIBLE_VERSION = "0.6.0"
@@ -27,18 +33,10 @@ class Options(BaseModel):
     num_predict: Annotated[int, Field(ge=1)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
+    repeat_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
     seed: int | None = None
     stop: Annotated[list[str], Field(max_length=16)] | None = None
-
-    def sampling(self) -> Sampling:
-        return Sampling(
-            max_tokens=self.num_predict,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            stop=tuple(self.stop or ()),
-        )
+    num_ctx: Annotated[int, Field(ge=1)] | None = None
 
 
 class _Request(BaseModel):
@@ -47,6 +45,23 @@ class _Request(BaseModel):
     model: str = ""
     stream: bool = True  # Ollama streams unless told otherwise
     options: Options = Options()
+    format: str | dict[str, Any] | None = None
+    #: How long Ollama would keep the model loaded; the served model is always loaded.
+    keep_alive: str | int | float | None = None
+
+    def sampling(self) -> Sampling:
+        o = self.options
+        return Sampling(
+            max_tokens=o.num_predict,
+            temperature=o.temperature,
+            top_p=o.top_p,
+            top_k=o.top_k,
+            repeat_penalty=o.repeat_penalty,
+            seed=o.seed,
+            stop=tuple(o.stop or ()),
+            json_output=from_ollama_format(self.format),
+            context_tokens=o.num_ctx,
+        )
 
 
 class ChatRequest(_Request):
@@ -57,6 +72,13 @@ class GenerateApiRequest(_Request):
     prompt: Annotated[str, Field(max_length=1_000_000)]
     system: str | None = None
     raw: bool = False
+
+
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str = ""
+    name: str = ""  # what older clients send
 
 
 def _serving(request: Request) -> Serving:
@@ -95,13 +117,15 @@ def _ndjson(lines: AsyncIterator[dict[str, object]]) -> StreamingResponse:
 
 
 @router.post("/chat", response_model=None)
-async def chat(body: ChatRequest, request: Request) -> dict[str, object] | StreamingResponse:
+async def chat(
+    body: Annotated[ChatRequest, Depends(json_body(ChatRequest))], request: Request
+) -> dict[str, object] | StreamingResponse:
     """Chat; NDJSON stream by default, one object with token counts and durations with stream false."""
     generation = await Generation.open(
         _serving(request),
         "/api/chat",
         body.model,
-        body.options.sampling(),
+        body.sampling(),
         messages=body.messages,
         priority=request.headers.get(PRIORITY_HEADER),
     )
@@ -136,14 +160,16 @@ async def chat(body: ChatRequest, request: Request) -> dict[str, object] | Strea
 
 
 @router.post("/generate", response_model=None)
-async def generate(body: GenerateApiRequest, request: Request) -> dict[str, object] | StreamingResponse:
+async def generate(
+    body: Annotated[GenerateApiRequest, Depends(json_body(GenerateApiRequest))], request: Request
+) -> dict[str, object] | StreamingResponse:
     """Prompt completion: through the chat template (with ``system``) unless ``raw`` is true."""
     if body.raw:
         generation = await Generation.open(
             _serving(request),
             "/api/generate",
             body.model,
-            body.options.sampling(),
+            body.sampling(),
             prompt=body.prompt,
             priority=request.headers.get(PRIORITY_HEADER),
         )
@@ -154,7 +180,7 @@ async def generate(body: GenerateApiRequest, request: Request) -> dict[str, obje
             _serving(request),
             "/api/generate",
             body.model,
-            body.options.sampling(),
+            body.sampling(),
             messages=messages,
             priority=request.headers.get(PRIORITY_HEADER),
         )
@@ -173,13 +199,39 @@ async def generate(body: GenerateApiRequest, request: Request) -> dict[str, obje
     return {"model": name, "created_at": _now(), "response": result.text, **_stats(result.done)}
 
 
+def _details(model: ServedModel) -> dict[str, object]:
+    worker = model.worker
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": worker.architecture,
+        "families": [worker.architecture] if worker.architecture else None,
+        "parameter_size": _size_label(worker.parameters),
+        "quantization_level": model.quantization.upper(),
+    }
+
+
+def _size_label(parameters: int) -> str:
+    if parameters >= 10**9:
+        return f"{parameters / 10**9:.1f}B"
+    return f"{parameters / 10**6:.0f}M" if parameters else ""
+
+
 def _model_entries(request: Request) -> list[dict[str, object]]:
     active = _router(request).active
     if active is None:
         return []
+    modified = datetime.fromtimestamp(active.created, UTC).isoformat().replace("+00:00", "Z")
     return [
-        {"name": n, "model": n, "modified_at": _now(), "size": 0, "digest": "", "details": {"format": "gguf"}}
-        for n in (active.name, *active.aliases)
+        {
+            "name": n,
+            "model": n,
+            "modified_at": modified,
+            "size": active.size_bytes,
+            "digest": active.sha256,
+            "details": _details(active),
+        }
+        for n in active.names()
     ]
 
 
@@ -191,6 +243,35 @@ async def tags(request: Request) -> dict[str, object]:
 @router.get("/ps")
 async def ps(request: Request) -> dict[str, object]:
     return {"models": _model_entries(request)}
+
+
+@router.post("/show")
+async def show(
+    body: Annotated[ShowRequest, Depends(json_body(ShowRequest))], request: Request
+) -> dict[str, object]:
+    """What Ollama clients read to learn about a model: details, context length, parameters."""
+    active = _router(request).active
+    wanted = body.model or body.name
+    if active is None or wanted not in active.names():
+        known = ", ".join(active.names()) if active else "none"
+        raise ApiError(404, f"model {wanted!r} is not served here (available: {known})", "model_not_found")
+    architecture = active.worker.architecture or "unknown"
+    parameters = "\n".join(f"{k} {v}" for k, v in sorted(active.defaults.items()) if v is not None)
+    return {
+        "license": "",
+        "modelfile": f"# served by immune-edge\nFROM {active.name}\n",
+        "parameters": parameters,
+        "template": active.chat_format,
+        "system": active.system_prompt or "",
+        "details": _details(active),
+        "model_info": {
+            "general.architecture": architecture,
+            "general.parameter_count": active.worker.parameters,
+            f"{architecture}.context_length": active.n_ctx,
+        },
+        "capabilities": ["completion"],
+        "modified_at": datetime.fromtimestamp(active.created, UTC).isoformat().replace("+00:00", "Z"),
+    }
 
 
 @router.get("/version")

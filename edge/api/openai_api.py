@@ -7,11 +7,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge.api.body import json_body
 from edge.api.generation import PRIORITY_HEADER, Generation, Result, Sampling, Serving
+from edge.api.structured import ResponseFormat, from_response_format
 from edge.runtime.protocol import ChatMessage
 from edge.runtime.router import ModelRouter
 
@@ -30,6 +32,7 @@ class _Request(BaseModel):
     seed: int | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     stream: bool = False
+    response_format: ResponseFormat | None = None
 
     def sampling(self) -> Sampling:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -39,6 +42,7 @@ class _Request(BaseModel):
             top_p=self.top_p,
             seed=self.seed,
             stop=stop,
+            json_output=from_response_format(self.response_format),
         )
 
 
@@ -88,7 +92,7 @@ def _sse(chunks: AsyncIterator[dict[str, object]]) -> StreamingResponse:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request
+    body: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))], request: Request
 ) -> dict[str, object] | StreamingResponse:
     """Chat completion, optionally streamed as server-sent events."""
     generation = await Generation.open(
@@ -124,7 +128,9 @@ async def chat_completions(
 
 
 @router.post("/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request) -> dict[str, object] | StreamingResponse:
+async def completions(
+    body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))], request: Request
+) -> dict[str, object] | StreamingResponse:
     """Raw text completion (no chat template), optionally streamed."""
     generation = await Generation.open(
         _serving(request),

@@ -10,7 +10,15 @@ import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
-from edge.runtime.protocol import Cancel, GenerateRequest, LoadSpec, SetThreads, WorkerEvent
+from edge.runtime.protocol import (
+    Cancel,
+    ChatMessage,
+    CountTokens,
+    GenerateRequest,
+    LoadSpec,
+    SetThreads,
+    WorkerEvent,
+)
 from edge.runtime.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -27,6 +35,19 @@ class RequestTimeoutError(WorkerError):
     """The request's deadline passed while it waited for, or ran on, the worker (it was cancelled)."""
 
 
+class RequestRejectedError(WorkerError):
+    """The worker refused the request itself (it stays healthy); ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _failure(event: WorkerEvent) -> WorkerError:
+    message = event.error or "worker error"
+    return RequestRejectedError(event.error_code, message) if event.error_code else WorkerError(message)
+
+
 class WorkerHandle:
     """One llama-cpp-python process serving one model, one request at a time."""
 
@@ -40,6 +61,9 @@ class WorkerHandle:
         self.load_ms = 0.0
         #: The prompt cache the worker reports having set up.
         self.prompt_cache_bytes = 0
+        #: What the loaded GGUF says it is.
+        self.architecture = ""
+        self.parameters = 0
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -66,6 +90,7 @@ class WorkerHandle:
         self.n_threads, self.n_threads_batch = event.n_threads, event.n_threads_batch
         self.tuned_threads = (event.n_threads, event.n_threads_batch)
         self.prompt_cache_bytes = event.prompt_cache_bytes
+        self.architecture, self.parameters = event.architecture, event.parameters
         self.load_ms = (time.perf_counter() - started) * 1000
         log.info(
             "worker %s ready (pid %s, %d/%d threads for tokens/prompts, %.0f ms)",
@@ -124,7 +149,7 @@ class WorkerHandle:
                     event = self._receive(min(remaining, TOKEN_TIMEOUT_S), "generating", by_deadline)
                     if event.type == "error":
                         finished = True
-                        raise WorkerError(event.error or "worker error")
+                        raise _failure(event)
                     if event.type == "done":
                         finished = True
                         yield event
@@ -133,6 +158,22 @@ class WorkerHandle:
             finally:
                 if not finished and self.alive:
                     self._cancel(request.id)
+        finally:
+            self._lock.release()
+
+    def count_tokens(self, messages: list[ChatMessage], deadline: float) -> int:
+        """Tokens ``messages`` take through the model's chat template (waits for the worker to be
+        free; RequestTimeoutError once ``deadline`` passes)."""
+        if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise RequestTimeoutError(f"request timed out waiting for worker {self.name}")
+        try:
+            if self._conn is None or not self.alive:
+                raise WorkerError(f"worker {self.name} is not running")
+            self._conn.send_bytes(CountTokens(id="count", messages=messages).model_dump_json().encode())
+            event = self._receive(TOKEN_TIMEOUT_S, "counting tokens")
+            if event.type == "error":
+                raise _failure(event)
+            return event.prompt_tokens
         finally:
             self._lock.release()
 

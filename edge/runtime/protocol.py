@@ -8,7 +8,7 @@ a chat whose content is "cancel" is still a generation request).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -43,8 +43,19 @@ class ChatMessage(_Message):
     content: str
 
 
+class JsonOutput(_Message):
+    """Constrain the answer to JSON: the worker turns the schema into a llama.cpp grammar, so every
+    token sampled keeps the text valid. The schema was checked by the API (edge.api.structured)."""
+
+    #: None: any JSON object.
+    json_schema: dict[str, Any] | None = None
+
+
 class GenerateRequest(_Message):
-    """One generation; exactly one of ``messages`` (chat) and ``prompt`` (raw completion)."""
+    """One generation; exactly one of ``messages`` (chat) and ``prompt`` (raw completion).
+
+    ``stop`` holds the client's stop sequences, matched by the worker so it can say which one ended
+    the answer; the model's own end-of-turn strings come from its LoadSpec."""
 
     type: Literal["generate"] = "generate"
     id: str
@@ -58,6 +69,15 @@ class GenerateRequest(_Message):
     repeat_penalty: float = 1.1
     stop: list[str] = []
     seed: int | None = None
+    json_output: JsonOutput | None = None
+
+
+class CountTokens(_Message):
+    """How many tokens ``messages`` take once the chat template is applied (no generation)."""
+
+    type: Literal["count_tokens"] = "count_tokens"
+    id: str
+    messages: list[ChatMessage]
 
 
 class Cancel(_Message):
@@ -77,17 +97,20 @@ class SetThreads(_Message):
 
 
 #: What the daemon sends a worker, told apart by ``type``.
-WorkerCommand = Annotated[GenerateRequest | Cancel | SetThreads, Field(discriminator="type")]
-WORKER_COMMAND: TypeAdapter[GenerateRequest | Cancel | SetThreads] = TypeAdapter(WorkerCommand)
+WorkerCommand = Annotated[GenerateRequest | CountTokens | Cancel | SetThreads, Field(discriminator="type")]
+WORKER_COMMAND: TypeAdapter[GenerateRequest | CountTokens | Cancel | SetThreads] = TypeAdapter(WorkerCommand)
 
 
 class WorkerEvent(_Message):
-    """What a worker sends back: ready once, then deltas and one done (or error) per request."""
+    """What a worker sends back: ready once, then deltas and one done (or error) per generation, one
+    count per CountTokens. The first delta already carries ``prompt_tokens``."""
 
-    type: Literal["ready", "delta", "done", "error"]
+    type: Literal["ready", "delta", "done", "count", "error"]
     id: str = ""
     text: str = ""
     finish_reason: str | None = None
+    #: The client stop sequence that ended the answer (``finish_reason`` is then "stop").
+    stop_sequence: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_ms: float = 0.0
@@ -96,4 +119,10 @@ class WorkerEvent(_Message):
     n_threads_batch: int = 0
     #: RAM the loaded model's prompt cache may hold (``ready`` only; 0: none), as the worker set it up.
     prompt_cache_bytes: int = 0
+    #: What the GGUF says it is (``ready`` only): its architecture and parameter count.
+    architecture: str = ""
+    parameters: int = 0
     error: str | None = None
+    #: Set when the request itself was at fault (the API answers 400): "context_length_exceeded",
+    #: "json_schema_unusable".
+    error_code: str | None = None

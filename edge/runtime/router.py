@@ -65,6 +65,12 @@ class ServedModel:
     system_prompt: str | None = None
     #: (channel, serial) of the installed model; None for `immune-edge serve`.
     key: tuple[str, int] | None = None
+    #: What model listings report: the GGUF's size and sha256 (empty for `serve`), its
+    #: quantization, and the chat format or "template" for a custom one.
+    size_bytes: int = 0
+    sha256: str = ""
+    quantization: str = ""
+    chat_format: str = ""
     stats: ServingStats = field(default_factory=ServingStats)
     inflight: int = 0
 

@@ -220,6 +220,8 @@ class ServingRuntime:
                 aliases=self.api.aliases_for(name),
                 defaults=profile.sampling.model_dump(),
                 system_prompt=profile.system_prompt,
+                size_bytes=path.stat().st_size,
+                chat_format=spec.chat_format or "template",
             )
             self._retire(self.router.serve(served))
             self.metrics.now_serving(name, None)
@@ -291,6 +293,10 @@ class ServingRuntime:
             defaults=plan.manifest.runtime.sampling.model_dump(),
             system_prompt=plan.manifest.runtime.system_prompt,
             key=model.key,
+            size_bytes=plan.manifest.model_file.size,
+            sha256=plan.manifest.model_file.sha256,
+            quantization=str(plan.manifest.quantization),
+            chat_format=plan.spec.chat_format or "template",
         )
         old = self.router.serve(served)
         self.metrics.loaded(worker.prompt_cache_bytes)

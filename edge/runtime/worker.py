@@ -3,16 +3,29 @@ from its pipe, one at a time, checking for cancellation between tokens."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Iterator
+from functools import lru_cache
 from multiprocessing.connection import Connection
 from typing import Any
 
 from pydantic import ValidationError
 
-from edge.runtime.protocol import WORKER_COMMAND, Cancel, GenerateRequest, LoadSpec, SetThreads, WorkerEvent
+from edge.runtime.protocol import (
+    WORKER_COMMAND,
+    Cancel,
+    ChatMessage,
+    CountTokens,
+    GenerateRequest,
+    JsonOutput,
+    LoadSpec,
+    SetThreads,
+    WorkerEvent,
+)
+from edge.runtime.stops import StopScanner
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +79,8 @@ def _ready(llm: Any) -> WorkerEvent:
         n_threads=int(llm.n_threads),
         n_threads_batch=int(llm.n_threads_batch),
         prompt_cache_bytes=int(getattr(cache, "capacity_bytes", 0)) if cache is not None else 0,
+        architecture=str(llm.metadata.get("general.architecture", "")),
+        parameters=int(llm._model.n_params()),  # no public accessor on Llama
     )
 
 
@@ -100,6 +115,52 @@ def _load(spec: LoadSpec) -> Any:
     return llm
 
 
+class RequestFaultError(Exception):
+    """The request cannot be served as asked (the API answers 400); ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: The converter's JSON string character admits raw control characters (a newline inside a string),
+#: which JSON forbids and json.loads refuses; they are excluded, as llama.cpp's own converter does.
+_LOOSE_CHAR = r'[^"\\]'
+_JSON_CHAR = r'[^"\\\x7F\x00-\x1F]'
+
+
+@lru_cache(maxsize=16)
+def _grammar_text(schema_json: str) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    lines = json_schema_to_gbnf(schema_json).splitlines()
+    return "\n".join(
+        line.replace(_LOOSE_CHAR, _JSON_CHAR, 1) if line.startswith("char ::=") else line for line in lines
+    )
+
+
+def _grammar(llm: Any, output: JsonOutput) -> Any:
+    """The llama.cpp grammar for ``output``, parsed once here first: llama-cpp-python hands a grammar
+    the parser refuses to the sampler as a null pointer, which kills the process."""
+    import llama_cpp
+    from llama_cpp import LlamaGrammar
+
+    schema = output.json_schema if output.json_schema is not None else {"type": "object"}
+    try:
+        text = _grammar_text(json.dumps(schema))  # key order kept: it is the order the model writes
+    except Exception as exc:  # the converter asserts on schemas it does not know
+        raise RequestFaultError(
+            "json_schema_unusable", f"the JSON schema cannot become a grammar: {exc}"
+        ) from None
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, text.encode(), b"root")
+    if not sampler:
+        raise RequestFaultError(
+            "json_schema_unusable", "llama.cpp refused the grammar made from the JSON schema"
+        )
+    llama_cpp.llama_sampler_free(sampler)
+    return LlamaGrammar.from_string(text, verbose=False)
+
+
 def _chunks(llm: Any, request: GenerateRequest, spec: LoadSpec) -> Iterator[dict[str, Any]]:
     sampling = {
         "max_tokens": request.max_tokens,
@@ -108,8 +169,9 @@ def _chunks(llm: Any, request: GenerateRequest, spec: LoadSpec) -> Iterator[dict
         "top_k": request.top_k,
         "min_p": request.min_p,
         "repeat_penalty": request.repeat_penalty,
-        "stop": [*spec.stop, *request.stop] or None,
+        "stop": spec.stop or None,
         "seed": request.seed,
+        "grammar": _grammar(llm, request.json_output) if request.json_output else None,
         "stream": True,
     }
     if request.messages is not None:
@@ -129,17 +191,33 @@ def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateReque
     started = time.perf_counter()
     first: float | None = None
     produced = 0
+    announced = False  # the first delta sent carries the prompt's token count
     finish: str | None = None
-    for chunk in _chunks(llm, request, spec):
-        if first is None:
-            first = time.perf_counter()
-        if chunk["text"]:
-            produced += 1
-            _send(conn, WorkerEvent(type="delta", id=request.id, text=chunk["text"]))
-        finish = chunk["finish_reason"] or finish
-        if conn.poll() and _is_cancel(conn.recv_bytes(), request.id):
-            finish = "cancelled"
-            break
+    scanner = StopScanner(tuple(request.stop))
+    chunks = _chunks(llm, request, spec)
+    try:
+        for chunk in chunks:
+            if first is None:
+                first = time.perf_counter()
+            if chunk["text"]:
+                produced += 1
+                if text := scanner.feed(chunk["text"]):
+                    prompt_tokens = 0 if announced else int(llm.n_tokens)
+                    announced = True
+                    _send(
+                        conn, WorkerEvent(type="delta", id=request.id, text=text, prompt_tokens=prompt_tokens)
+                    )
+            finish = chunk["finish_reason"] or finish
+            if scanner.matched is not None:
+                finish = "stop"
+                break
+            if conn.poll() and _is_cancel(conn.recv_bytes(), request.id):
+                finish = "cancelled"
+                break
+    finally:
+        chunks.close()  # stops llama-cpp-python's generator when a stop sequence or cancel ended early
+    if scanner.matched is None and (rest := scanner.flush()):
+        _send(conn, WorkerEvent(type="delta", id=request.id, text=rest))
     ended = time.perf_counter()
     completion = produced
     _send(
@@ -148,12 +226,46 @@ def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateReque
             type="done",
             id=request.id,
             finish_reason=finish or "stop",
+            stop_sequence=scanner.matched,
             prompt_tokens=max(int(llm.n_tokens) - completion, 0),
             completion_tokens=completion,
             prompt_ms=((first or ended) - started) * 1000,
             total_ms=(ended - started) * 1000,
         ),
     )
+
+
+class _PromptCaptured(Exception):  # noqa: N818 (a signal, not an error)
+    def __init__(self, prompt: Any) -> None:
+        self.prompt = prompt
+
+
+class _CapturePrompt:
+    """Stands in for the Llama object in its own chat path: the chat handler applies the template
+    and tokenizes, then hands the prompt to ``create_completion``, where it is caught before any
+    evaluation. The count is then exactly what a generation would evaluate."""
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def create_completion(self, prompt: Any, **_: Any) -> Any:
+        raise _PromptCaptured(prompt)
+
+
+def _count_tokens(llm: Any, messages: list[ChatMessage]) -> int:
+    from llama_cpp import Llama
+
+    try:
+        Llama.create_chat_completion(_CapturePrompt(llm), messages=[m.model_dump() for m in messages])
+    except _PromptCaptured as captured:
+        prompt = captured.prompt
+        if isinstance(prompt, str):
+            return len(llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
+        return len(prompt)
+    raise RuntimeError("the chat handler did not reach the completion step")
 
 
 def _is_cancel(raw: bytes, request_id: str) -> bool:
@@ -192,8 +304,14 @@ def worker_main(conn: Connection, spec_json: str) -> None:
             _set_threads(llm, message.n_threads, message.n_threads_batch)
             _send(conn, _ready(llm))
             continue
-        request: GenerateRequest = message
         try:
-            _generate(conn, llm, spec, request)
+            if isinstance(message, CountTokens):
+                count = _count_tokens(llm, message.messages)
+                _send(conn, WorkerEvent(type="count", id=message.id, prompt_tokens=count))
+            else:
+                _generate(conn, llm, spec, message)
+        except RequestFaultError as exc:
+            _send(conn, WorkerEvent(type="error", id=message.id, error=str(exc), error_code=exc.code))
         except Exception as exc:  # a bad request must not kill a healthy model
-            _send(conn, WorkerEvent(type="error", id=request.id, error=str(exc)))
+            code = "context_length_exceeded" if "exceed context window" in str(exc) else None
+            _send(conn, WorkerEvent(type="error", id=message.id, error=str(exc), error_code=code))
