@@ -62,3 +62,17 @@ def test_a_stale_socket_from_a_previous_run_is_replaced(tmp_path: Path) -> None:
         client.close()
     finally:
         _close(sockets)
+
+
+def test_tcp_connections_send_small_writes_at_once() -> None:
+    """The listener is a TCP socket by protocol number with TCP_NODELAY set, so asyncio (and Linux,
+    which copies the option to accepted connections) turns Nagle's algorithm off. With it on, every
+    response written in two parts (headers, then body) on a kept-alive connection waited ~40 ms for
+    the client's delayed ACK: that was most of the time to first token through the API."""
+    sockets = bind_sockets(ApiSettings(host="127.0.0.1", port=free_port(), socket=None))
+    try:
+        (tcp,) = sockets
+        assert tcp.proto == socket.IPPROTO_TCP
+        assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        _close(sockets)
