@@ -247,6 +247,10 @@ def serve(
     request_timeout: Annotated[
         float, typer.Option(help="Seconds a request may take, waiting included.")
     ] = _default(ApiSettings, "request_timeout_s"),
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the token TCP clients must send (Bearer or x-api-key)."),
+    ] = None,
 ) -> None:
     """Serve one local GGUF over the OpenAI/Ollama-compatible API, without MQTT (development, single
     box). The options are fields of the same settings ``run`` reads from edge.toml ([api], [runtime])
@@ -263,6 +267,7 @@ def serve(
         max_tokens_cap=max_tokens_cap,
         aliases=alias or [],
         request_timeout_s=request_timeout,
+        bearer_token_file=token_file,
     )
     runtime = RuntimeSettings(n_threads=threads, prefix_reuse=prefix_reuse, prompt_cache_mb=prompt_cache_mb)
     plane = DataPlane(api, runtime, ThermalSettings(), None, HostPaths())

@@ -5,63 +5,18 @@ from __future__ import annotations
 
 import json
 import stat
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import ollama
 import openai
 import pytest
 
-from tests.harness.net import free_port
+from tests.harness.serve import Server, serving
 from tests.harness.waiting import wait_until
 
 PROMPT = [{"role": "user", "content": "Summarise: host 10.0.0.5 scanned 200 ports in 3 seconds."}]
-
-
-@dataclass
-class Server:
-    base: str
-    socket: Path
-    process: subprocess.Popen[bytes]
-
-    def uds(self) -> httpx.Client:
-        return httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://localhost", timeout=120
-        )
-
-
-@contextmanager
-def serving(model: Path, socket: Path, *options: str) -> Iterator[Server]:
-    """`immune-edge serve` in a subprocess, ready to answer."""
-    port = free_port()
-    command = [sys.executable, "-m", "edge.cli", "serve", "--model", str(model), "--port", str(port)]
-    command += ["--socket", str(socket), "--threads", "1", *options]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(
-                f"serve did not start: {process.stderr.read().decode() if process.stderr else ''}"
-            )
-        time.sleep(0.2)
-    try:
-        yield Server(base, socket, process)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

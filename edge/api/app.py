@@ -136,12 +136,13 @@ def create_app(
             location = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
             if err["type"] == "json_invalid":
                 problems.append(f"invalid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
-            elif location == "body":
+            elif err["type"] in ("model_type", "model_attributes_type") and location == "body":
                 problems.append("the request body must be a JSON object")
             elif err["type"] == "extra_forbidden":
                 problems.append(f"{location}: not supported by this server")
             else:
-                problems.append(f"{location}: {err['msg']}")
+                message = err["msg"].removeprefix("Value error, ")
+                problems.append(message if location == "body" else f"{location}: {message}")
         first = exc.errors()[0] if exc.errors() else {"loc": (), "type": ""}
         param = (
             None if first["type"] == "json_invalid" else ".".join(str(p) for p in first["loc"] if p != "body")

@@ -190,6 +190,7 @@ def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateReque
         llm.reset()  # forget the previous prompt's KV state so every prompt is evaluated in full
     started = time.perf_counter()
     first: float | None = None
+    prompt_tokens = 0  # read when the first token arrives: then exactly the prompt is evaluated
     produced = 0
     announced = False  # the first delta sent carries the prompt's token count
     finish: str | None = None
@@ -198,15 +199,13 @@ def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateReque
     try:
         for chunk in chunks:
             if first is None:
-                first = time.perf_counter()
+                first, prompt_tokens = time.perf_counter(), int(llm.n_tokens)
             if chunk["text"]:
                 produced += 1
                 if text := scanner.feed(chunk["text"]):
-                    prompt_tokens = 0 if announced else int(llm.n_tokens)
+                    count = 0 if announced else prompt_tokens
                     announced = True
-                    _send(
-                        conn, WorkerEvent(type="delta", id=request.id, text=text, prompt_tokens=prompt_tokens)
-                    )
+                    _send(conn, WorkerEvent(type="delta", id=request.id, text=text, prompt_tokens=count))
             finish = chunk["finish_reason"] or finish
             if scanner.matched is not None:
                 finish = "stop"
@@ -219,7 +218,6 @@ def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateReque
     if scanner.matched is None and (rest := scanner.flush()):
         _send(conn, WorkerEvent(type="delta", id=request.id, text=rest))
     ended = time.perf_counter()
-    completion = produced
     _send(
         conn,
         WorkerEvent(
@@ -227,8 +225,8 @@ def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateReque
             id=request.id,
             finish_reason=finish or "stop",
             stop_sequence=scanner.matched,
-            prompt_tokens=max(int(llm.n_tokens) - completion, 0),
-            completion_tokens=completion,
+            prompt_tokens=prompt_tokens if first is not None else int(llm.n_tokens),
+            completion_tokens=produced,
             prompt_ms=((first or ended) - started) * 1000,
             total_ms=(ended - started) * 1000,
         ),
