@@ -114,6 +114,38 @@ def test_slips_style_request_without_a_client_library(server) -> None:
     assert reply["message"]["content"] and reply["prompt_eval_count"] > 0 and reply["eval_count"] > 0
 
 
+def test_ollama_as_its_documentation_calls_it(server, smollm2_model) -> None:
+    """curl -d with no Content-Type, keep_alive, the common options (num_ctx up to the model's
+    context, repeat_penalty, seed, stop) and /api/show, as Ollama answers them."""
+    body = {
+        "model": "slips-summary-smol",
+        "messages": PROMPT,
+        "stream": False,
+        "keep_alive": "5m",
+        "options": {"num_ctx": 512, "num_predict": 8, "repeat_penalty": 1.3, "seed": 7, "stop": ["\n"]},
+    }
+    reply = httpx.post(f"{server.base}/api/chat", content=json.dumps(body), timeout=120)
+    assert reply.request.headers.get("content-type") is None
+    assert reply.status_code == 200 and "\n" not in reply.json()["message"]["content"], reply.text
+    generate = {"model": "slips-fast", "prompt": "Port scans are", "stream": False, "keep_alive": 0}
+    reply = httpx.post(f"{server.base}/api/generate", content=json.dumps(generate), timeout=120)
+    assert reply.status_code == 200 and reply.json()["response"], reply.text
+    too_long = body | {"options": {"num_ctx": 8192}}
+    reply = httpx.post(f"{server.base}/api/chat", content=json.dumps(too_long), timeout=120)
+    assert reply.status_code == 400
+    assert reply.json() == {"error": "num_ctx 8192 exceeds this model's context of 512 tokens"}
+
+    shown = httpx.post(f"{server.base}/api/show", content=b'{"model": "slips-fast"}', timeout=30).json()
+    assert shown["details"]["family"] == "llama" and shown["details"]["parameter_size"] == "135M"
+    assert shown["model_info"]["llama.context_length"] == 512 and shown["template"] == "chatml"
+    assert shown["capabilities"] == ["completion"]
+    assert ollama.Client(host=server.base).show("slips-summary-smol").details.family == "llama"
+    missing = httpx.post(f"{server.base}/api/show", json={"model": "llama3"}, timeout=30)
+    assert missing.status_code == 404 and "not served here" in missing.json()["error"]
+    tags = httpx.get(f"{server.base}/api/tags", timeout=30).json()["models"]
+    assert tags[0]["size"] == smollm2_model.stat().st_size and tags[0]["details"]["format"] == "gguf"
+
+
 @pytest.mark.parametrize(
     ("path", "payload", "status", "needle"),
     [

@@ -195,7 +195,7 @@ def test_bearer_token_on_tcp_socket_by_file_mode(tmp_path, mqtt_broker, fleet_ke
         assert missing.status_code == 401 and "missing bearer token" in missing.json()["error"]["message"]
         assert missing.headers["www-authenticate"] == "Bearer"
         wrong = httpx.get(f"{options.base_url}/api/tags", headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 401 and wrong.json() == {"error": "wrong bearer token"}
+        assert wrong.status_code == 401 and wrong.json() == {"error": "wrong bearer token or x-api-key"}
         assert httpx.get(f"{options.base_url}/health").status_code == 200
         headers = {"Authorization": "Bearer s3cret-token-for-slips-0123456789"}
         assert _ask(options.base_url).status_code == 401

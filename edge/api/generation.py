@@ -109,9 +109,10 @@ def _request(
 ) -> GenerateRequest:
     """The worker request: the client's values where given, else the model's signed defaults."""
     defaults = model.defaults
-    max_tokens = (
-        sampling.max_tokens if sampling.max_tokens is not None else int(defaults.get("max_tokens", 256))
-    )
+    if sampling.max_tokens is None:  # the model's default, within the device's cap
+        max_tokens = min(int(defaults.get("max_tokens", 256)), model.max_tokens_cap)
+    else:
+        max_tokens = sampling.max_tokens
     if max_tokens > model.max_tokens_cap:
         raise ApiError(
             400,
