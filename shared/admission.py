@@ -117,13 +117,40 @@ def check_model_header(
         raise header
     if header is None:
         raise ArtifactError("bad-gguf", f"{manifest.model_file.name}: the GGUF header was not read")
+    name = manifest.model_file.name
     if header.architecture not in allowed_architectures:
         raise ArtifactError(
             "bad-gguf",
-            f"{manifest.model_file.name}: not an acceptable GGUF file: architecture "
-            f"{header.architecture!r} is not allowed on this device",
+            f"{name}: not an acceptable GGUF file: "
+            f"architecture {header.architecture!r} is not allowed on this device",
         )
+    check_adapter_binding(manifest, header)
     return header
+
+
+def check_adapter_binding(manifest: Manifest, header: GgufHeader) -> None:
+    """A model manifest ships a model; an adapter manifest ships a LoRA adapter exported against
+    exactly the base it names."""
+    name = manifest.model_file.name
+    if manifest.base is None:
+        if header.kind != "model":
+            raise ArtifactError(
+                "not-a-model",
+                f"{name} is a GGUF {header.kind!r}: an adapter needs a manifest naming its base",
+            )
+        return
+    if header.kind != "adapter" or header.adapter_type != "lora":
+        raise ArtifactError(
+            "not-an-adapter",
+            f"{name} is a GGUF {header.kind!r} ({header.adapter_type or 'no adapter type'}), "
+            "but the manifest describes a LoRA adapter",
+        )
+    if header.base_sha256 != manifest.base.sha256:
+        raise ArtifactError(
+            "base-mismatch",
+            f"{name} was exported against base sha256 {header.base_sha256 or '(not recorded)'}, "
+            f"the manifest names {manifest.base.name} with sha256 {manifest.base.sha256}",
+        )
 
 
 # -- the pipeline, in three phases ---------------------------------------------------------------------

@@ -50,6 +50,10 @@ FILE_TYPES = {
     18: "q6_k",
     32: "bf16",
 }
+#: The GGUF key where ``immune-train export --adapter`` records the sha256 of the adapter's base.
+BASE_SHA256_KEY = "immune_edge.base_sha256"
+#: String keys kept besides the architecture.
+_STRING_KEYS = ("general.type", "adapter.type", BASE_SHA256_KEY)
 #: Per-architecture integers kept for the KV cache estimate (``{arch}.<suffix>``).
 _SHAPE_KEYS = (
     "block_count",
@@ -71,6 +75,12 @@ class GgufHeader:
     file_type: int | None = None
     #: The integers of ``_SHAPE_KEYS`` the file declares, by suffix.
     shape: dict[str, int] = field(default_factory=dict)
+    #: ``general.type``: "model", or "adapter" for a LoRA adapter (files that do not say are models).
+    kind: str = "model"
+    #: ``adapter.type`` of an adapter ("lora").
+    adapter_type: str | None = None
+    #: sha256 of the base GGUF an adapter was exported against (``immune_edge.base_sha256``).
+    base_sha256: str | None = None
 
     @property
     def quantization(self) -> str | None:
@@ -162,6 +172,7 @@ def read_gguf_header(
             raise _reject(path, f"metadata count {kv_count} is outside 1..{MAX_KV}")
         architecture: str | None = None
         integers: dict[str, int] = {}
+        strings: dict[str, str] = {}
         for _ in range(kv_count):
             key, value_type = reader.string(), reader.u32()
             if key == "general.architecture":
@@ -172,13 +183,25 @@ def read_gguf_header(
                     raise _reject(path, f"architecture {architecture!r} is not allowed on this device")
             elif value_type in _UNSIGNED or value_type in _SIGNED:
                 integers[key] = reader.integer(value_type)
+            elif key in _STRING_KEYS and value_type == _STRING:
+                strings[key] = reader.string()
             else:
                 reader.skip_value(value_type)
     if architecture is None:
         raise _reject(path, "general.architecture is missing")
     prefix = f"{architecture}."
     shape = {k[len(prefix) :]: v for k, v in integers.items() if k[len(prefix) :] in _SHAPE_KEYS}
-    return GgufHeader(version, tensors, kv_count, architecture, integers.get("general.file_type"), shape)
+    return GgufHeader(
+        version,
+        tensors,
+        kv_count,
+        architecture,
+        integers.get("general.file_type"),
+        shape,
+        kind=strings.get("general.type", "model"),
+        adapter_type=strings.get("adapter.type"),
+        base_sha256=strings.get(BASE_SHA256_KEY),
+    )
 
 
 #: Beyond the weights and the KV cache: compute buffers and the Python worker (measured ~60-120 MiB

@@ -81,6 +81,17 @@ class ArtifactFile(Contract):
     urls: Annotated[list[DownloadUrl], Field(min_length=1, max_length=8)]
 
 
+class BaseModelRef(Contract):
+    """The base GGUF an adapter applies to. The adapter was trained against exactly this file, so a
+    device runs it only on a base with this sha256; the URLs let a device that lacks the base fetch it
+    (its size and sha256 are checked like any artifact's)."""
+
+    name: ModelName
+    sha256: Sha256Hex
+    size: Annotated[int, Field(gt=0, le=64 * 1024**3)]
+    urls: Annotated[list[DownloadUrl], Field(min_length=1, max_length=8)]
+
+
 class Sampling(Contract):
     """Default sampling parameters; a request may override them within the device's caps."""
 
@@ -187,6 +198,8 @@ class Manifest(Contract):
     compatibility: Compatibility = Compatibility()
     health: HealthGate | None = None
     provenance: Provenance = Provenance()
+    #: Set for a LoRA adapter: the file with role "model" is then the adapter GGUF, served on this base.
+    base: BaseModelRef | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -198,7 +211,14 @@ class Manifest(Contract):
         names = [f.name for f in self.files]
         if len(set(names)) != len(names):
             raise ValueError("file names must be unique")
+        if self.base is not None and self.base.sha256 == models[0].sha256:
+            raise ValueError("an adapter cannot be its own base (base.sha256 is the model file's)")
         return self
+
+    @property
+    def is_adapter(self) -> bool:
+        """Whether the model file is a LoRA adapter for ``base``."""
+        return self.base is not None
 
     @property
     def model_file(self) -> ArtifactFile:
