@@ -146,6 +146,7 @@ def _request(
         stop=list(sampling.stop),
         seed=sampling.seed,
         json_output=sampling.json_output,
+        adapter=model.adapter,
     )
 
 

@@ -217,21 +217,28 @@ def _size_label(parameters: int) -> str:
     return f"{parameters / 10**6:.0f}M" if parameters else ""
 
 
+def _served(request: Request) -> list[ServedModel]:
+    """The active model, then the adapters served on it."""
+    router = _router(request)
+    return [router.active, *router.adapters] if router.active else []
+
+
+def _modified(model: ServedModel) -> str:
+    return datetime.fromtimestamp(model.created, UTC).isoformat().replace("+00:00", "Z")
+
+
 def _model_entries(request: Request) -> list[dict[str, object]]:
-    active = _router(request).active
-    if active is None:
-        return []
-    modified = datetime.fromtimestamp(active.created, UTC).isoformat().replace("+00:00", "Z")
     return [
         {
             "name": n,
             "model": n,
-            "modified_at": modified,
-            "size": active.size_bytes,
-            "digest": active.sha256,
-            "details": _details(active),
+            "modified_at": _modified(served),
+            "size": served.size_bytes,
+            "digest": served.sha256,
+            "details": _details(served),
         }
-        for n in active.names()
+        for served in _served(request)
+        for n in served.names()
     ]
 
 
@@ -250,27 +257,27 @@ async def show(
     body: Annotated[ShowRequest, Depends(json_body(ShowRequest))], request: Request
 ) -> dict[str, object]:
     """What Ollama clients read to learn about a model: details, context length, parameters."""
-    active = _router(request).active
     wanted = body.model or body.name
-    if active is None or wanted not in active.names():
-        known = ", ".join(active.names()) if active else "none"
+    served = next((m for m in _served(request) if wanted in m.names()), None)
+    if served is None:
+        known = ", ".join(_router(request).all_names()) or "none"
         raise ApiError(404, f"model {wanted!r} is not served here (available: {known})", "model_not_found")
-    architecture = active.worker.architecture or "unknown"
-    parameters = "\n".join(f"{k} {v}" for k, v in sorted(active.defaults.items()) if v is not None)
+    architecture = served.worker.architecture or "unknown"
+    parameters = "\n".join(f"{k} {v}" for k, v in sorted(served.defaults.items()) if v is not None)
     return {
         "license": "",
-        "modelfile": f"# served by immune-edge\nFROM {active.name}\n",
+        "modelfile": f"# served by immune-edge\nFROM {served.name}\n",
         "parameters": parameters,
-        "template": active.chat_format,
-        "system": active.system_prompt or "",
-        "details": _details(active),
+        "template": served.chat_format,
+        "system": served.system_prompt or "",
+        "details": _details(served),
         "model_info": {
             "general.architecture": architecture,
-            "general.parameter_count": active.worker.parameters,
-            f"{architecture}.context_length": active.n_ctx,
+            "general.parameter_count": served.worker.parameters,
+            f"{architecture}.context_length": served.n_ctx,
         },
         "capabilities": ["completion"],
-        "modified_at": datetime.fromtimestamp(active.created, UTC).isoformat().replace("+00:00", "Z"),
+        "modified_at": _modified(served),
     }
 
 

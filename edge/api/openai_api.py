@@ -157,10 +157,11 @@ async def completions(
 @router.get("/models")
 async def models(request: Request) -> dict[str, object]:
     """The served model and its aliases."""
-    active = _router(request).active
-    names = [active.name, *active.aliases] if active else []
-    created = active.created if active else 0
-    return {
-        "object": "list",
-        "data": [{"id": n, "object": "model", "created": created, "owned_by": "immune-edge"} for n in names],
-    }
+    router = _router(request)
+    served = [router.active, *router.adapters] if router.active else []
+    data = [
+        {"id": n, "object": "model", "created": m.created, "owned_by": "immune-edge"}
+        for m in served
+        for n in m.names()
+    ]
+    return {"object": "list", "data": data}

@@ -14,7 +14,9 @@ from edge.runtime.protocol import (
     Cancel,
     ChatMessage,
     CountTokens,
+    DropAdapter,
     GenerateRequest,
+    LoadAdapter,
     LoadSpec,
     SetThreads,
     WorkerEvent,
@@ -64,6 +66,8 @@ class WorkerHandle:
         #: What the loaded GGUF says it is.
         self.architecture = ""
         self.parameters = 0
+        #: The LoRA adapters loaded now (name -> path); a restarted worker loads them again.
+        self.adapters: dict[str, str] = dict(spec.adapters)
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -174,6 +178,33 @@ class WorkerHandle:
             if event.type == "error":
                 raise _failure(event)
             return event.prompt_tokens
+        finally:
+            self._lock.release()
+
+    def load_adapter(self, name: str, path: str, timeout_s: float = TOKEN_TIMEOUT_S) -> None:
+        """Load (or replace) adapter ``name`` once the running request is done; the base stays."""
+        self._adapter_command(LoadAdapter(name=name, path=path), timeout_s)
+        self.adapters[name] = path
+
+    def drop_adapter(self, name: str, timeout_s: float = TOKEN_TIMEOUT_S) -> None:
+        """Unload adapter ``name`` once the running request is done."""
+        self._adapter_command(DropAdapter(name=name), timeout_s)
+        self.adapters.pop(name, None)
+
+    def restart_spec(self) -> LoadSpec:
+        """What a replacement process must load: the base and the adapters loaded now."""
+        return self.spec.model_copy(update={"adapters": dict(self.adapters)})
+
+    def _adapter_command(self, command: LoadAdapter | DropAdapter, timeout_s: float) -> None:
+        if not self._lock.acquire(timeout=timeout_s):
+            raise WorkerError(f"worker {self.name} stayed busy for {timeout_s:.0f} s")
+        try:
+            if self._conn is None or not self.alive:
+                raise WorkerError(f"worker {self.name} is not running")
+            self._conn.send_bytes(command.model_dump_json().encode())
+            event = self._receive(timeout_s, f"{command.type} {command.name}")
+            if event.type == "error":
+                raise _failure(event)
         finally:
             self._lock.release()
 

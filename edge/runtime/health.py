@@ -54,12 +54,18 @@ def worker_rss_mb(worker: WorkerHandle) -> float:
         return 0.0
 
 
-def _ask(worker: WorkerHandle, prompt: str, system_prompt: str | None, max_tokens: int) -> tuple[str, float]:
+def _ask(
+    worker: WorkerHandle, prompt: str, system_prompt: str | None, max_tokens: int, adapter: str | None
+) -> tuple[str, float]:
     messages = [ChatMessage(role="user", content=prompt)]
     if system_prompt:
         messages.insert(0, ChatMessage(role="system", content=system_prompt))
     request = GenerateRequest(
-        id=f"gate-{uuid.uuid4().hex[:8]}", messages=messages, max_tokens=max_tokens, temperature=0.0
+        id=f"gate-{uuid.uuid4().hex[:8]}",
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        adapter=adapter,
     )
     parts: list[str] = []
     for event in worker.generate(request):
@@ -70,13 +76,16 @@ def _ask(worker: WorkerHandle, prompt: str, system_prompt: str | None, max_token
     raise WorkerError("the worker ended a gate request without a result")
 
 
-def run_health_gate(worker: WorkerHandle, criteria: GateCriteria, system_prompt: str | None) -> GateReport:
-    """Warm the model up, then check every golden prompt; raise GateError naming the failed check."""
+def run_health_gate(
+    worker: WorkerHandle, criteria: GateCriteria, system_prompt: str | None, adapter: str | None = None
+) -> GateReport:
+    """Warm the model up, then check every golden prompt (through ``adapter`` when given); raise
+    GateError naming the failed check."""
     try:
-        _ask(worker, criteria.golden_prompts[0], system_prompt, 1)  # warm-up: pages in the weights
+        _ask(worker, criteria.golden_prompts[0], system_prompt, 1, adapter)  # warm-up: pages in the weights
         answers, rates = [], []
         for prompt in criteria.golden_prompts:
-            text, rate = _ask(worker, prompt, system_prompt, criteria.max_tokens)
+            text, rate = _ask(worker, prompt, system_prompt, criteria.max_tokens, adapter)
             if not text.strip():
                 raise GateError("health-gate-empty", f"golden prompt {prompt[:40]!r} produced no text")
             answers.append(text)

@@ -36,6 +36,8 @@ class LoadSpec(_Message):
     #: default: saving each state costs ~5 % TTFT and ~100 MB per 4k-token context; it brings an
     #: alert asked about again after others back in under a second (docs/benchmarks.md).
     prompt_cache_mb: Annotated[int, Field(ge=0)] = 0
+    #: LoRA adapters to load with the base, by the name requests select them with.
+    adapters: dict[str, str] = {}
 
 
 class ChatMessage(_Message):
@@ -70,6 +72,8 @@ class GenerateRequest(_Message):
     stop: list[str] = []
     seed: int | None = None
     json_output: JsonOutput | None = None
+    #: The loaded LoRA adapter to apply (None: the base alone).
+    adapter: str | None = None
 
 
 class CountTokens(_Message):
@@ -78,6 +82,22 @@ class CountTokens(_Message):
     type: Literal["count_tokens"] = "count_tokens"
     id: str
     messages: list[ChatMessage]
+
+
+class LoadAdapter(_Message):
+    """Load a LoRA adapter beside the base (between requests; the base stays loaded). The worker
+    answers ``ready`` listing its adapters, or ``error``."""
+
+    type: Literal["load_adapter"] = "load_adapter"
+    name: Annotated[str, Field(min_length=1)]
+    path: str
+
+
+class DropAdapter(_Message):
+    """Unload an adapter; answered like LoadAdapter."""
+
+    type: Literal["drop_adapter"] = "drop_adapter"
+    name: str
 
 
 class Cancel(_Message):
@@ -97,8 +117,9 @@ class SetThreads(_Message):
 
 
 #: What the daemon sends a worker, told apart by ``type``.
-WorkerCommand = Annotated[GenerateRequest | CountTokens | Cancel | SetThreads, Field(discriminator="type")]
-WORKER_COMMAND: TypeAdapter[GenerateRequest | CountTokens | Cancel | SetThreads] = TypeAdapter(WorkerCommand)
+_Commands = GenerateRequest | CountTokens | LoadAdapter | DropAdapter | Cancel | SetThreads
+WorkerCommand = Annotated[_Commands, Field(discriminator="type")]
+WORKER_COMMAND: TypeAdapter[_Commands] = TypeAdapter(WorkerCommand)
 
 
 class WorkerEvent(_Message):
@@ -122,6 +143,8 @@ class WorkerEvent(_Message):
     #: What the GGUF says it is (``ready`` only): its architecture and parameter count.
     architecture: str = ""
     parameters: int = 0
+    #: The adapters loaded (``ready`` only).
+    adapters: list[str] = []
     error: str | None = None
     #: Set when the request itself was at fault (the API answers 400): "context_length_exceeded",
     #: "json_schema_unusable".

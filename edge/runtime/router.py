@@ -3,12 +3,15 @@ that is being swapped out."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from edge.runtime.handle import WorkerHandle
+
+log = logging.getLogger(__name__)
 
 
 class UnknownModelError(LookupError):
@@ -71,6 +74,9 @@ class ServedModel:
     sha256: str = ""
     quantization: str = ""
     chat_format: str = ""
+    #: The LoRA adapter requests under these names run with (None: the base alone). An adapter's
+    #: ServedModel shares the base's worker and has its own statistics, for its own trial window.
+    adapter: str | None = None
     stats: ServingStats = field(default_factory=ServingStats)
     inflight: int = 0
 
@@ -87,6 +93,8 @@ class ModelRouter:
     def __init__(self, max_waiting: int = 8) -> None:
         self.max_waiting = max_waiting
         self._active: ServedModel | None = None
+        #: Adapters served on the active model's worker, by adapter name.
+        self._adapters: dict[str, ServedModel] = {}
         self._held = False
         self._admitted = 0
         self._changed = threading.Condition()
@@ -98,6 +106,10 @@ class ModelRouter:
         """Route to ``model`` from now on (and stop holding); return the one it replaces."""
         with self._changed:
             old, self._active = self._active, model
+            if self._adapters and (model is None or old is None or model.worker is not old.worker):
+                # Adapters run in the old base's process and were trained for that base.
+                log.warning("the base changed: no longer serving adapters %s", ", ".join(self._adapters))
+                self._adapters = {}
             self._held = False
             self._changed.notify_all()
         return old
@@ -112,6 +124,36 @@ class ModelRouter:
     @property
     def active(self) -> ServedModel | None:
         return self._active
+
+    @property
+    def adapters(self) -> list[ServedModel]:
+        """The adapters served on the active model, by public name."""
+        return [self._adapters[name] for name in sorted(self._adapters)]
+
+    def serve_adapter(self, served: ServedModel) -> ServedModel | None:
+        """Route ``served.names()`` to an adapter from now on; return the one it replaces."""
+        if served.adapter is None:
+            raise ValueError("serve_adapter needs a ServedModel with an adapter")
+        with self._changed:
+            taken = {n for a in self._adapters.values() if a.name != served.name for n in a.names()}
+            base_names = set(self._active.names()) if self._active else set()
+            if clash := sorted((taken | base_names) & set(served.names())):
+                raise ValueError(f"names already served: {', '.join(clash)}")
+            old, self._adapters[served.name] = self._adapters.get(served.name), served
+            self._changed.notify_all()
+        return old
+
+    def remove_adapter(self, name: str) -> ServedModel | None:
+        """Stop routing to the adapter served as ``name``; return it (requests already on it finish)."""
+        with self._changed:
+            old = self._adapters.pop(name, None)
+            self._changed.notify_all()
+        return old
+
+    def all_names(self) -> list[str]:
+        """Every model name served now: the active model's, then each adapter's."""
+        base = self._active.names() if self._active else []
+        return base + [n for a in self.adapters for n in a.names()]
 
     @property
     def held(self) -> bool:
@@ -132,8 +174,11 @@ class ModelRouter:
                 self._changed.wait(remaining)
             model = self._active
             if name and name not in model.names():
-                known = ", ".join(model.names())
-                raise UnknownModelError(f"model {name!r} is not served here (available: {known})")
+                adapter = next((a for a in self._adapters.values() if name in a.names()), None)
+                if adapter is None:
+                    known = ", ".join(self.all_names())
+                    raise UnknownModelError(f"model {name!r} is not served here (available: {known})")
+                model = adapter
             model.inflight += 1
             return model
 

@@ -227,6 +227,84 @@ class ServingRuntime:
             self.metrics.now_serving(name, None)
             self.metrics.loaded(worker.prompt_cache_bytes)
 
+    # -- adapters -----------------------------------------------------------------------------------
+    def serve_adapter(
+        self,
+        name: str,
+        path: Path,
+        key: str,
+        aliases: tuple[str, ...] = (),
+        criteria: GateCriteria | None = None,
+        profile: RuntimeProfile | None = None,
+        size_bytes: int = 0,
+        sha256: str = "",
+    ) -> None:
+        """Load a LoRA adapter into the active model's worker under ``key`` and route ``name`` (and
+        ``aliases``) to it; with ``criteria`` it must pass the health gate first. The base and its
+        other adapters keep serving: a replaced adapter of the same name finishes its requests and is
+        then unloaded. ``key`` names this version inside the worker, distinct from the one it replaces."""
+        with self._lock:
+            base = self.router.active
+            if base is None or base.adapter is not None:
+                raise ActivationError("no-base", f"adapter {name} needs its base model served first")
+            worker = base.worker
+            served_now = next((a for a in self.router.adapters if a.name == name), None)
+            if served_now is not None and served_now.adapter == key:
+                return  # this version is already what ``name`` serves
+            if key in worker.adapters:
+                raise ActivationError(
+                    "name-clash", f"adapter version {key} is already loaded for another name"
+                )
+            try:
+                worker.load_adapter(key, str(path))
+            except WorkerError as exc:
+                raise ActivationError("load-failed", f"adapter {name}: {exc}") from None
+            system_prompt = profile.system_prompt if profile else base.system_prompt
+            if criteria is not None:
+                try:
+                    run_health_gate(worker, criteria, system_prompt, adapter=key)
+                except GateError as exc:
+                    worker.drop_adapter(key)
+                    raise ActivationError(exc.reason, f"adapter {name}: {exc}") from None
+            served = ServedModel(
+                name=name,
+                worker=worker,
+                n_ctx=base.n_ctx,
+                max_tokens_cap=base.max_tokens_cap,
+                created=int(time.time()),
+                aliases=aliases,
+                defaults=profile.sampling.model_dump() if profile else base.defaults,
+                system_prompt=system_prompt,
+                size_bytes=size_bytes,
+                sha256=sha256,
+                quantization=base.quantization,
+                chat_format=base.chat_format,
+                adapter=key,
+            )
+            try:
+                replaced = self.router.serve_adapter(served)
+            except ValueError as exc:
+                worker.drop_adapter(key)
+                raise ActivationError("name-clash", f"adapter {name}: {exc}") from None
+            log.info("now serving adapter %s (%s) on %s", name, key, base.name)
+            if replaced is not None:
+                self._unload_adapter(replaced)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name``; requests already on it finish first."""
+        with self._lock:
+            removed = self.router.remove_adapter(name)
+            if removed is not None:
+                self._unload_adapter(removed)
+
+    def _unload_adapter(self, served: ServedModel) -> None:
+        if not self.router.drain(served, self.settings.drain_timeout_s):
+            log.warning("adapter %s still had %d requests after draining", served.name, served.inflight)
+        try:
+            served.worker.drop_adapter(served.adapter or "")
+        except WorkerError as exc:
+            log.warning("could not unload adapter %s: %s", served.name, exc)
+
     # -- internals ----------------------------------------------------------------------------------
     def _plan(self, model: InstalledModel) -> _Plan:
         if self.store is None:
@@ -334,11 +412,13 @@ class ServingRuntime:
         dead = served.worker
         self._restart_at.pop(id(dead), None)
         try:
-            served.worker = WorkerHandle(dead.spec, dead.name).start(self.settings.load_timeout_s)
+            served.worker = WorkerHandle(dead.restart_spec(), dead.name).start(self.settings.load_timeout_s)
         except WorkerError as exc:
             log.error("restart of %s failed: %s", served.name, exc)
             return  # counted as another crash on the next pass, with a longer backoff
         dead.stop()
+        for adapter in self.router.adapters:  # they share the base's process
+            adapter.worker = served.worker
         self._apply_cap(served.worker)
         self.metrics.worker_restarts.inc()
 

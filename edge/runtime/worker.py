@@ -19,8 +19,10 @@ from edge.runtime.protocol import (
     Cancel,
     ChatMessage,
     CountTokens,
+    DropAdapter,
     GenerateRequest,
     JsonOutput,
+    LoadAdapter,
     LoadSpec,
     SetThreads,
     WorkerEvent,
@@ -72,7 +74,60 @@ def _set_threads(llm: Any, n_threads: int, n_threads_batch: int) -> None:
     llm.n_threads, llm.n_threads_batch = n_threads, n_threads_batch
 
 
-def _ready(llm: Any) -> WorkerEvent:
+class Adapters:
+    """The LoRA adapters loaded on one base, and which one the context applies now. Switching
+    changes the computation, so the KV state (and any RAM prompt cache) of the previous prompt is
+    dropped: it was computed with other weights."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.loaded: dict[str, Any] = {}
+        self.active: str | None = None
+
+    def load(self, name: str, path: str) -> None:
+        import llama_cpp
+
+        if name in self.loaded:
+            self.drop(name)
+        adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, path.encode())
+        if not adapter:
+            raise RequestFaultError("adapter-load-failed", f"llama.cpp could not load the adapter {path}")
+        self.loaded[name] = adapter
+
+    def drop(self, name: str) -> None:
+        import llama_cpp
+
+        adapter = self.loaded.pop(name, None)
+        if adapter is None:
+            return
+        if self.active == name:
+            self.apply(None)
+        llama_cpp.llama_adapter_lora_free(adapter)
+
+    def apply(self, name: str | None) -> None:
+        """Make ``name`` (None: the base alone) the context's adapter."""
+        import ctypes
+
+        import llama_cpp
+
+        if name == self.active:
+            return
+        if name is not None and name not in self.loaded:
+            raise RequestFaultError("unknown-adapter", f"adapter {name!r} is not loaded")
+        if name is None:
+            failed = llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
+        else:
+            one = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.loaded[name])
+            failed = llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, one, 1, (ctypes.c_float * 1)(1.0))
+        if failed:
+            raise RuntimeError(f"llama.cpp could not switch to adapter {name!r}")
+        self.active = name
+        self.llm.reset()
+        if (cache := getattr(self.llm, "cache", None)) is not None:
+            self.llm.set_cache(type(cache)(capacity_bytes=cache.capacity_bytes))
+
+
+def _ready(llm: Any, adapters: Adapters | None = None) -> WorkerEvent:
     cache = getattr(llm, "cache", None)
     return WorkerEvent(
         type="ready",
@@ -81,6 +136,7 @@ def _ready(llm: Any) -> WorkerEvent:
         prompt_cache_bytes=int(getattr(cache, "capacity_bytes", 0)) if cache is not None else 0,
         architecture=str(llm.metadata.get("general.architecture", "")),
         parameters=int(llm._model.n_params()),  # no public accessor on Llama
+        adapters=sorted(adapters.loaded) if adapters else [],
     )
 
 
@@ -185,7 +241,10 @@ def _chunks(llm: Any, request: GenerateRequest, spec: LoadSpec) -> Iterator[dict
             yield {"text": choice.get("text") or "", "finish_reason": choice.get("finish_reason")}
 
 
-def _generate(conn: Connection, llm: Any, spec: LoadSpec, request: GenerateRequest) -> None:
+def _generate(
+    conn: Connection, llm: Any, spec: LoadSpec, request: GenerateRequest, adapters: Adapters
+) -> None:
+    adapters.apply(request.adapter)
     if not spec.prefix_reuse:
         llm.reset()  # forget the previous prompt's KV state so every prompt is evaluated in full
     started = time.perf_counter()
@@ -282,10 +341,13 @@ def worker_main(conn: Connection, spec_json: str) -> None:
     spec = LoadSpec.model_validate_json(spec_json)
     try:
         llm = _load(spec)
+        adapters = Adapters(llm)
+        for name, path in spec.adapters.items():
+            adapters.load(name, path)
     except Exception as exc:  # report any load failure to the parent instead of dying silently
         _send(conn, WorkerEvent(type="error", error=f"cannot load {spec.model_path}: {exc}"))
         return
-    _send(conn, _ready(llm))
+    _send(conn, _ready(llm, adapters))
     while True:
         try:
             raw = conn.recv_bytes()
@@ -300,16 +362,23 @@ def worker_main(conn: Connection, spec_json: str) -> None:
             continue  # late cancel of a request that already finished: nothing to do
         if isinstance(message, SetThreads):
             _set_threads(llm, message.n_threads, message.n_threads_batch)
-            _send(conn, _ready(llm))
+            _send(conn, _ready(llm, adapters))
             continue
+        ident = getattr(message, "id", "")
         try:
-            if isinstance(message, CountTokens):
+            if isinstance(message, LoadAdapter):
+                adapters.load(message.name, message.path)
+                _send(conn, _ready(llm, adapters))
+            elif isinstance(message, DropAdapter):
+                adapters.drop(message.name)
+                _send(conn, _ready(llm, adapters))
+            elif isinstance(message, CountTokens):
                 count = _count_tokens(llm, message.messages)
                 _send(conn, WorkerEvent(type="count", id=message.id, prompt_tokens=count))
             else:
-                _generate(conn, llm, spec, message)
+                _generate(conn, llm, spec, message, adapters)
         except RequestFaultError as exc:
-            _send(conn, WorkerEvent(type="error", id=message.id, error=str(exc), error_code=exc.code))
+            _send(conn, WorkerEvent(type="error", id=ident, error=str(exc), error_code=exc.code))
         except Exception as exc:  # a bad request must not kill a healthy model
             code = "context_length_exceeded" if "exceed context window" in str(exc) else None
-            _send(conn, WorkerEvent(type="error", id=message.id, error=str(exc), error_code=code))
+            _send(conn, WorkerEvent(type="error", id=ident, error=str(exc), error_code=code))
