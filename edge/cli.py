@@ -21,7 +21,7 @@ from edge.config import DEFAULT_CONFIG_FILE, ApiSettings, EdgeConfig, RuntimeSet
 from shared.admission import AdmissionInput, read_manifest_unverified, run_admission, verify_manifest
 from shared.artifacts import read_file_facts
 from shared.cli_entry import run_cli, transfer_progress
-from shared.config import load_config
+from shared.config import ConfigError, load_config
 from shared.errors import ContractError
 from shared.gguf import DEFAULT_ARCHITECTURES, read_gguf_header
 from shared.manifest import FileRole, RuntimeProfile
@@ -251,6 +251,10 @@ def serve(
         Path | None,
         typer.Option(help="File holding the token TCP clients must send (Bearer or x-api-key)."),
     ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=FILE: serve a LoRA adapter GGUF of this model as NAME (repeatable)."),
+    ] = None,
 ) -> None:
     """Serve one local GGUF over the OpenAI/Ollama-compatible API, without MQTT (development, single
     box). The options are fields of the same settings ``run`` reads from edge.toml ([api], [runtime])
@@ -258,7 +262,11 @@ def serve(
     from edge.assembly import DataPlane, HostPaths
 
     setup_logging(False)
-    read_gguf_header(model, None)  # refuse a non-GGUF file before llama.cpp sees it
+    if read_gguf_header(model, None).kind != "model":  # refuse a non-GGUF file before llama.cpp sees it
+        raise ConfigError(
+            "bad-option", f"--model {model}: a GGUF adapter, not a model (serve it with --adapter)"
+        )
+    adapters = dict(_adapter_option(spec) for spec in adapter or [])
     api = ApiSettings(
         host=host,
         port=port,
@@ -279,10 +287,23 @@ def serve(
         plane.runtime.serve_file(
             model, name or model.stem, RuntimeProfile(chat_format=chat_format, n_ctx=n_ctx)
         )
+        for adapter_name, adapter_file in adapters.items():
+            plane.runtime.serve_adapter(adapter_name, adapter_file, key=adapter_name)
         log.info("serving %s", model)
         stopping.wait()
     finally:
         plane.close()
+
+
+def _adapter_option(spec: str) -> tuple[str, Path]:
+    """``NAME=FILE`` of ``serve --adapter``, the file checked to be a LoRA adapter GGUF."""
+    name, sep, file = spec.partition("=")
+    if not sep or not name or not file:
+        raise ConfigError("bad-option", f"--adapter {spec!r}: expected NAME=FILE")
+    header = read_gguf_header(Path(file), None)
+    if (header.kind, header.adapter_type) != ("adapter", "lora"):
+        raise ConfigError("bad-option", f"--adapter {spec!r}: {file} is not a LoRA adapter GGUF")
+    return name, Path(file)
 
 
 def main() -> None:

@@ -201,3 +201,22 @@ def test_bundled_models_load_and_generate_in_llama_cpp(smollm2_model, gemma3_mod
     assert base.create_completion("The capital of France is", max_tokens=4, temperature=0.0)["choices"][0][
         "text"
     ]
+
+
+def test_publishing_a_file_twice_never_writes_to_the_source(artifact_server, tmp_path) -> None:
+    """add_file hard-links the source. Publishing it again used to fall back to a copy onto the
+    existing link, i.e. truncate and rewrite the source itself (the shared SmolLM2 in site-packages),
+    under the workers that had it mapped: a SIGBUS for them."""
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    before = source.stat()
+    url = artifact_server.add_file(source)
+    assert artifact_server.add_file(source) == url
+    after = source.stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    other = tmp_path / "other" / "model.gguf"
+    other.parent.mkdir()
+    other.write_bytes(b"GGUF new content")
+    assert artifact_server.add_file(other) == url  # same name, new file: replaced, source untouched
+    assert urllib.request.urlopen(url).read() == b"GGUF new content"
+    assert source.stat().st_mtime_ns == before.st_mtime_ns

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from shared.manifest import RuntimeProfile
 from tests.harness.load import LoadClients
 from tests.harness.lora_fixture import write_lora
 from tests.harness.net import free_port
+from tests.harness.serve import serving
 from tests.harness.waiting import wait_until
 
 QUESTION = "Summarise: host 10.0.0.5 scanned 200 ports in 3 seconds, then connected to 10.0.0.9:4444."
@@ -136,3 +139,22 @@ def test_a_restarted_worker_loads_its_adapters_again(plane: Plane) -> None:
     wait_until(lambda: router.active.worker is not dead and router.active.worker.alive, 120, "a new worker")
     assert all(a.worker is router.active.worker for a in router.adapters)
     assert plane.answer("slips-summary") == summary
+
+
+def test_serve_with_adapters_from_the_command_line(plane: Plane, tmp_path, smollm2_model) -> None:
+    risk = plane.adapters["lora-2"]
+    with serving(
+        smollm2_model, tmp_path / "api.sock", "--chat-format", "chatml", "--adapter", f"slips-risk={risk}"
+    ) as s:
+        listed = [m["id"] for m in httpx.get(f"{s.base}/v1/models").json()["data"]]
+        assert listed == [smollm2_model.stem, "slips-risk"]
+        body = {"model": "slips-risk", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24}
+        reply = httpx.post(f"{s.base}/v1/chat/completions", json=body | {"temperature": 0}, timeout=120)
+        assert reply.json()["choices"][0]["message"]["content"] == plane.answer("slips-risk")
+    refused = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "serve", "--model", str(risk)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode == 1 and "a GGUF adapter, not a model" in refused.stderr

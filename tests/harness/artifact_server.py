@@ -203,17 +203,25 @@ class ArtifactServer:
         return f"{self.base_url}/{name}"
 
     def add(self, name: str, data: bytes) -> str:
-        """Publish bytes as ``name``; returns its URL."""
-        (self.root / name).write_bytes(data)
+        """Publish bytes as ``name``; returns its URL (replacing, never writing through, an old one)."""
+        staging = self.root / f".{name}.new"
+        staging.write_bytes(data)
+        staging.replace(self.root / name)
         return self.url(name)
 
     def add_file(self, source: Path, name: str | None = None) -> str:
-        """Publish a file by hard link (or copy across file systems); returns its URL."""
+        """Publish a file by hard link (or copy across file systems); returns its URL. Nothing is
+        ever written through an existing name: it may be a link to another test's source file."""
         target = self.root / (name or source.name)
+        if target.exists() and target.samefile(source):
+            return self.url(target.name)
+        staging = target.with_name(f".{target.name}.new")
+        staging.unlink(missing_ok=True)
         try:
-            target.hardlink_to(source)
+            staging.hardlink_to(source)
         except OSError:
-            target.write_bytes(source.read_bytes())
+            staging.write_bytes(source.read_bytes())
+        staging.replace(target)
         return self.url(target.name)
 
     def inject(self, name: str, fault: Fault) -> None:
