@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.artifacts import sha256_file
+from shared.gguf import read_gguf_header
 from tests.harness.slips_fixture import write_slips_fixture
 from tests.harness.training import immune_train
 from trainer.base_model import PARITY_TOLERANCE, parity_check, require_parity, resolve_base
@@ -160,10 +162,17 @@ def test_smoke_lora_on_smollm2_from_its_gguf(smollm2_model: Path, tmp_path: Path
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["base"]["spec"] == str(smollm2_model) and run["base"]["architecture"] == "llama"
     assert run["metrics"]["train_loss"] > 0
-    result = immune_train("export", tmp_path / "run", "--quant", "q8_0")
+    result = immune_train("export", tmp_path / "run", "--quant", "q8_0", "--adapter")
     assert "tokenizer identical to the base GGUF SmolLM2-135M-Instruct.Q4_1.gguf" in result.stdout
     report = json.loads((tmp_path / "run" / "gguf" / "export.json").read_text())
     assert report["tokenizer"]["samples"] >= 8 and report["tokenizer"]["tokens"] > 500
+    # The LoRA alone, bound to the base GGUF the device holds, applied by llama-cpp-python.
+    adapter = report["adapter"]
+    lora = read_gguf_header(tmp_path / "run" / "gguf" / adapter["file"])
+    assert (lora.kind, lora.adapter_type, lora.architecture) == ("adapter", "lora", "llama")
+    assert lora.base_sha256 == adapter["base_sha256"] == sha256_file(smollm2_model)[1]
+    assert adapter["answered"] and adapter["size"] < adapter["base_size"] / 5
+    assert "applied by llama-cpp-python: answered" in result.stdout
     q8 = tmp_path / "run" / "gguf" / "run.q8_0.gguf"
     model = Llama(model_path=str(q8), n_ctx=512, n_threads=2, verbose=False)
     try:

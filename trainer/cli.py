@@ -157,6 +157,13 @@ def export_command(
         ),
     ] = False,
     imatrix_chunks: Annotated[int, typer.Option(min=1, help="512-token chunks of calibration text.")] = 64,
+    adapter: Annotated[
+        bool,
+        typer.Option(
+            help="Also write the LoRA alone as a GGUF adapter bound to the base GGUF it was trained on "
+            "(the base must be a .gguf), checked by applying it in llama-cpp-python."
+        ),
+    ] = False,
 ) -> None:
     """Merge the adapter and write checked GGUF files (same tokenizer as the base), offline."""
     from trainer.export import export, parse_quants
@@ -166,7 +173,7 @@ def export_command(
     with _spinner("preparing the llama.cpp tree"):
         tree = toolchain_module.prepare_toolchain()
     with _spinner(f"exporting {', '.join(q.value for q in quants)}"):
-        report = export(run_dir, quants, tree, keep_merged, imatrix, imatrix_chunks)
+        report = export(run_dir, quants, tree, keep_merged, imatrix, imatrix_chunks, adapter)
     table = Table(title=f"GGUF -> {RunLayout(run_dir).export.root}")
     for column in ("quant", "file", "MiB", "tensor types", "imatrix", "sha256"):
         table.add_column(column)
@@ -176,7 +183,22 @@ def export_command(
         table.add_row(
             item.quant.value, item.file, f"{item.size / 2**20:.1f}", types, with_matrix, item.sha256[:12]
         )
+    if (lora := report.adapter) is not None:
+        table.add_row(
+            "adapter",
+            lora.file,
+            f"{lora.size / 2**20:.1f}",
+            f"{lora.tensors} LoRA tensors",
+            "-",
+            lora.sha256[:12],
+        )
     console.print(table)
+    if lora is not None:
+        share = lora.size / lora.base_size
+        console.print(
+            f"adapter for base {lora.base_file} (sha256 {lora.base_sha256[:12]}): {share:.1%} of its size, "
+            f"applied by llama-cpp-python: {'answered' if lora.answered else 'NO TEXT'}"
+        )
     fidelity = report.tokenizer
     console.print(
         f"tokenizer identical to the {fidelity.reference}: "

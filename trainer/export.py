@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shared.artifacts import sha256_file
 from shared.manifest import Quantization
+from trainer.adapter_export import export_adapter
 from trainer.base_model import is_gguf
 from trainer.dataset.records import ChatRecord, read_records
 from trainer.errors import TrainerError
@@ -61,10 +62,12 @@ def export(
     keep_merged: bool = False,
     imatrix: bool = False,
     imatrix_chunks: int = DEFAULT_CHUNKS,
+    adapter: bool = False,
 ) -> ExportReport:
     """Write ``<run>/gguf/<run-name>.<quant>.gguf`` for each of ``quants`` and ``export.json`` beside
     them. Every file must tokenize like the base model. With ``imatrix``, k-quants are made with an
-    importance matrix from the training data; the plain k-quant is kept beside for comparison."""
+    importance matrix from the training data; the plain k-quant is kept beside for comparison. With
+    ``adapter``, the LoRA is also written alone for its base GGUF (trainer.adapter_export)."""
     layout = RunLayout(run_dir)
     adapter = layout.adapter_dir
     if not (adapter / "adapter_config.json").is_file():
@@ -134,7 +137,9 @@ def export(
         log.info("exported %s (%d bytes, tensors %s)", path.name, size, types)
     if not keep_merged:
         shutil.rmtree(layout.export.merged_dir, ignore_errors=True)
-    report = ExportReport(files=exported, tokenizer=fidelity)
+    report = ExportReport(
+        files=exported, tokenizer=fidelity, adapter=export_adapter(run_dir, toolchain) if adapter else None
+    )
     report.write(layout.export.export_file)
     return report
 

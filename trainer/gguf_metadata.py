@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from trainer.errors import TrainerError
 
@@ -38,23 +39,35 @@ def transplant_tokenizer(base: Path, target: Path) -> None:
             f"{target.name} has {_token_count(reader)} tokens, its base {base.name} {_token_count(source)}: "
             "the export is not a fine-tune of that base",
         )
-    architecture = reader.fields["general.architecture"].contents()
+    fields = [f for f in reader.fields.values() if not f.name.startswith(TOKENIZER_PREFIX)]
+    fields += [f for f in source.fields.values() if f.name.startswith(TOKENIZER_PREFIX)]
+    _rewrite(reader, target, fields, {})
+    log.info("%s: tokenizer metadata taken from the base %s", target.name, base.name)
+
+
+def stamp_string(target: Path, key: str, value: str) -> None:
+    """Rewrite ``target`` with the string metadata ``key`` set to ``value`` (all else unchanged)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(target))
+    _rewrite(reader, target, [f for f in reader.fields.values() if f.name != key], {key: value})
+
+
+def _rewrite(reader: Any, target: Path, fields: list[Any], strings: dict[str, str]) -> None:
+    """Write ``fields`` (GGUFReader fields, from any file), then ``strings``, and ``reader``'s tensors
+    to ``target``, through a staging file so the original is replaced only when complete."""
+    import gguf
+
     staging = target.with_name(target.name + ".partial")
-    writer = gguf.GGUFWriter(str(staging), architecture)
-
-    def copy_fields(fields: object, keep: bool) -> None:
-        for field in fields.values():  # type: ignore[attr-defined]
-            name = field.name
-            if name == "general.architecture" or name.startswith("GGUF."):
-                continue  # written by GGUFWriter itself
-            if name.startswith(TOKENIZER_PREFIX) != keep:
-                continue
-            value_type = field.types[0]
-            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(name, field.contents(), value_type, sub_type=sub_type)
-
-    copy_fields(reader.fields, keep=False)
-    copy_fields(source.fields, keep=True)
+    writer = gguf.GGUFWriter(str(staging), reader.fields["general.architecture"].contents())
+    for field in fields:
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    for key, value in strings.items():
+        writer.add_string(key, value)
     for tensor in reader.tensors:
         writer.add_tensor_info(
             tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
@@ -65,6 +78,4 @@ def transplant_tokenizer(base: Path, target: Path) -> None:
     for tensor in reader.tensors:
         writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
     writer.close()
-    del reader  # release the memory map before replacing the file
-    staging.replace(target)
-    log.info("%s: tokenizer metadata taken from the base %s", target.name, base.name)
+    staging.replace(target)  # a reader's mapping of the old file stays valid (Linux keeps its inode)

@@ -45,6 +45,10 @@ class ExportLayout:
     def gguf(self, run_name: str, quant: Quantization) -> Path:
         return self.root / f"{run_name}.{quant.value}.gguf"
 
+    def adapter(self, run_name: str) -> Path:
+        """The LoRA as a GGUF adapter for the base GGUF it was trained against."""
+        return self.root / f"{run_name}.adapter.gguf"
+
     def gguf_without_imatrix(self, run_name: str, quant: Quantization) -> Path:
         """The plain k-quant kept beside the importance-matrix one, for the comparison in eval."""
         return self.root / f"{run_name}.{quant.value}.no-imatrix.gguf"

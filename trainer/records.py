@@ -62,11 +62,26 @@ class ExportedFile(_Record):
     without_imatrix: str | None = None
 
 
+class ExportedAdapter(_Record):
+    """The LoRA as a GGUF adapter, bound to the base GGUF it was trained against."""
+
+    file: str
+    size: int
+    sha256: str
+    base_file: str
+    base_size: int
+    base_sha256: str
+    #: The adapter's tensors, and whether llama-cpp-python applied it to the base and answered.
+    tensors: int
+    answered: bool
+
+
 class ExportReport(_Record):
     """``export.json``."""
 
     files: list[ExportedFile]
     tokenizer: FidelityReport
+    adapter: ExportedAdapter | None = None
 
 
 class QuantScores(_Record):
