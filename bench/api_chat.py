@@ -98,24 +98,28 @@ def anthropic_messages(client: httpx.Client, tokens: int) -> Iterator[str]:
             yield event["delta"]["text"]
 
 
+def _serve_command(port: int, threads: int, *extra: str) -> list[str]:
+    """``immune-edge serve`` of the bundled SmolLM2 as "smol" (ChatML) on ``port``."""
+    command = [sys.executable, "-m", "edge.cli", "serve", "--model", str(smollm2_gguf()), "--name", "smol"]
+    command += [
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--n-ctx",
+        str(N_CTX),
+        "--chat-format",
+        "chatml",
+    ]
+    return [*command, *extra]
+
+
 def ttft(rounds: int, threads: int, tokens: int, baseline_server: bool) -> None:
     from llama_cpp import Llama
 
     model = str(smollm2_gguf())
     ours, theirs = free_port(), free_port()
-    ours_cmd = [
-        sys.executable,
-        "-m",
-        "edge.cli",
-        "serve",
-        "--model",
-        model,
-        "--port",
-        str(ours),
-        "--name",
-        "smol",
-    ]
-    ours_cmd += ["--threads", str(threads), "--n-ctx", str(N_CTX), "--chat-format", "chatml"]
+    ours_cmd = _serve_command(ours, threads)
     theirs_cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(theirs)]
     theirs_cmd += ["--host", "127.0.0.1", "--n_threads", str(threads), "--n_threads_batch", str(threads)]
     theirs_cmd += ["--n_ctx", str(N_CTX), "--chat_format", "chatml"]
@@ -192,22 +196,8 @@ def _report_ttft(results: dict[str, list[Stream]], threads: int, tokens: int) ->
 
 
 def structured(count: int, threads: int, tokens: int) -> None:
-    model = str(smollm2_gguf())
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "edge.cli",
-        "serve",
-        "--model",
-        model,
-        "--port",
-        str(port),
-        "--name",
-        "smol",
-    ]
-    command += ["--threads", str(threads), "--n-ctx", str(N_CTX), "--chat-format", "chatml"]
-    command += ["--max-tokens-cap", str(tokens)]
+    command = _serve_command(port, threads, "--max-tokens-cap", str(tokens))
     modes: dict[str, dict[str, Any]] = {
         "no format": {},
         "OpenAI json_object": {"response_format": {"type": "json_object"}},

@@ -37,16 +37,10 @@ def _gguf(tmp_path: Path, kind: str, base_sha256: str | None = None, adapter_typ
 
 def _admit(path: Path, **overrides: object) -> None:
     data = path.read_bytes()
-    entry = {
-        "name": "model.gguf",
-        "role": "model",
-        "media_type": "application/x-gguf",
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "urls": ["http://127.0.0.1:8080/model.gguf"],
-    }
-    described = manifest(files=[entry], **overrides)
-    facts = FileFacts(len(data), entry["sha256"], read_gguf_header(path, DEFAULT_ARCHITECTURES))
+    described = manifest(data=data, **overrides)
+    facts = FileFacts(
+        len(data), hashlib.sha256(data).hexdigest(), read_gguf_header(path, DEFAULT_ARCHITECTURES)
+    )
     admit_files(described, {"model.gguf": facts}, DEFAULT_ARCHITECTURES)
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from shared.artifacts import sha256_file
@@ -47,15 +44,9 @@ def export_adapter(run_dir: Path, toolchain: Toolchain) -> ExportedAdapter:
         )
     target = layout.export.adapter(run_dir.name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [
-            sys.executable, str(toolchain.root / "convert_lora_to_gguf.py"), "--base", str(base_folder),
-            "--outfile", str(target), "--outtype", "f16", str(layout.adapter_dir),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **toolchain.environment()},
-        check=False,
+    result = toolchain.run_script(
+        "convert_lora_to_gguf.py", "--base", str(base_folder), "--outfile", str(target), "--outtype", "f16",
+        str(layout.adapter_dir),
     )  # fmt: skip
     if result.returncode != 0 or not target.is_file():
         raise TrainerError("export-failed", f"convert_lora_to_gguf.py failed: {result.stderr.strip()[-400:]}")

@@ -7,10 +7,7 @@ llama-cpp-python runs it."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from shared.artifacts import sha256_file
@@ -176,16 +173,9 @@ def base_vocabulary(spec: str, toolchain: Toolchain, directory: Path) -> Path:
 
         folder = Path(snapshot_download(repo_id=spec, local_files_only=True))
     target = directory / "base-vocab.gguf"
-    result = subprocess.run(
-        [
-            sys.executable, str(toolchain.root / "convert_hf_to_gguf.py"), str(folder), "--vocab-only",
-            "--outfile", str(target),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **toolchain.environment()},
-        check=False,
-    )  # fmt: skip
+    result = toolchain.run_script(
+        "convert_hf_to_gguf.py", str(folder), "--vocab-only", "--outfile", str(target)
+    )
     if result.returncode != 0 or not target.is_file():
         raise TrainerError(
             "export-failed", f"cannot read the base tokenizer of {spec}: {result.stderr.strip()[-300:]}"

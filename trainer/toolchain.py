@@ -124,6 +124,16 @@ class Toolchain:
             "TRANSFORMERS_OFFLINE": "1",
         }
 
+    def run_script(self, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run one of the tree's Python scripts (``convert_hf_to_gguf.py``...) offline, output captured."""
+        return subprocess.run(
+            [sys.executable, str(self.root / script), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.environment()},
+            check=False,
+        )
+
     def activate(self) -> None:
         """Apply ``environment()`` to this process (Unsloth reads it at export time)."""
         os.environ.update(self.environment())

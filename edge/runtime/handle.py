@@ -168,16 +168,30 @@ class WorkerHandle:
     def count_tokens(self, messages: list[ChatMessage], deadline: float) -> int:
         """Tokens ``messages`` take through the model's chat template (waits for the worker to be
         free; RequestTimeoutError once ``deadline`` passes)."""
-        if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
-            raise RequestTimeoutError(f"request timed out waiting for worker {self.name}")
+        wait_s = max(deadline - time.monotonic(), 0.0)
+        busy = RequestTimeoutError(f"request timed out waiting for worker {self.name}")
+        event = self._exchange(CountTokens(id="count", messages=messages), wait_s, busy, "counting tokens")
+        return event.prompt_tokens
+
+    def _exchange(
+        self,
+        command: CountTokens | LoadAdapter | DropAdapter | SetThreads,
+        wait_s: float,
+        busy: WorkerError,
+        doing: str,
+    ) -> WorkerEvent:
+        """Send one command between requests and return its one reply; ``busy`` is raised when the
+        worker stays taken for ``wait_s``, an ``error`` reply as its WorkerError."""
+        if not self._lock.acquire(timeout=wait_s):
+            raise busy
         try:
             if self._conn is None or not self.alive:
                 raise WorkerError(f"worker {self.name} is not running")
-            self._conn.send_bytes(CountTokens(id="count", messages=messages).model_dump_json().encode())
-            event = self._receive(TOKEN_TIMEOUT_S, "counting tokens")
+            self._conn.send_bytes(command.model_dump_json().encode())
+            event = self._receive(TOKEN_TIMEOUT_S, doing)
             if event.type == "error":
                 raise _failure(event)
-            return event.prompt_tokens
+            return event
         finally:
             self._lock.release()
 
@@ -196,33 +210,15 @@ class WorkerHandle:
         return self.spec.model_copy(update={"adapters": dict(self.adapters)})
 
     def _adapter_command(self, command: LoadAdapter | DropAdapter, timeout_s: float) -> None:
-        if not self._lock.acquire(timeout=timeout_s):
-            raise WorkerError(f"worker {self.name} stayed busy for {timeout_s:.0f} s")
-        try:
-            if self._conn is None or not self.alive:
-                raise WorkerError(f"worker {self.name} is not running")
-            self._conn.send_bytes(command.model_dump_json().encode())
-            event = self._receive(timeout_s, f"{command.type} {command.name}")
-            if event.type == "error":
-                raise _failure(event)
-        finally:
-            self._lock.release()
+        busy = WorkerError(f"worker {self.name} stayed busy for {timeout_s:.0f} s")
+        self._exchange(command, timeout_s, busy, f"{command.type} {command.name}")
 
     def set_threads(self, n_threads: int, n_threads_batch: int, timeout_s: float = TOKEN_TIMEOUT_S) -> None:
         """Change the thread counts once the running request (if any) is done; WorkerError on failure."""
-        if not self._lock.acquire(timeout=timeout_s):
-            raise WorkerError(f"worker {self.name} stayed busy for {timeout_s:.0f} s")
-        try:
-            if self._conn is None or not self.alive:
-                raise WorkerError(f"worker {self.name} is not running")
-            change = SetThreads(n_threads=n_threads, n_threads_batch=n_threads_batch)
-            self._conn.send_bytes(change.model_dump_json().encode())
-            event = self._receive(timeout_s, "changing threads")
-            if event.type != "ready":
-                raise WorkerError(event.error or f"worker {self.name} refused the thread change")
-            self.n_threads, self.n_threads_batch = event.n_threads, event.n_threads_batch
-        finally:
-            self._lock.release()
+        busy = WorkerError(f"worker {self.name} stayed busy for {timeout_s:.0f} s")
+        change = SetThreads(n_threads=n_threads, n_threads_batch=n_threads_batch)
+        event = self._exchange(change, timeout_s, busy, "changing threads")
+        self.n_threads, self.n_threads_batch = event.n_threads, event.n_threads_batch
 
     def _cancel(self, request_id: str) -> None:
         """Stop a generation whose consumer went away and wait for the worker to be idle again."""
