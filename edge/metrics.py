@@ -80,6 +80,12 @@ class Metrics:
         self.serving = Gauge(
             "immune_edge_serving", "1 for the model currently served", ["model", "serial"], registry=r
         )
+        self.adapters = Gauge(
+            "immune_edge_adapter_serving",
+            "1 for each LoRA adapter served on the base model, by name and loaded version",
+            ["adapter", "version"],
+            registry=r,
+        )
 
     def finished(self, endpoint: str, status: int, seconds: float, done: WorkerEvent | None) -> None:
         """Account for one finished request (``done`` is None when it produced no result)."""
@@ -116,6 +122,12 @@ class Metrics:
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
+
+    def adapters_now(self, served: dict[str, str]) -> None:
+        """The adapters served now (name -> version key); the others are dropped from /metrics."""
+        self.adapters.clear()
+        for name, version in served.items():
+            self.adapters.labels(adapter=name, version=version).set(1)
 
     def loaded(self, prompt_cache_bytes: int) -> None:
         """What the serving worker reported when its model loaded."""

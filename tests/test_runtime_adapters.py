@@ -83,6 +83,9 @@ def test_two_adapters_share_one_worker_and_each_answers_as_itself(plane: Plane) 
     workers = [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
     assert [p.pid for p in workers] == [worker.pid]
     assert sorted(worker.adapters) == ["risk-1", "summary-1"]
+    metrics = httpx.get(f"{plane.base_url}/metrics").text
+    assert 'immune_edge_adapter_serving{adapter="slips-risk",version="risk-1"} 1.0' in metrics
+    assert 'immune_edge_adapter_serving{adapter="slips-summary",version="summary-1"} 1.0' in metrics
 
 
 def test_adapters_added_replaced_and_removed_under_load_fail_no_request(plane: Plane) -> None:
@@ -101,6 +104,7 @@ def test_adapters_added_replaced_and_removed_under_load_fail_no_request(plane: P
     assert {o.model for o in load.snapshot()} == {"slips-summary"}
     assert plane.answer("slips-summary") != before  # the new version answers
     assert plane.ask("slips-triage").status_code == 404
+    assert 'adapter="slips-triage"' not in httpx.get(f"{plane.base_url}/metrics").text
     assert "summary-1" not in plane.plane.router.active.worker.adapters
 
 

@@ -287,6 +287,7 @@ class ServingRuntime:
                 worker.drop_adapter(key)
                 raise ActivationError("name-clash", f"adapter {name}: {exc}") from None
             log.info("now serving adapter %s (%s) on %s", name, key, base.name)
+            self._report_adapters()
             if replaced is not None:
                 self._unload_adapter(replaced)
 
@@ -294,8 +295,12 @@ class ServingRuntime:
         """Stop serving adapter ``name``; requests already on it finish first."""
         with self._lock:
             removed = self.router.remove_adapter(name)
+            self._report_adapters()
             if removed is not None:
                 self._unload_adapter(removed)
+
+    def _report_adapters(self) -> None:
+        self.metrics.adapters_now({a.name: a.adapter or "" for a in self.router.adapters})
 
     def _unload_adapter(self, served: ServedModel) -> None:
         if not self.router.drain(served, self.settings.drain_timeout_s):
