@@ -34,8 +34,9 @@ class Activator(Protocol):
     def commit(self, model: InstalledModel) -> None:
         """``model`` passed its trial and stays: release what was kept for a rollback."""
 
-    def restore(self, model: InstalledModel | None) -> None:
-        """Serve ``model`` (again, after a failed activation or trial, or at start-up; None: nothing)."""
+    def restore(self, model: InstalledModel | None, slot: str = "") -> None:
+        """Serve ``model`` (again, after a failed activation or trial, or at start-up; None: nothing)
+        as the base model, or with ``slot`` as the adapter of that name."""
 
 
 class StoreOnlyActivator:
@@ -50,6 +51,6 @@ class StoreOnlyActivator:
     def commit(self, model: InstalledModel) -> None:
         """Nothing was kept."""
 
-    def restore(self, model: InstalledModel | None) -> None:
+    def restore(self, model: InstalledModel | None, slot: str = "") -> None:
         if model is not None:
             log.debug("model %s serial %d is current", model.name, model.serial)

@@ -25,10 +25,10 @@ from edge.control.reporting import Reporter
 from edge.control.trust import TrustStore
 from edge.delivery.downloader import Downloader, ProgressCallback
 from edge.delivery.store import ContentStore
-from edge.state.ledger import Deployment, InstalledModel, Ledger
+from edge.state.ledger import Deployment, InstalledModel, Ledger, slot_of
 from shared.admission import DeviceProfile, admit_files, admit_for_device, verify_manifest
 from shared.artifacts import read_file_facts
-from shared.errors import ContractError, TransientError
+from shared.errors import ArtifactError, ContractError, TransientError
 from shared.gguf import GgufHeader
 from shared.manifest import Manifest
 from shared.messages import DeploymentState
@@ -100,7 +100,7 @@ class Deployer:
                 self.reporter, resume or self.ledger.new_deployment(source, envelope), bool(resume)
             )
             return run.fail(DeploymentState.REJECTED, exc)
-        current = self.ledger.current()
+        current = self.ledger.current(slot_of(manifest))
         if resume is None and current is not None and _same(current, manifest):
             message = f"already-installed: {manifest.name} serial {manifest.serial} is the current model"
             log.info(message)
@@ -115,6 +115,7 @@ class Deployer:
         try:
             floor = self.ledger.last_serial(manifest.channel)
             admit_for_device(manifest, floor, self.device, self.ledger.bad_serials())
+            self._check_base(manifest)
         except ContractError as exc:
             return run.fail(DeploymentState.REJECTED, exc)
 
@@ -137,6 +138,19 @@ class Deployer:
         self.ledger.add_model(model)
         run.advance(DeploymentState.STAGED, f"GGUF v{header.version} {header.architecture}")
         return self.go_live(run, model)
+
+    def _check_base(self, manifest: Manifest) -> None:
+        """An adapter runs only on the base it was trained against: the device's current model."""
+        if manifest.base is None:
+            return
+        base = self.ledger.current()
+        if base is None or base.model_sha256 != manifest.base.sha256:
+            serving = f"{base.name} (sha256 {base.model_sha256})" if base else "no base model"
+            raise ArtifactError(
+                "base-mismatch",
+                f"adapter {manifest.name} needs base {manifest.base.name} (sha256 {manifest.base.sha256}); "
+                f"this device serves {serving}",
+            )
 
     def _fetch(
         self, manifest: Manifest, local_files: Mapping[str, Path], on_progress: ProgressCallback | None
@@ -179,14 +193,14 @@ class Deployer:
         except TransientError as exc:
             return _interrupted(run, exc)
         except ActivationError as exc:
-            self.activator.restore(before)
+            self.activator.restore(before, model.slot)
             return run.fail(DeploymentState.FAILED, exc)
         return None
 
     def go_live(self, run: DeploymentRun, model: InstalledModel) -> Outcome:
         """activating -> trial -> committed, or back to what ran before. A failed trial is a model
         fault: that serial is marked bad on this device."""
-        before, before_previous = self.ledger.current(), self.ledger.previous()
+        before, before_previous = self.ledger.current(model.slot), self.ledger.previous(model.slot)
         if (failed := self.activate(run, model, before)) is not None:
             return failed
         self.ledger.switch_to(model, accept_serial=True)
@@ -197,8 +211,8 @@ class Deployer:
         except TransientError as exc:
             return _interrupted(run, exc)
         except ActivationError as exc:
-            self.restore_pointers(before, before_previous)
-            self.activator.restore(before)
+            self.restore_pointers(before, before_previous, model.slot)
+            self.activator.restore(before, model.slot)
             self.ledger.mark_bad(model.channel, model.serial, f"{exc.reason}: {exc}")
             return run.fail(DeploymentState.ROLLED_BACK, exc)
         self.activator.commit(model)
@@ -208,9 +222,13 @@ class Deployer:
         self.gc.collect()
         return outcome
 
-    def restore_pointers(self, current: InstalledModel | None, previous: InstalledModel | None) -> None:
-        """Put the current/previous pointers back as they were before a failed go-live."""
+    def restore_pointers(
+        self, current: InstalledModel | None, previous: InstalledModel | None, slot: str = ""
+    ) -> None:
+        """Put the current/previous pointers of ``slot`` back as they were before a failed go-live."""
         if current is None:
+            if slot:
+                self.ledger.clear_slot(slot)  # a first adapter version: nothing was served before
             return
         if previous is not None:
             self.ledger.switch_to(previous, accept_serial=False)
@@ -225,6 +243,8 @@ class Deployer:
         """Have the runtime serve the current model (at start-up, after unfinished work is settled)."""
         with self.exclusive():
             self.activator.restore(self.ledger.current())
+            for slot in self.ledger.adapter_slots():
+                self.activator.restore(self.ledger.current(slot), slot)
 
 
 def _same(model: InstalledModel, manifest: Manifest) -> bool:

@@ -24,7 +24,7 @@ class GarbageCollector:
         ledger = self.ledger
         wanted = set().union(*(digests_of(envelope) for envelope in wanted_envelopes))
         models = ledger.models()
-        pointers = {m.key for m in (ledger.current(), ledger.previous()) if m}
+        pointers = {m.key for m in ledger.pointed()}
         dropped = [m for m in models[self.keep_models :] if m.key not in pointers]
         ledger.forget_models([m.key for m in dropped])
         keep = {d for m in models[: self.keep_models] for d in m.digests} | wanted

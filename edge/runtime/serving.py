@@ -70,7 +70,11 @@ class ServingRuntime:
 
     # -- Activator ----------------------------------------------------------------------------------
     def activate(self, model: InstalledModel) -> None:
-        """Load ``model``, gate it and route to it; the model it replaces stays warm until commit."""
+        """Load ``model``, gate it and route to it; the model it replaces stays warm until commit.
+        An adapter is loaded into the base's worker instead (``serve_adapter``)."""
+        if model.manifest.is_adapter:
+            self._bring_up_adapter(model, gate=True)
+            return
         with self._lock:
             old = self._bring_up(model, gate=True)
             if old is not None:
@@ -78,16 +82,18 @@ class ServingRuntime:
                 self._standby = old
 
     def trial(self, model: InstalledModel) -> None:
-        """Watch the new model for ``trial_s``: crashes, error rate and decode speed."""
-        served = self.router.active
-        if served is None or served.key != model.key:
+        """Watch the new model (or adapter) for ``trial_s``: crashes of its process, its requests'
+        error rate and decode speed."""
+        process = self.router.active
+        served = next((m for m in [process, *self.router.adapters] if m and m.key == model.key), None)
+        if process is None or served is None:
             raise ActivationError("not-serving", f"{model.name} serial {model.serial} is not being served")
         settings = self.settings
         started = time.monotonic()
         while time.monotonic() - started < settings.trial_s:
             if self._closing.wait(0.2):
                 raise ActivationInterruptedError("shutdown", "the daemon stopped during the trial window")
-            crashes = served.stats.crashes_since(started)
+            crashes = process.stats.crashes_since(started)
             if crashes >= settings.crash_limit:
                 raise ActivationError(
                     "crash-loop", f"the worker crashed {crashes} times within the trial window"
@@ -109,14 +115,25 @@ class ServingRuntime:
             )
 
     def commit(self, model: InstalledModel) -> None:
-        """The new model stays: stop the standby."""
+        """The new model stays: stop the standby (an adapter's old version is already unloaded)."""
+        if model.manifest.is_adapter:
+            return
         with self._lock:
             self._retire(self._standby)
             self._standby = None
 
-    def restore(self, model: InstalledModel | None) -> None:
+    def restore(self, model: InstalledModel | None, slot: str = "") -> None:
         """Serve ``model`` again (warm standby if there is one, else load it without a gate: it
-        passed one before); ``None`` serves nothing."""
+        passed one before); ``None`` serves nothing. With ``slot``, the adapter of that name."""
+        if slot:
+            if model is None:
+                self.remove_adapter(slot)
+                return
+            try:
+                self._bring_up_adapter(model, gate=False)
+            except ActivationError as exc:
+                log.error("cannot serve adapter %s serial %d again: %s", model.name, model.serial, exc)
+            return
         with self._lock:
             active = self.router.active
             if model is None:
@@ -238,6 +255,7 @@ class ServingRuntime:
         profile: RuntimeProfile | None = None,
         size_bytes: int = 0,
         sha256: str = "",
+        model_key: tuple[str, int] | None = None,
     ) -> None:
         """Load a LoRA adapter into the active model's worker under ``key`` and route ``name`` (and
         ``aliases``) to it; with ``criteria`` it must pass the health gate first. The base and its
@@ -280,6 +298,7 @@ class ServingRuntime:
                 quantization=base.quantization,
                 chat_format=base.chat_format,
                 adapter=key,
+                key=model_key,
             )
             try:
                 replaced = self.router.serve_adapter(served)
@@ -290,6 +309,28 @@ class ServingRuntime:
             self._report_adapters()
             if replaced is not None:
                 self._unload_adapter(replaced)
+
+    def _bring_up_adapter(self, model: InstalledModel, gate: bool) -> None:
+        """An installed adapter manifest served on the current base, which must be the file it was
+        trained against."""
+        manifest = model.manifest
+        base = self.router.active
+        if manifest.base is None or base is None or base.sha256 != manifest.base.sha256:
+            serving = f"{base.name} (sha256 {base.sha256})" if base else "no model"
+            raise ActivationError(
+                "base-mismatch", f"adapter {model.name} needs another base; serving {serving}"
+            )
+        plan = self._plan(model)
+        self.serve_adapter(
+            model.name,
+            Path(plan.spec.model_path),
+            key=f"{model.channel}#{model.serial}",
+            criteria=plan.criteria if gate else None,
+            profile=manifest.runtime,
+            size_bytes=manifest.model_file.size,
+            sha256=manifest.model_file.sha256,
+            model_key=model.key,
+        )
 
     def remove_adapter(self, name: str) -> None:
         """Stop serving adapter ``name``; requests already on it finish first."""

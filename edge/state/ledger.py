@@ -17,6 +17,18 @@ from shared.manifest import Manifest
 from shared.messages import DeploymentState
 
 
+def slot_of(manifest: Manifest) -> str:
+    """The pointer slot of a manifest: "" for a model, its name for an adapter."""
+    return manifest.name if manifest.is_adapter else ""
+
+
+_POINTERS = ("current", "previous")
+
+
+def _pointer_key(which: str, slot: str) -> str:
+    return f"{which}:{slot}" if slot else which
+
+
 @dataclass(frozen=True)
 class InstalledModel:
     """A verified model in the store, with the signed envelope it came from and its manifest."""
@@ -49,6 +61,12 @@ class InstalledModel:
     def key(self) -> tuple[str, int]:
         """(channel, serial): how the runtime and the pointers name a model."""
         return (self.channel, self.serial)
+
+    @property
+    def slot(self) -> str:
+        """Which current/previous pointers the model moves: "" for the base model, the adapter's
+        name for a LoRA adapter (each adapter name has its own)."""
+        return slot_of(self.manifest)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> InstalledModel:
@@ -149,41 +167,56 @@ class Ledger:
             conn.executemany("DELETE FROM models WHERE channel = ? AND serial = ?", keys)
 
     # -- pointers ---------------------------------------------------------------------------
-    def _pointer(self, which: str) -> InstalledModel | None:
-        value = self._get(which)
+    def _pointer(self, which: str, slot: str) -> InstalledModel | None:
+        value = self._get(_pointer_key(which, slot))
         if value is None:
             return None
         channel, serial = json.loads(value)
         return self.model(channel, serial)
 
-    def current(self) -> InstalledModel | None:
-        return self._pointer("current")
+    def current(self, slot: str = "") -> InstalledModel | None:
+        """The model (or, with ``slot``, the adapter of that name) being served."""
+        return self._pointer("current", slot)
 
-    def previous(self) -> InstalledModel | None:
-        return self._pointer("previous")
+    def previous(self, slot: str = "") -> InstalledModel | None:
+        return self._pointer("previous", slot)
+
+    def adapter_slots(self) -> list[str]:
+        """The adapter names with a current pointer."""
+        rows = self.db.query("SELECT key FROM settings WHERE key LIKE 'current:%' ORDER BY key")
+        return [row["key"].removeprefix("current:") for row in rows]
 
     def switch_to(self, model: InstalledModel, accept_serial: bool) -> InstalledModel | None:
-        """Make ``model`` current and the old current previous, in one transaction; return the old one.
+        """Make ``model`` current in its slot and the old current previous, in one transaction;
+        return the old one.
 
         ``accept_serial`` raises the channel's anti-rollback floor to this serial (a normal rollout);
         an operator rollback leaves the floor where it is.
         """
+        slot = model.slot
         with self.db.transaction() as conn:
-            old = self.current()
+            old = self.current(slot)
             if old is not None and (old.channel, old.serial) != (model.channel, model.serial):
-                self._set(conn, "previous", json.dumps([old.channel, old.serial]))
-            self._set(conn, "current", json.dumps([model.channel, model.serial]))
+                self._set(conn, _pointer_key("previous", slot), json.dumps([old.channel, old.serial]))
+            self._set(conn, _pointer_key("current", slot), json.dumps([model.channel, model.serial]))
             if accept_serial and model.serial > self.last_serial(model.channel):
                 self._set(conn, f"last_serial:{model.channel}", str(model.serial))
         return old
 
+    def clear_slot(self, slot: str) -> None:
+        """Forget an adapter slot's pointers (its first version failed: nothing to go back to)."""
+        with self.db.transaction() as conn:
+            self._set(conn, _pointer_key("current", slot), None)
+            self._set(conn, _pointer_key("previous", slot), None)
+
+    def pointed(self) -> list[InstalledModel]:
+        """Every model a current or previous pointer of any slot refers to."""
+        models = (self._pointer(which, slot) for slot in ["", *self.adapter_slots()] for which in _POINTERS)
+        return [m for m in models if m is not None]
+
     def in_use(self) -> set[str]:
-        """Digests the pointers refer to: never deleted."""
-        digests: set[str] = set()
-        for model in (self.current(), self.previous()):
-            if model is not None:
-                digests.update(model.digests)
-        return digests
+        """Digests the pointers of every slot refer to: never deleted."""
+        return {digest for model in self.pointed() for digest in model.digests}
 
     # -- anti-rollback, pin, handled desired state --------------------------------------------
     def last_serial(self, channel: str) -> int:

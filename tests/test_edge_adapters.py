@@ -1,0 +1,118 @@
+"""Adapter manifests over MQTT on a real daemon: the SmolLM2 base, then LoRA adapters deployed on it,
+each with its own pointers, gate and rollback, served from the base's one worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shared.artifacts import sha256_file
+from tests.harness.edge import TOPICS, ServingOptions, running_daemon, sign_manifest, write_edge_config
+from tests.harness.load import LoadClients
+from tests.harness.lora_fixture import write_lora
+from tests.harness.waiting import wait_until
+
+SMOL_RUNTIME = {"chat_format": "chatml", "n_ctx": 1024, "stop": ["<|im_end|>"]}
+QUESTION = "Summarise: host 10.0.0.5 scanned 200 ports in 3 seconds, then connected to 10.0.0.9:4444."
+
+
+class Device:
+    def __init__(self, observer, server, keys, base_url: str) -> None:
+        self.observer, self.server, self.keys, self.base_url = observer, server, keys, base_url
+
+    def deploy(self, path: Path, serial: int, **overrides: Any) -> dict[str, Any]:
+        envelope = sign_manifest(
+            [self.keys.trainer], path.read_bytes(), self.server.add_file(path), serial=serial, **overrides
+        )
+        ends = len(self.observer.terminal_events())
+        self.observer.publish(TOPICS.desired_fleet(), envelope)
+        return self.observer.wait_terminal(ends + 1, timeout=180)[-1]
+
+    def answer(self, model: str) -> str:
+        body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24}
+        reply = httpx.post(
+            f"{self.base_url}/v1/chat/completions", json=body | {"temperature": 0}, timeout=120
+        )
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]["message"]["content"]
+
+
+def _adapter(
+    name: str, channel: str, base: dict[str, Any], runtime=SMOL_RUNTIME, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "channel": channel,
+        "base": base,
+        "runtime": runtime,
+        "quantization": "f16",
+        **extra,
+    }
+
+
+def test_adapters_deploy_serve_and_roll_back_on_one_base(
+    tmp_path, mqtt_broker, fleet_keys, artifact_server, observer, smollm2_model, gemma3_model
+) -> None:
+    options = ServingOptions(trial_s=2.0)
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
+    size, digest = sha256_file(smollm2_model)
+    base = {
+        "name": "smollm2-base",
+        "sha256": digest,
+        "size": size,
+        "urls": [artifact_server.add_file(smollm2_model)],
+    }
+    loras = {seed: write_lora(tmp_path / f"lora-{seed}.gguf", smollm2_model, seed) for seed in (1, 2, 3, 4)}
+    with running_daemon(config) as daemon:
+        device = Device(observer, artifact_server, fleet_keys, options.base_url)
+        end = device.deploy(smollm2_model, 1, name="smollm2-base", runtime=SMOL_RUNTIME)
+        assert end["state"] == "committed", end
+        assert (
+            device.deploy(loras[1], 1, **_adapter("slips-summary", "summary", base))["state"] == "committed"
+        )
+        assert device.deploy(loras[2], 1, **_adapter("slips-risk", "risk", base))["state"] == "committed"
+        router, ledger = daemon.data.router, daemon.control.ledger
+        assert [a.name for a in router.adapters] == ["slips-risk", "slips-summary"]
+        assert all(a.worker is router.active.worker for a in router.adapters)
+        assert ledger.current().name == "smollm2-base" and ledger.adapter_slots() == [
+            "slips-risk",
+            "slips-summary",
+        ]
+        first = device.answer("slips-summary")
+        assert len({device.answer("smollm2-base"), first, device.answer("slips-risk")}) == 3
+
+        # A new version of one adapter, while clients use it: no request fails, the base stays loaded.
+        worker = router.active.worker
+        with LoadClients(options.base_url, clients=4, model="slips-summary") as load:
+            load.wait_for_requests(4)
+            assert (
+                device.deploy(loras[3], 2, **_adapter("slips-summary", "summary", base))["state"]
+                == "committed"
+            )
+            load.wait_for_requests(4)
+        assert load.failures() == [] and router.active.worker is worker
+        assert ledger.current("slips-summary").serial == 2 and ledger.previous("slips-summary").serial == 1
+        second = device.answer("slips-summary")
+        assert second != first
+
+        # An adapter for another base is refused before any download.
+        gemma_size, gemma_digest = sha256_file(gemma3_model)
+        gemma = base | {"name": "gemma3", "sha256": gemma_digest, "size": gemma_size}
+        end = device.deploy(loras[4], 1, **_adapter("slips-triage", "triage", gemma))
+        assert (end["state"], end["reason"].split(":")[0]) == ("rejected", "base-mismatch"), end
+        assert artifact_server.bytes_sent(loras[4].name) == 0
+
+        # An adapter version that fails its gate is not served; the others keep serving.
+        slow = {"golden_prompts": ["Say hello."], "min_tokens_per_second": 1e6}
+        end = device.deploy(loras[4], 3, **_adapter("slips-summary", "summary", base, health=slow))
+        assert (end["state"], end["reason"].split(":")[0]) == ("failed", "health-gate-slow"), end
+        assert ledger.current("slips-summary").serial == 2 and device.answer("slips-summary") == second
+        assert device.answer("slips-risk")
+
+    # After a restart the base and both adapters are served again.
+    with running_daemon(config) as daemon:
+        served = lambda: [a.name for a in daemon.data.router.adapters]  # noqa: E731
+        wait_until(lambda: served() == ["slips-risk", "slips-summary"], 120, "both adapters served again")
+        assert device.answer("slips-summary") == second
