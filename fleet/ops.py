@@ -262,6 +262,14 @@ def _fan_out(
 DeviceOption = Annotated[str | None, typer.Option("--device", "-d", help="One device.")]
 SerialOption = Annotated[int | None, typer.Option(help="A cached serial (default: previous / current).")]
 TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds to wait for answers.")]
+AdapterOption = Annotated[
+    str | None, typer.Option("--adapter", help="A LoRA adapter's name: act on it instead of the base model.")
+]
+
+
+def _with_adapter(action: dict[str, Any], adapter: str | None) -> dict[str, Any]:
+    # Only when given: a device from before adapters refuses a command with a field it does not know.
+    return action | {"adapter": adapter} if adapter else action
 
 
 def rollback(
@@ -269,11 +277,20 @@ def rollback(
     device: DeviceOption = None,
     group: GroupOption = None,
     serial: SerialOption = None,
+    adapter: AdapterOption = None,
     as_json: JsonOption = False,
     timeout: TimeoutOption = 300.0,
 ) -> None:
-    """Send devices back to their previous model (or a cached serial)."""
-    _fan_out(config, device, group, {"action": "rollback", "serial": serial}, as_json, timeout)
+    """Send devices back to their previous model (or a cached serial), or one adapter to its previous
+    version."""
+    _fan_out(
+        config,
+        device,
+        group,
+        _with_adapter({"action": "rollback", "serial": serial}, adapter),
+        as_json,
+        timeout,
+    )
 
 
 def pin(
@@ -281,11 +298,15 @@ def pin(
     device: DeviceOption = None,
     group: GroupOption = None,
     serial: SerialOption = None,
+    adapter: AdapterOption = None,
     as_json: JsonOption = False,
     timeout: TimeoutOption = 300.0,
 ) -> None:
-    """Keep devices on their current (or a cached) model; new desired state is ignored until unpin."""
-    _fan_out(config, device, group, {"action": "pin", "serial": serial}, as_json, timeout)
+    """Keep devices on their current (or a cached) model; new desired state is ignored until unpin.
+    With --adapter and --serial, that adapter is switched to the serial first."""
+    _fan_out(
+        config, device, group, _with_adapter({"action": "pin", "serial": serial}, adapter), as_json, timeout
+    )
 
 
 def unpin(

@@ -185,17 +185,22 @@ class RolloutAction(Contract):
 
 
 class RollbackAction(Contract):
-    """Go back to the previous model, or to a cached serial; the only way to a lower serial."""
+    """Go back to the previous model, or to a cached serial; the only way to a lower serial. With
+    ``adapter``, the LoRA adapter of that name goes back instead (the base and other adapters stay)."""
 
     action: Literal["rollback"]
     serial: Serial | None = None
+    adapter: ModelName | None = None
 
 
 class PinAction(Contract):
-    """Keep the current (or the given cached) model and ignore new desired state until unpinned."""
+    """Keep the current (or the given cached) model and ignore new desired state until unpinned.
+    With ``adapter`` and ``serial``, that adapter is switched to the serial first; the pin itself
+    holds the whole device."""
 
     action: Literal["pin"]
     serial: Serial | None = None
+    adapter: ModelName | None = None
 
 
 class SimpleAction(Contract):

@@ -3,13 +3,22 @@ each with its own pointers, gate and rollback, served from the base's one worker
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from shared.artifacts import sha256_file
-from tests.harness.edge import TOPICS, ServingOptions, running_daemon, sign_manifest, write_edge_config
+from tests.harness.edge import (
+    TOPICS,
+    ServingOptions,
+    running_daemon,
+    sign_command,
+    sign_manifest,
+    write_edge_config,
+)
 from tests.harness.load import LoadClients
 from tests.harness.lora_fixture import write_lora
 from tests.harness.waiting import wait_until
@@ -55,7 +64,7 @@ def _adapter(
 def test_adapters_deploy_serve_and_roll_back_on_one_base(
     tmp_path, mqtt_broker, fleet_keys, artifact_server, observer, smollm2_model, gemma3_model
 ) -> None:
-    options = ServingOptions(trial_s=2.0)
+    options = ServingOptions(trial_s=10.0, crash_limit=1)
     config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
     size, digest = sha256_file(smollm2_model)
     base = {
@@ -109,10 +118,52 @@ def test_adapters_deploy_serve_and_roll_back_on_one_base(
         end = device.deploy(loras[4], 3, **_adapter("slips-summary", "summary", base, health=slow))
         assert (end["state"], end["reason"].split(":")[0]) == ("failed", "health-gate-slow"), end
         assert ledger.current("slips-summary").serial == 2 and device.answer("slips-summary") == second
-        assert device.answer("slips-risk")
+        risk = device.answer("slips-risk")
 
-    # After a restart the base and both adapters are served again.
+        # The operator rolls one adapter back; the base and the other adapter are untouched.
+        command = {"action": "rollback", "adapter": "slips-summary"}
+        response = observer.command(sign_command([fleet_keys.operator], command))
+        assert response["ok"] is True, response
+        assert ledger.current("slips-summary").serial == 1 and device.answer("slips-summary") == first
+        assert ledger.current().serial == 1 and device.answer("slips-risk") == risk
+        assert router.active.worker is worker
+        command = {"action": "rollback", "adapter": "slips-triage"}
+        refused = observer.command(sign_command([fleet_keys.operator], command))
+        assert (
+            refused["ok"] is False
+            and "for adapter slips-triage: no previous version" in refused["result"]["message"]
+        )
+
+        # A version whose trial window sees the process crash goes back to the one before, on its own.
+        ends = len(observer.terminal_events())
+        url = artifact_server.add_file(loras[2])
+        envelope = sign_manifest(
+            [fleet_keys.trainer], loras[2].read_bytes(), url, serial=2, **_adapter("slips-risk", "risk", base)
+        )
+        observer.publish(TOPICS.desired_fleet(), envelope)
+        wait_until(
+            lambda: any(
+                (e.get("manifest_name"), e["serial"], e["state"]) == ("slips-risk", 2, "trial")
+                for e in observer.unique_events()
+            ),
+            120,
+            "slips-risk serial 2 on trial",
+        )
+        os.kill(router.active.worker.pid, signal.SIGKILL)
+        end = observer.wait_terminal(ends + 1, timeout=120)[-1]
+        assert (end["state"], end["reason"].split(":")[0], end["serial"]) == (
+            "rolled_back",
+            "crash-loop",
+            2,
+        ), end
+        wait_until(lambda: router.active.worker.alive, 120, "the restarted worker")
+        assert ledger.current("slips-risk").serial == 1 and device.answer("slips-risk") == risk
+
+    # After a restart the base and both adapters are served again, each at its current version.
     with running_daemon(config) as daemon:
         served = lambda: [a.name for a in daemon.data.router.adapters]  # noqa: E731
         wait_until(lambda: served() == ["slips-risk", "slips-summary"], 120, "both adapters served again")
-        assert device.answer("slips-summary") == second
+        assert (device.answer("slips-summary"), device.answer("slips-risk")) == (
+            first,
+            risk,
+        )  # as rolled back

@@ -148,9 +148,9 @@ class CommandHandler:
             else:
                 outcome = self.deployer.deploy(action.manifest.to_json(), source)
         elif isinstance(action, RollbackAction):
-            outcome = self.operator.rollback(action.serial, source)
+            outcome = self.operator.rollback(action.serial, source, action.adapter)
         elif isinstance(action, PinAction):
-            outcome = self.operator.pin(action.serial, source)
+            outcome = self.operator.pin(action.serial, source, action.adapter)
         elif action.action == "unpin":
             outcome = self.operator.unpin()
             self.reconciler.changed()  # desired state held back while pinned applies now

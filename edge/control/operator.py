@@ -20,24 +20,28 @@ class OperatorActions:
         self.deployer = deployer
         self.ledger = deployer.ledger
 
-    def rollback(self, serial: int | None, source: str) -> Outcome:
-        """Go to the previous model or to a cached serial (the only way to a lower serial)."""
+    def rollback(self, serial: int | None, source: str, adapter: str | None = None) -> Outcome:
+        """Go to the previous model or to a cached serial (the only way to a lower serial); with
+        ``adapter``, that adapter's previous or cached version."""
+        slot = adapter or ""
         with self.deployer.exclusive():
-            target = self.ledger.previous() if serial is None else self.ledger.find_serial(serial)
+            target = self.ledger.previous(slot) if serial is None else self.ledger.find_serial(serial, slot)
             if target is None:
-                what = "no previous model" if serial is None else f"serial {serial} is not cached"
-                return _refused(f"rollback refused: {what}", "not-cached")
+                what = "no previous version" if serial is None else f"serial {serial} is not cached"
+                return _refused(f"rollback refused{_of(adapter)}: {what}", "not-cached")
             return self._switch(target, source, DeploymentState.ROLLED_BACK, "rollback")
 
-    def pin(self, serial: int | None, source: str) -> Outcome:
-        """Stay on the current (or a cached) model; desired state is ignored until unpinned."""
+    def pin(self, serial: int | None, source: str, adapter: str | None = None) -> Outcome:
+        """Stay on the current (or a cached) model; desired state is ignored until unpinned. With
+        ``adapter`` and ``serial``, that adapter is switched to the serial before the pin."""
+        slot = adapter or ""
         with self.deployer.exclusive():
             message, deployment_id = "pinned to the current model", None
             if serial is not None:
-                target = self.ledger.find_serial(serial)
+                target = self.ledger.find_serial(serial, slot)
                 if target is None:
-                    return _refused(f"pin refused: serial {serial} is not cached", "not-cached")
-                current = self.ledger.current()
+                    return _refused(f"pin refused{_of(adapter)}: serial {serial} is not cached", "not-cached")
+                current = self.ledger.current(slot)
                 if current is None or current.serial != serial:
                     switched = self._switch(target, source, DeploymentState.COMMITTED, "pin")
                     if not switched.ok:
@@ -61,7 +65,7 @@ class OperatorActions:
     def _switch(self, target: InstalledModel, source: str, final: DeploymentState, verb: str) -> Outcome:
         """Make a cached, previously verified model current again (its blobs are checked again)."""
         deployer = self.deployer
-        current = self.ledger.current()
+        current = self.ledger.current(target.slot)
         run = DeploymentRun(deployer.reporter, self.ledger.new_deployment(source, target.envelope))
         run.name, run.serial = target.name, target.serial
         self.ledger.describe_deployment(run.deployment.id, target.name, target.channel, target.serial)
@@ -91,6 +95,10 @@ class OperatorActions:
             deployment_id=ended.deployment_id,
             serial=target.serial,
         )
+
+
+def _of(adapter: str | None) -> str:
+    return f" for adapter {adapter}" if adapter else ""
 
 
 def _refused(message: str, reason: str) -> Outcome:

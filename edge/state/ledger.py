@@ -155,12 +155,11 @@ class Ledger:
         rows = self.db.query("SELECT * FROM models WHERE channel = ? AND serial = ?", (channel, serial))
         return InstalledModel.from_row(rows[0]) if rows else None
 
-    def find_serial(self, serial: int) -> InstalledModel | None:
-        """A cached model with this serial (the most recently installed, should channels share serials)."""
-        rows = self.db.query(
-            "SELECT * FROM models WHERE serial = ? ORDER BY installed_at DESC LIMIT 1", (serial,)
-        )
-        return InstalledModel.from_row(rows[0]) if rows else None
+    def find_serial(self, serial: int, slot: str = "") -> InstalledModel | None:
+        """A cached model (or, with ``slot``, a version of that adapter) with this serial: the most
+        recently installed, should channels share serials."""
+        rows = self.db.query("SELECT * FROM models WHERE serial = ? ORDER BY installed_at DESC", (serial,))
+        return next((m for m in map(InstalledModel.from_row, rows) if m.slot == slot), None)
 
     def forget_models(self, keys: list[tuple[str, int]]) -> None:
         with self.db.transaction() as conn:
