@@ -182,20 +182,20 @@ def status(config: ConfigOption = DEFAULT_CONFIG_FILE) -> None:
     """Show the current and cached models and recent deployments from the state directory."""
     node = ControlPlane.open(load_config(config, EdgeConfig))
     try:
-        current, previous = node.ledger.current(), node.ledger.previous()
-        table = Table(title=f"{node.config.device.fleet}/{node.config.device.id} cached models")
-        for column in ("serial", "name", "channel", "sha256", "pointer"):
+        ledger = node.ledger
+        pointers = {
+            m.key: f"{which}{' adapter' if slot else ''}"
+            for slot in ["", *ledger.adapter_slots()]
+            for which, m in (("previous", ledger.previous(slot)), ("current", ledger.current(slot)))
+            if m is not None
+        }
+        table = Table(title=f"{node.config.device.fleet}/{node.config.device.id} cached models and adapters")
+        for column in ("serial", "name", "channel", "kind", "sha256", "pointer"):
             table.add_column(column)
-        for model in node.ledger.models():
-            key = (model.channel, model.serial)
-            pointer = (
-                "current"
-                if current and key == (current.channel, current.serial)
-                else "previous"
-                if previous and key == (previous.channel, previous.serial)
-                else ""
-            )
-            table.add_row(str(model.serial), model.name, model.channel, model.model_sha256[:16], pointer)
+        for model in ledger.models():
+            kind = f"adapter of {model.manifest.base.name}" if model.manifest.base else "model"
+            row = (str(model.serial), model.name, model.channel, kind, model.model_sha256[:16])
+            table.add_row(*row, pointers.get(model.key, ""))
         console.print(table)
         last = node.ledger.last_deployment()
         console.print(

@@ -51,6 +51,7 @@ def device_row(view: DeviceView, stale_after_s: float, now: float) -> dict[str, 
         "groups": view.groups,
         "model": status.model.name if status and status.model else None,
         "serial": status.model.serial if status and status.model else None,
+        "adapters": [f"{a.name} #{a.serial}" for a in status.adapters] if status else [],
         "deployment": status.deployment_state.value if status and status.deployment_state else None,
         "pinned": bool(status and status.pinned),
         "tokens_per_second": _figure(view, "tokens_per_second"),
@@ -91,6 +92,7 @@ def device_table(rows: list[dict[str, Any]], title: str) -> Table:
             row["device"],
             "[green]yes[/]" if row["online"] else "[red]no[/]",
             f"{row['model'] or '-'} #{row['serial'] or '-'}"
+            + "".join(f"\n + {adapter}" for adapter in row["adapters"])
             + (" [yellow](pinned)[/]" if row["pinned"] else ""),
             _state_markup(row["deployment"]),
             _num(row["tokens_per_second"]),

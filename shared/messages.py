@@ -72,6 +72,8 @@ class DeviceStatus(Contract):
     software_version: Annotated[str, Field(max_length=64)] | None = None
     groups: Annotated[list[Identifier], Field(max_length=64)] = []
     model: ModelRef | None = None
+    #: LoRA adapters served on ``model``, each at its current version.
+    adapters: Annotated[list[ModelRef], Field(max_length=32)] = []
     deployment_state: DeploymentState | None = None
     pinned: bool = False
     last_result: Text | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,14 @@ def test_adapters_deploy_serve_and_roll_back_on_one_base(
             "slips-risk",
             "slips-summary",
         ]
+        wait_until(
+            lambda: (
+                [a["name"] for a in observer.statuses[-1].get("adapters", [])]
+                == ["slips-risk", "slips-summary"]
+            ),
+            30,
+            "both adapters in the retained status",
+        )
         first = device.answer("slips-summary")
         assert len({device.answer("smollm2-base"), first, device.answer("slips-risk")}) == 3
 
@@ -158,6 +168,15 @@ def test_adapters_deploy_serve_and_roll_back_on_one_base(
         ), end
         wait_until(lambda: router.active.worker.alive, 120, "the restarted worker")
         assert ledger.current("slips-risk").serial == 1 and device.answer("slips-risk") == risk
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
+    assert "adapter of smollm2-base" in shown and "current adapter" in shown and "previous adapter" in shown
 
     # After a restart the base and both adapters are served again, each at its current version.
     with running_daemon(config) as daemon:

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from edge.state.ledger import Ledger
+from edge.state.ledger import InstalledModel, Ledger
 from edge.state.outbox import Outbox
 from shared.messages import CommandResponse, DeploymentEvent, DeploymentState, DeviceStatus, ModelRef
 from shared.topics import Topics
@@ -84,9 +84,8 @@ class Reporter:
             at=self.clock(),
             software_version=self.software_version,
             groups=list(self.groups),
-            model=ModelRef(name=current.name, serial=current.serial, sha256=current.model_sha256)
-            if current
-            else None,
+            model=_ref(current) if current else None,
+            adapters=[_ref(a) for slot in self.ledger.adapter_slots() if (a := self.ledger.current(slot))],
             deployment_state=last.state if last else None,
             pinned=self.ledger.pinned,
             last_result=self.last_result[:2048] if self.last_result else None,
@@ -108,3 +107,7 @@ class Reporter:
     def respond(self, response_topic: str, correlation: bytes | None, response: CommandResponse) -> None:
         """Queue a command response for the operator's MQTT v5 response topic."""
         self.outbox.put(response_topic, response.to_json(), qos=1, correlation=correlation)
+
+
+def _ref(model: InstalledModel) -> ModelRef:
+    return ModelRef(name=model.name, serial=model.serial, sha256=model.model_sha256)
