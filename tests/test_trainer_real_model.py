@@ -173,6 +173,24 @@ def test_smoke_lora_on_smollm2_from_its_gguf(smollm2_model: Path, tmp_path: Path
     assert lora.base_sha256 == adapter["base_sha256"] == sha256_file(smollm2_model)[1]
     assert adapter["answered"] and adapter["size"] < adapter["base_size"] / 5
     assert "applied by llama-cpp-python: answered" in result.stdout
+    # eval judges the adapter on its base exactly as a device runs it, next to the merged F16.
+    args = (
+        "--data",
+        tmp_path / "data" / "eval.jsonl",
+        "--quant",
+        "q8_0",
+        "--ppl-records",
+        "2",
+        "--ppl-ctx",
+        "320",
+    )
+    evaluated = immune_train(
+        "eval", tmp_path / "run" / "gguf", *args, "--task-records", "1", "--max-tokens", "8"
+    )
+    assert "adapter run.adapter.gguf on SmolLM2-135M-Instruct.Q4_1.gguf: perplexity" in evaluated.stderr
+    scores = json.loads((tmp_path / "run" / "gguf" / "eval.json").read_text())["adapter"]
+    assert scores["file"] == adapter["file"] and scores["perplexity"] > 1
+    assert abs(scores["perplexity_rise_vs_f16"]) < 0.5 and scores["vs_f16"]["perplexity"]["n"] == 2
     q8 = tmp_path / "run" / "gguf" / "run.q8_0.gguf"
     model = Llama(model_path=str(q8), n_ctx=512, n_threads=2, verbose=False)
     try:

@@ -63,6 +63,7 @@ def export_adapter(run_dir: Path, toolchain: Toolchain) -> ExportedAdapter:
         size=size,
         sha256=sha256,
         base_file=base.name,
+        base_path=str(base.resolve()),
         base_size=base_size,
         base_sha256=base_sha256,
         tensors=header.tensor_count,

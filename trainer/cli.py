@@ -253,6 +253,15 @@ def eval_command(
             "yes" if result.accepted else "REFUSED",
             *(f"{result.tasks.get(t, float('nan')):.2f}" for t in task_names),
         )
+    if (lora := report.adapter) is not None:
+        table.add_row(
+            f"adapter on {lora.base_file}",
+            f"{lora.perplexity:.3f}",
+            f"{lora.perplexity_rise_vs_f16:+.2%}",
+            "-",
+            "-",
+            *(f"{lora.tasks.get(t, float('nan')):.2f}" for t in task_names),
+        )
     console.print(table)
     for name in report.quants:
         _print_comparison(report, name)

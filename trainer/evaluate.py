@@ -24,7 +24,7 @@ from trainer.dataset.records import ChatRecord
 from trainer.errors import TrainerError
 from trainer.export import find_gguf
 from trainer.layout import ExportLayout
-from trainer.records import BaselineComparison, EvalReport, ExportReport, QuantScores
+from trainer.records import AdapterScores, BaselineComparison, EvalReport, ExportReport, QuantScores
 from trainer.task_checks import task_scores
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,20 @@ class EvalOptions:
     n_threads: int | None = None
 
 
-def _open(path: Path, n_ctx: int, n_threads: int | None, logits_all: bool = False) -> Any:
+def _open(
+    path: Path, n_ctx: int, n_threads: int | None, logits_all: bool = False, adapter: Path | None = None
+) -> Any:
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, logits_all=logits_all, verbose=False)
+    lora = str(adapter) if adapter is not None else None
+    return Llama(
+        model_path=str(path),
+        lora_path=lora,
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        logits_all=logits_all,
+        verbose=False,
+    )
 
 
 def _render(model: Any, messages: list[dict[str, str]]) -> str:
@@ -76,9 +86,12 @@ def llama_nll(model: Any, tokens: Sequence[int]) -> Any:
     return token_nll(model.scores[: len(tokens) - 1], tokens[1:])
 
 
-def record_nlls(path: Path, records: Sequence[ChatRecord], options: EvalOptions) -> list[tuple[float, int]]:
-    """(summed NLL, token count) of each record rendered with the GGUF's own chat template."""
-    model = _open(path, options.ppl_ctx, options.n_threads, logits_all=True)
+def record_nlls(
+    path: Path, records: Sequence[ChatRecord], options: EvalOptions, adapter: Path | None = None
+) -> list[tuple[float, int]]:
+    """(summed NLL, token count) of each record rendered with the GGUF's own chat template (with
+    ``adapter`` applied to it, when given)."""
+    model = _open(path, options.ppl_ctx, options.n_threads, logits_all=True, adapter=adapter)
     results: list[tuple[float, int]] = []
     try:
         for record in records:
@@ -105,7 +118,9 @@ def perplexity(path: Path, records: Sequence[ChatRecord], options: EvalOptions) 
     return perplexity_of(record_nlls(path, records, options))
 
 
-def run_tasks(path: Path, records: Sequence[ChatRecord], options: EvalOptions) -> list[dict[str, float]]:
+def run_tasks(
+    path: Path, records: Sequence[ChatRecord], options: EvalOptions, adapter: Path | None = None
+) -> list[dict[str, float]]:
     """Task scores of each held-out record, answers generated greedily as the edge would."""
     from rouge_score import rouge_scorer
 
@@ -114,7 +129,7 @@ def run_tasks(path: Path, records: Sequence[ChatRecord], options: EvalOptions) -
     def rouge(reference: str, prediction: str) -> float:
         return float(scorer.score(reference, prediction)["rougeL"].fmeasure)
 
-    model = _open(path, options.ppl_ctx * 2, options.n_threads)
+    model = _open(path, options.ppl_ctx * 2, options.n_threads, adapter=adapter)
     rows: list[dict[str, float]] = []
     try:
         for record in records:
@@ -146,10 +161,14 @@ class _Measured:
 
 
 def _measure(
-    path: Path, ppl_set: Sequence[ChatRecord], task_set: Sequence[ChatRecord], options: EvalOptions
+    path: Path,
+    ppl_set: Sequence[ChatRecord],
+    task_set: Sequence[ChatRecord],
+    options: EvalOptions,
+    adapter: Path | None = None,
 ) -> _Measured:
-    nlls = record_nlls(path, ppl_set, options)
-    tasks = run_tasks(path, task_set, options) if task_set else []
+    nlls = record_nlls(path, ppl_set, options, adapter)
+    tasks = run_tasks(path, task_set, options, adapter) if task_set else []
     return _Measured(path, nlls, tasks)
 
 
@@ -229,9 +248,41 @@ def evaluate(
         records={"perplexity": len(ppl_set), "tasks": len(task_set)},
         quants=results,
         comparison=comparison,
+        adapter=_score_adapter(export_dir, measured[Quantization.F16], ppl_set, task_set, options),
     )
     report.write(ExportLayout(export_dir).eval_file)
     return report
+
+
+def _score_adapter(
+    export_dir: Path,
+    f16: _Measured,
+    ppl_set: Sequence[ChatRecord],
+    task_set: Sequence[ChatRecord],
+    options: EvalOptions,
+) -> AdapterScores | None:
+    """The adapter export wrote (if any) applied to its base, measured like the merged files."""
+    path = ExportLayout(export_dir).export_file
+    exported = ExportReport.read(path, "run immune-train export first").adapter if path.is_file() else None
+    if exported is None:
+        return None
+    base = Path(exported.base_path)
+    if not base.is_file() or sha256_file(base)[1] != exported.base_sha256:
+        raise TrainerError("missing-base", f"{base}: the adapter's base GGUF is gone or changed since export")
+    found = _measure(base, ppl_set, task_set, options, adapter=export_dir / exported.file)
+    ppl = perplexity_of(found.nlls)
+    log.info("adapter %s on %s: perplexity %.3f", exported.file, base.name, ppl)
+    return AdapterScores(
+        file=exported.file,
+        base_file=base.name,
+        perplexity=ppl,
+        perplexity_rise_vs_f16=ppl / perplexity_of(f16.nlls) - 1.0,
+        tasks=mean_scores(found.tasks),
+        vs_f16={
+            "perplexity": compare_perplexity(found.nlls, f16.nlls),
+            **compare_scores(found.tasks, f16.tasks),
+        },
+    )
 
 
 def _exported_files(export_dir: Path) -> dict[str, str]:

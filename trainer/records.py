@@ -69,6 +69,8 @@ class ExportedAdapter(_Record):
     size: int
     sha256: str
     base_file: str
+    #: Where the base GGUF is on this machine (eval applies the adapter to it).
+    base_path: str
     base_size: int
     base_sha256: str
     #: The adapter's tensors, and whether llama-cpp-python applied it to the base and answered.
@@ -107,6 +109,19 @@ class BaselineComparison(_Record):
     quants: dict[Quantization, dict[str, MetricComparison]]
 
 
+class AdapterScores(_Record):
+    """The LoRA adapter applied to its base GGUF in llama-cpp-python, as a device runs it, on the
+    same held-out records, next to the merged F16."""
+
+    file: str
+    base_file: str
+    perplexity: float
+    perplexity_rise_vs_f16: float
+    tasks: dict[str, float]
+    #: Per metric, the adapter against the merged F16 on the same incidents (paired).
+    vs_f16: dict[str, MetricComparison]
+
+
 class EvalReport(_Record):
     """``eval.json``: the publish gate."""
 
@@ -115,6 +130,7 @@ class EvalReport(_Record):
     records: dict[str, int]
     quants: dict[Quantization, QuantScores]
     comparison: BaselineComparison | None = None
+    adapter: AdapterScores | None = None
 
 
 class PublishedRecord(_Record):
