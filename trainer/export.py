@@ -59,12 +59,12 @@ def export(
     keep_merged: bool = False,
     imatrix: bool = False,
     imatrix_chunks: int = DEFAULT_CHUNKS,
-    adapter: bool = False,
+    adapter_gguf: bool = False,
 ) -> ExportReport:
     """Write ``<run>/gguf/<run-name>.<quant>.gguf`` for each of ``quants`` and ``export.json`` beside
     them. Every file must tokenize like the base model. With ``imatrix``, k-quants are made with an
     importance matrix from the training data; the plain k-quant is kept beside for comparison. With
-    ``adapter``, the LoRA is also written alone for its base GGUF (trainer.adapter_export)."""
+    ``adapter_gguf``, the LoRA is also written alone for its base GGUF (trainer.adapter_export)."""
     layout = RunLayout(run_dir)
     adapter = layout.adapter_dir
     if not (adapter / "adapter_config.json").is_file():
@@ -134,9 +134,8 @@ def export(
         log.info("exported %s (%d bytes, tensors %s)", path.name, size, types)
     if not keep_merged:
         shutil.rmtree(layout.export.merged_dir, ignore_errors=True)
-    report = ExportReport(
-        files=exported, tokenizer=fidelity, adapter=export_adapter(run_dir, toolchain) if adapter else None
-    )
+    lora = export_adapter(run_dir, toolchain) if adapter_gguf else None
+    report = ExportReport(files=exported, tokenizer=fidelity, adapter=lora)
     report.write(layout.export.export_file)
     return report
 
