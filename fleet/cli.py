@@ -14,10 +14,10 @@ from rich.table import Table
 
 from fleet import ops
 from shared.admission import verify_manifest
-from shared.artifacts import verify_artifact_file
+from shared.artifacts import describe_artifact, verify_artifact_file
 from shared.cli_entry import run_cli, transfer_progress
-from shared.errors import ContractError
-from shared.manifest import MANIFEST_PAYLOAD_TYPE, Manifest, Quantization, RuntimeProfile
+from shared.errors import ArtifactError, ContractError
+from shared.manifest import MANIFEST_PAYLOAD_TYPE, BaseModelRef, Manifest, Quantization, RuntimeProfile
 from shared.manifest_builder import ManifestSpec, build_manifest
 from shared.messages import COMMAND_PAYLOAD_TYPE, Command
 from shared.schema import Contract
@@ -181,9 +181,19 @@ def manifest_create(
     ] = None,
     group: Annotated[list[str] | None, typer.Option(help="Restrict to device group (repeatable).")] = None,
     expires_in_days: Annotated[int, typer.Option(min=1, max=3650)] = 90,
+    base_file: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="For a LoRA adapter: the base GGUF it runs on."),
+    ] = None,
+    base_url: Annotated[
+        list[str] | None, typer.Option(help="Where devices lacking the base can fetch it (repeatable).")
+    ] = None,
     force: bool = False,
 ) -> None:
-    """Describe a GGUF an operator already has: size, sha256 and quantization are read from the file."""
+    """Describe a GGUF an operator already has: size, sha256 and quantization are read from the file.
+    A LoRA adapter needs --base-file (and --base-url): the manifest binds it to that exact base."""
+    if (base_file is None) != (not base_url):
+        raise ArtifactError("bad-option", "--base-file and --base-url go together (for a LoRA adapter)")
     runtime = RuntimeProfile(
         chat_format=chat_format,
         chat_template=chat_template_file.read_text() if chat_template_file else None,
@@ -207,6 +217,14 @@ def manifest_create(
         expires_in_days=expires_in_days,
     )
     with transfer_progress(err_console) as progress:
+        if base_file is not None:
+            task_id = progress.add_task(f"hashing {base_file.name}", total=base_file.stat().st_size)
+            described = describe_artifact(
+                base_file, base_url or [], on_progress=lambda n: progress.advance(task_id, n)
+            )
+            spec.base = BaseModelRef(
+                name=base_file.stem, sha256=described.sha256, size=described.size, urls=described.urls
+            )
         task_id = progress.add_task(f"hashing {gguf.name}", total=gguf.stat().st_size)
         manifest = build_manifest(gguf, spec, on_progress=lambda n: progress.advance(task_id, n))
     _write_new(output, manifest.to_json(), force)

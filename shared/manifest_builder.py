@@ -13,7 +13,7 @@ from typing import Any
 from shared.artifacts import describe_artifact
 from shared.errors import ArtifactError
 from shared.gguf import GgufHeader, minimum_ram_mb, read_gguf_header
-from shared.manifest import Manifest, Quantization, RuntimeProfile
+from shared.manifest import BaseModelRef, Manifest, Quantization, RuntimeProfile
 
 
 @dataclass
@@ -36,6 +36,19 @@ class ManifestSpec:
     device_groups: Sequence[str] = ()
     expires_in_days: int = 90
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: For a LoRA adapter GGUF: the base it was exported against (it must be the one recorded in it).
+    base: BaseModelRef | None = None
+
+
+def _check_adapter(gguf: Path, header: GgufHeader, base: BaseModelRef | None) -> None:
+    if base is None:
+        raise ArtifactError("missing-base", f"{gguf.name} is a LoRA adapter: say which base GGUF it runs on")
+    if header.base_sha256 != base.sha256:
+        raise ArtifactError(
+            "base-mismatch",
+            f"{gguf.name} was exported against base sha256 {header.base_sha256 or '(not recorded)'}, "
+            f"not {base.name} ({base.sha256})",
+        )
 
 
 def file_quantization(gguf: Path, header: GgufHeader, claimed: Quantization | None) -> Quantization:
@@ -63,7 +76,13 @@ def build_manifest(
 ) -> Manifest:
     """An unsigned manifest for ``gguf``; ArtifactError when the file contradicts ``spec``."""
     header = read_gguf_header(gguf, None)
-    quantization = file_quantization(gguf, header, spec.quantization)
+    if header.kind == "adapter":
+        _check_adapter(gguf, header, spec.base)
+        quantization = spec.quantization or Quantization.F16  # an adapter's header names no file type
+    elif spec.base is not None:
+        raise ArtifactError("not-an-adapter", f"{gguf.name} is a GGUF {header.kind!r}, but a base was given")
+    else:
+        quantization = file_quantization(gguf, header, spec.quantization)
     entry = describe_artifact(gguf, list(spec.urls), on_progress=on_progress)
     min_ram = spec.min_ram_mb
     if min_ram is None:
@@ -88,6 +107,7 @@ def build_manifest(
                 "device_groups": list(spec.device_groups),
             },
             **({"provenance": spec.provenance} if spec.provenance else {}),
+            **({"base": spec.base} if spec.base else {}),
         },
         strict=False,
     )

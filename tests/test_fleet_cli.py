@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from shared.artifacts import sha256_file
+from shared.manifest import Manifest
 from tests.factories import gguf_bytes
+from tests.harness.lora_fixture import write_lora
 
 CLI = [sys.executable, "-m", "fleet.cli"]
 
@@ -108,6 +111,28 @@ def test_manifest_create_refuses_a_quantization_the_file_contradicts(tmp_path: P
     given = _create(tmp_path, smollm2_model, "--quantization", "q4_1", "--min-ram-mb", "512")
     assert given.returncode == 0
     assert json.loads((tmp_path / "m.json").read_text())["compatibility"]["min_ram_mb"] == 512
+
+
+def test_manifest_create_binds_an_adapter_to_its_base(tmp_path: Path, smollm2_model) -> None:
+    adapter = write_lora(tmp_path / "risk.gguf", smollm2_model, seed=1)
+    base = ("--base-file", str(smollm2_model), "--base-url", "http://mirror.lan/base.gguf")
+    created = _create(tmp_path, adapter, *base)
+    assert created.returncode == 0, created.stderr
+    manifest = Manifest.model_validate_json((tmp_path / "m.json").read_text())
+    assert manifest.is_adapter and manifest.base.sha256 == sha256_file(smollm2_model)[1]
+    assert manifest.base.size == smollm2_model.stat().st_size and manifest.quantization.value == "f16"
+    missing = one_line_rejection(_create(tmp_path, adapter))
+    assert missing.startswith("REJECTED (missing-base)"), missing
+    other = tmp_path / "other-base.gguf"
+    other.write_bytes(smollm2_model.read_bytes()[:4096])
+    wrong = one_line_rejection(
+        _create(tmp_path, adapter, "--base-file", str(other), "--base-url", "http://x/b")
+    )
+    assert wrong.startswith("REJECTED (base-mismatch)"), wrong
+    not_adapter = one_line_rejection(_create(tmp_path, smollm2_model, *base))
+    assert not_adapter.startswith("REJECTED (not-an-adapter)"), not_adapter
+    alone = one_line_rejection(_create(tmp_path, adapter, "--base-file", str(smollm2_model)))
+    assert alone.startswith("REJECTED (bad-option)"), alone
 
 
 def test_sign_then_verify_with_artifact(fleet: Path) -> None:
