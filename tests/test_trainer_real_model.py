@@ -7,12 +7,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
+from shared.admission import verify_manifest
 from shared.artifacts import sha256_file
 from shared.gguf import read_gguf_header
+from shared.signing import Envelope, write_private_key
+from tests.harness.edge import (
+    FLEET,
+    HOST_ARCH,
+    TOPICS,
+    ServingOptions,
+    running_daemon,
+    sign_manifest,
+    write_edge_config,
+)
 from tests.harness.slips_fixture import write_slips_fixture
-from tests.harness.training import immune_train
+from tests.harness.training import immune_train, write_publish_config
 from trainer.base_model import PARITY_TOLERANCE, parity_check, require_parity, resolve_base
 from trainer.dataset.prepare import load_tokenizer
 from trainer.dataset.records import read_records
@@ -144,7 +156,9 @@ def test_tokenizer_fidelity_refuses_a_different_tokenizer(smollm2_model: Path, g
     assert caught.value.reason == "tokenizer-mismatch" and "differs at token" in str(caught.value)
 
 
-def test_smoke_lora_on_smollm2_from_its_gguf(smollm2_model: Path, tmp_path: Path) -> None:
+def test_smoke_lora_on_smollm2_from_its_gguf(
+    smollm2_model: Path, tmp_path: Path, mqtt_broker, artifact_server, fleet_keys, observer
+) -> None:
     """The CI smoke of the real recipe: prepare with the GGUF's tokenizer, a few LoRA steps on the
     converted weights, a q8_0 export that passes the tokenizer-fidelity check, and llama-cpp-python
     answering a Slips-style chat with it."""
@@ -191,6 +205,9 @@ def test_smoke_lora_on_smollm2_from_its_gguf(smollm2_model: Path, tmp_path: Path
     scores = json.loads((tmp_path / "run" / "gguf" / "eval.json").read_text())["adapter"]
     assert scores["file"] == adapter["file"] and scores["perplexity"] > 1
     assert abs(scores["perplexity_rise_vs_f16"]) < 0.5 and scores["vs_f16"]["perplexity"]["n"] == 2
+    # publish --adapter: the adapter and its base uploaded, a signed adapter manifest that a device
+    # serving that base commits and answers with.
+    _publish_adapter_to_a_device(tmp_path, smollm2_model, mqtt_broker, artifact_server, fleet_keys, observer)
     q8 = tmp_path / "run" / "gguf" / "run.q8_0.gguf"
     model = Llama(model_path=str(q8), n_ctx=512, n_threads=2, verbose=False)
     try:
@@ -202,3 +219,44 @@ def test_smoke_lora_on_smollm2_from_its_gguf(smollm2_model: Path, tmp_path: Path
     finally:
         model.close()
     assert reply["choices"][0]["message"]["content"].strip()  # type: ignore[index]
+
+
+def _publish_adapter_to_a_device(
+    tmp_path, smollm2_model, mqtt_broker, artifact_server, fleet_keys, observer
+) -> None:
+    keyring, key = tmp_path / "keyring.json", tmp_path / "trainer.key"
+    keyring.write_bytes(fleet_keys.keyring().to_json())
+    write_private_key(fleet_keys.trainer, key)
+    config = write_publish_config(
+        tmp_path / "publish.toml", FLEET, [key], keyring, mqtt_broker.host, mqtt_broker.port,
+        artifact_server.root, artifact_server.base_url,
+    )  # fmt: skip
+    options = ServingOptions(trial_s=0.0)
+    device = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
+    runtime = {"chat_format": "chatml", "n_ctx": 1024, "stop": ["<|im_end|>"]}
+    base = sign_manifest(
+        [fleet_keys.trainer], smollm2_model.read_bytes(), artifact_server.add_file(smollm2_model),
+        serial=1, name="smollm2-base", runtime=runtime,
+    )  # fmt: skip
+    with running_daemon(device):
+        observer.publish(TOPICS.desired_fleet(), base)
+        assert observer.wait_terminal(1, timeout=180)[-1]["state"] == "committed"
+        immune_train(
+            "publish", tmp_path / "run" / "gguf", "--config", config, "--name", "slips-summary-lora",
+            "--adapter", "--serial", "2", "--channel", "summary", "--arch", HOST_ARCH, "--n-ctx", "1024",
+        )  # fmt: skip
+        end = observer.wait_terminal(2, timeout=180)[-1]
+        assert (end["manifest_name"], end["state"]) == ("slips-summary-lora", "committed"), end
+        body = {
+            "model": "slips-summary-lora",
+            "messages": [{"role": "user", "content": "Source IP 10.0.0.1"}],
+        }
+        reply = httpx.post(f"{options.base_url}/api/chat", json=body | {"stream": False}, timeout=120)
+        assert reply.status_code == 200 and reply.json()["model"] == "slips-summary-lora", reply.text
+    manifest = verify_manifest(
+        Envelope.from_json((tmp_path / "run" / "gguf" / "manifest-2.json").read_bytes()), fleet_keys.keyring()
+    )
+    assert manifest.is_adapter and manifest.base.sha256 == sha256_file(smollm2_model)[1]
+    assert manifest.runtime.chat_template and "<|im_start|>" in manifest.runtime.chat_template
+    uploaded = artifact_server.root / "bases" / manifest.base.sha256[:16] / smollm2_model.name
+    assert sha256_file(uploaded)[1] == manifest.base.sha256

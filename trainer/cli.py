@@ -307,6 +307,13 @@ def publish_command(
     run_dir: Annotated[
         Path | None, typer.Option(help="Finetune output_dir, for provenance (run.json).")
     ] = None,
+    adapter: Annotated[
+        bool,
+        typer.Option(
+            help="Publish the evaluated LoRA adapter (export --adapter) bound to its base, which is "
+            "uploaded beside it, instead of a merged file (--quant is then ignored)."
+        ),
+    ] = False,
 ) -> None:
     """Upload an accepted GGUF, sign its manifest with the trainer key(s) and publish it retained."""
     from trainer.evaluate import load_eval
@@ -339,6 +346,7 @@ def publish_command(
         cpu_arch=tuple(arch or ["aarch64"]),
         min_ram_mb=min_ram_mb,
         provenance=provenance,
+        adapter=adapter,
     )
     with transfer_progress(err_console) as progress:
         task_id = progress.add_task(f"uploading {name}", total=None)

@@ -20,6 +20,7 @@ from shared.config import ConfigModel, ConfigPath, MqttSettings, load_config
 from shared.manifest import (
     MANIFEST_PAYLOAD_TYPE,
     BaselineComparison,
+    BaseModelRef,
     Manifest,
     Quantization,
     RuntimeProfile,
@@ -36,7 +37,7 @@ from trainer.export import find_gguf
 from trainer.gate import GateSettings, apply_gate
 from trainer.gguf_check import chat_template_of
 from trainer.layout import ExportLayout
-from trainer.records import PublishedRecord, QuantScores
+from trainer.records import EvalReport, ExportedAdapter, ExportReport, PublishedRecord, QuantScores
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class PublishRequest:
     min_ram_mb: int | None = None
     expires_in_days: int = 90
     provenance: dict[str, Any] | None = None
+    #: Publish the LoRA adapter ``export --adapter`` wrote (bound to its base) instead of a merged file.
+    adapter: bool = False
 
 
 def trainer_keys(settings: PublishSettings, keyring: Keyring) -> list[SigningKey]:
@@ -167,11 +170,13 @@ def build_publish_manifest(
     url: str,
     scores: QuantScores,
     comparison: BaselineComparison | None = None,
+    base: BaseModelRef | None = None,
+    template_from: Path | None = None,
 ) -> Manifest:
-    """The manifest for ``gguf``: runtime profile from the file's own chat template, eval scores,
-    the baseline comparison and provenance; the rest through the shared builder (quantization
-    checked against the header)."""
-    template = chat_template_of(gguf)
+    """The manifest for ``gguf``: runtime profile from the file's own chat template (an adapter's
+    comes from its base, ``template_from``), eval scores, the baseline comparison and provenance; the
+    rest through the shared builder (quantization checked against the header)."""
+    template = chat_template_of(template_from or gguf)
     if not template:
         raise TrainerError(
             "missing-chat-template", f"{gguf.name}: no tokenizer.chat_template; devices could not prompt it"
@@ -195,18 +200,37 @@ def build_publish_manifest(
         channel=request.channel,
         base_model=request.base_model,
         task=request.task,
-        quantization=request.quant,
+        quantization=None if base is not None else request.quant,
         cpu_arch=request.cpu_arch,
         min_ram_mb=request.min_ram_mb,
         device_groups=[request.group] if request.group else [],
         expires_in_days=request.expires_in_days,
         provenance={
             **(request.provenance or {}),
-            "eval": {request.quant.value: eval_entry},
+            "eval": {(Quantization.F16 if base else request.quant).value: eval_entry},
             "comparison": comparison.model_dump(mode="json") if comparison else None,
         },
+        base=base,
     )
     return build_manifest(gguf, spec)
+
+
+def _adapter_scores(report: EvalReport, request: PublishRequest) -> tuple[QuantScores, ExportedAdapter]:
+    """The adapter's evaluation, as the gate reads scores, and what export recorded of it."""
+    lora = report.adapter
+    exported = ExportReport.read(
+        ExportLayout(request.export_dir).export_file, "run immune-train export"
+    ).adapter
+    if lora is None or exported is None or lora.file != exported.file:
+        raise TrainerError("not-evaluated", "no evaluated adapter (run export --adapter, then eval)")
+    scores = QuantScores(
+        file=lora.file,
+        perplexity=lora.perplexity,
+        perplexity_rise_vs_f16=lora.perplexity_rise_vs_f16,
+        accepted=lora.perplexity_rise_vs_f16 <= report.max_ppl_rise,
+        tasks=lora.tasks,
+    )
+    return scores, exported
 
 
 def publish(
@@ -214,6 +238,8 @@ def publish(
 ) -> PublishedRecord:
     """Upload, sign, verify and publish; returns (and writes to ``published.json``) what was published."""
     report = load_eval(request.export_dir)
+    if request.adapter:
+        return _publish_adapter(settings, request, report, on_progress)
     scores = report.quants.get(request.quant)
     if scores is None:
         raise TrainerError(
@@ -227,13 +253,52 @@ def publish(
         )
     comparison = apply_gate(report, request.quant, settings.gate)
     gguf = find_gguf(request.export_dir, request.quant)
+    keyring, keys = _signers(settings)  # before any upload: a bad key must not leave stray files
+    url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
+    manifest = build_publish_manifest(request, gguf, url, scores, comparison)
+    return _sign_and_send(settings, request, manifest, keyring, keys, url)
+
+
+def _publish_adapter(
+    settings: PublishSettings, request: PublishRequest, report: EvalReport, on_progress: Callable[[int], None]
+) -> PublishedRecord:
+    """The adapter, and its base beside it so that a device lacking the base can fetch it. The
+    champion/challenger gate compares merged files only: with a gate set, an adapter is refused."""
+    scores, exported = _adapter_scores(report, request)
+    if not scores.accepted:
+        raise TrainerError(
+            "eval-refused",
+            f"adapter: perplexity rise {scores.perplexity_rise_vs_f16:+.1%} vs the merged F16 exceeds "
+            f"the bound {report.max_ppl_rise:.1%}; it may not be published",
+        )
+    if settings.gate.margins:
+        raise TrainerError("no-baseline", "the [gate] compares merged models; adapters have no champion yet")
+    keyring, keys = _signers(settings)
+    base = Path(exported.base_path)
+    # Content-addressed: every adapter of this base points at the same copy.
+    base_url = upload(settings.store, base, f"bases/{exported.base_sha256[:16]}/{base.name}", on_progress)
+    gguf = request.export_dir / exported.file
+    url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
+    ref = BaseModelRef(name=base.stem, sha256=exported.base_sha256, size=exported.base_size, urls=[base_url])
+    manifest = build_publish_manifest(request, gguf, url, scores, None, base=ref, template_from=base)
+    return _sign_and_send(settings, request, manifest, keyring, keys, url)
+
+
+def _signers(settings: PublishSettings) -> tuple[Keyring, list[SigningKey]]:
     if not settings.keyring_file.is_file():
         raise TrainerError("missing-keyring", f"{settings.keyring_file}: keyring file not found")
     keyring = Keyring.from_json(settings.keyring_file.read_bytes(), what=str(settings.keyring_file))
-    keys = trainer_keys(settings, keyring)  # before any upload: a bad key must not leave stray files
+    return keyring, trainer_keys(settings, keyring)
 
-    url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
-    manifest = build_publish_manifest(request, gguf, url, scores, comparison)
+
+def _sign_and_send(
+    settings: PublishSettings,
+    request: PublishRequest,
+    manifest: Manifest,
+    keyring: Keyring,
+    keys: list[SigningKey],
+    url: str,
+) -> PublishedRecord:
     envelope = sign_envelope(manifest.to_json(), MANIFEST_PAYLOAD_TYPE, keys)
     verify_manifest(Envelope.from_json(envelope.to_json()), keyring)  # devices must accept what we send
 
