@@ -72,7 +72,8 @@ class Recovery:
                 if deployment.channel is not None and deployment.serial is not None
                 else None
             )
-            current, previous = ledger.current(), ledger.previous()
+            slot = model.slot if model is not None else ""  # an adapter has its own pointers
+            current, previous = ledger.current(slot), ledger.previous(slot)
             if (
                 model is not None
                 and current is not None
@@ -91,8 +92,10 @@ class Recovery:
                     f"{model.serial} was activating or on trial"
                 )
                 ledger.mark_bad(model.channel, model.serial, reason)
-                deployer.activator.restore(ledger.current())
-                if ledger.current() is None or ledger.current().key == model.key:
+                if slot and ledger.current(slot) is not None and ledger.current(slot).key == model.key:
+                    ledger.clear_slot(slot)  # a first adapter version: nothing to go back to
+                deployer.activator.restore(ledger.current(slot), slot)
+                if ledger.current(slot) is None or ledger.current(slot).key == model.key:
                     return run.end(DeploymentState.FAILED, "restart-during-trial", reason)
                 return run.end(DeploymentState.ROLLED_BACK, "restart-during-trial", reason)
             log.warning(
