@@ -195,6 +195,10 @@ def _grammar_text(schema_json: str) -> str:
     )
 
 
+#: Grammars llama.cpp's parser has accepted in this process (one model, so one vocabulary).
+_PARSED_GRAMMARS: set[str] = set()
+
+
 def _grammar(llm: Any, output: JsonOutput) -> Any:
     """The llama.cpp grammar for ``output``, parsed once here first: llama-cpp-python hands a grammar
     the parser refuses to the sampler as a null pointer, which kills the process."""
@@ -208,12 +212,14 @@ def _grammar(llm: Any, output: JsonOutput) -> Any:
         raise RequestFaultError(
             "json_schema_unusable", f"the JSON schema cannot become a grammar: {exc}"
         ) from None
-    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, text.encode(), b"root")
-    if not sampler:
-        raise RequestFaultError(
-            "json_schema_unusable", "llama.cpp refused the grammar made from the JSON schema"
-        )
-    llama_cpp.llama_sampler_free(sampler)
+    if text not in _PARSED_GRAMMARS:  # repeated schemas (every Slips request) are parsed once
+        sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, text.encode(), b"root")
+        if not sampler:
+            raise RequestFaultError(
+                "json_schema_unusable", "llama.cpp refused the grammar made from the JSON schema"
+            )
+        llama_cpp.llama_sampler_free(sampler)
+        _PARSED_GRAMMARS.add(text)
     return LlamaGrammar.from_string(text, verbose=False)
 
 
