@@ -85,6 +85,7 @@ bench: venv
 	$(PY) -m bench.verify_cost
 	$(PY) -m bench.download_throughput
 	$(PY) -m bench.api_throughput
+	$(PY) -m bench.api_chat
 	$(PY) -m bench.swap_latency
 
 ## The real trainer recipe (about an hour on 2 CPU cores): SmolLM2-135M-Instruct from its GGUF, LoRA on
