@@ -222,10 +222,15 @@ def _metric(base: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in lines if line.startswith(name))
 
 
-def _idle_after(base: str, endpoint: str, status: str) -> None:
-    """Wait until the request ended with ``status`` and nothing runs or waits any more."""
-    ended = f'immune_edge_requests_total{{endpoint="{endpoint}",status="{status}"}}'
-    wait_until(lambda: _metric(base, ended) == 1, 60, f"a {status} on {endpoint} in /metrics")
+def _ended(endpoint: str, status: str) -> str:
+    return f'immune_edge_requests_total{{endpoint="{endpoint}",status="{status}"}}'
+
+
+def _idle_after(base: str, endpoint: str, status: str, before: float) -> None:
+    """Wait until one more request (than ``before``) ended with ``status`` and nothing runs or
+    waits any more. The count is relative: the module's server carries earlier tests' requests."""
+    ended = _ended(endpoint, status)
+    wait_until(lambda: _metric(base, ended) == before + 1, 60, f"a {status} on {endpoint} in /metrics")
     wait_until(lambda: _metric(base, "immune_edge_queue_depth") == 0, 60, "the worker idle")
 
 
@@ -245,28 +250,32 @@ def test_a_hang_up_cancels_a_non_streaming_generation(gemma_server) -> None:
     running to max_tokens, counted as a 200, while every request behind it waited."""
     base = gemma_server.base
     before = _metric(base, "immune_edge_completion_tokens_total")
+    completed = _metric(base, _ended("/v1/completions", "200"))
+    hung_up = _metric(base, _ended("/v1/completions", "499"))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base}/v1/completions", json=COUNTING, timeout=httpx.Timeout(30, read=2))
-    _idle_after(base, "/v1/completions", "499")
-    assert _metric(base, 'immune_edge_requests_total{endpoint="/v1/completions",status="200"}') == 0
+    _idle_after(base, "/v1/completions", "499", hung_up)
+    assert _metric(base, _ended("/v1/completions", "200")) == completed
     assert _metric(base, "immune_edge_completion_tokens_total") == before  # no result was produced
     ollama = {"model": "gemma", "prompt": COUNTING["prompt"], "raw": True, "stream": False}
+    hung_up = _metric(base, _ended("/api/generate", "499"))
     with pytest.raises(httpx.ReadTimeout):
         options = {"num_predict": 2000, "temperature": 0}
         httpx.post(
             f"{base}/api/generate", json=ollama | {"options": options}, timeout=httpx.Timeout(30, read=2)
         )
-    _idle_after(base, "/api/generate", "499")
+    _idle_after(base, "/api/generate", "499", hung_up)
 
 
 def test_a_hang_up_cancels_a_streaming_generation(gemma_server) -> None:
     base = gemma_server.base
+    hung_up = _metric(base, _ended("/v1/completions", "499"))
     with httpx.stream(
         "POST", f"{base}/v1/completions", json=COUNTING | {"stream": True}, timeout=60
     ) as reply:
         lines = reply.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))  # the first token arrived
-    _idle_after(base, "/v1/completions", "499")
+    _idle_after(base, "/v1/completions", "499", hung_up)
 
 
 def test_request_timeout_cancels_and_the_server_stays_healthy(tmp_path, gemma3_model) -> None:
