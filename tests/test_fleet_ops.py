@@ -17,11 +17,13 @@ from typing import Any
 import httpx
 import pytest
 
+from shared.artifacts import sha256_file
 from shared.signing import generate_key, write_private_key
 from tests.conftest import FleetKeys
 from tests.harness.artifact_server import ArtifactServer
 from tests.harness.broker import Mosquitto
 from tests.harness.edge import FLEET, TOPICS, FleetObserver, ServingOptions, sign_manifest, write_edge_config
+from tests.harness.lora_fixture import write_lora
 from tests.harness.models import smollm2_gguf
 from tests.harness.waiting import wait_until
 
@@ -42,11 +44,13 @@ class Fleet:
     model: Path
     apis: dict[str, str]
 
-    def envelope(self, serial: int, **overrides: Any) -> Path:
-        path = self.root / f"manifest-{serial}.dsse.json"
-        url = self.server.add_file(self.model)
+    def envelope(self, serial: int, file: Path | None = None, **overrides: Any) -> Path:
+        """A signed manifest for ``file`` (the fleet's model unless given)."""
+        file = file or self.model
+        path = self.root / f"manifest-{file.stem}-{serial}.dsse.json"
+        url = self.server.add_file(file)
         path.write_bytes(
-            sign_manifest([self.keys.trainer], self.model.read_bytes(), url, serial=serial, **overrides)
+            sign_manifest([self.keys.trainer], file.read_bytes(), url, serial=serial, **overrides)
         )
         return path
 
@@ -256,6 +260,44 @@ def test_a_rollout_killed_mid_wave_resumes_where_it_stopped(fleet: Fleet) -> Non
     # The state file of this rollout cannot be reused for another manifest.
     other = fleet.cli("rollout", fleet.envelope(6), "--group", GROUP, "--state", state_file, "--json")
     assert other.returncode == 1 and "belongs to another manifest" in other.stderr
+
+
+def test_an_adapter_rolls_out_in_waves_and_a_failing_version_halts_at_the_canary(fleet: Fleet) -> None:
+    size, digest = sha256_file(fleet.model)
+    base = {"name": "smollm2", "sha256": digest, "size": size, "urls": [fleet.server.add_file(fleet.model)]}
+    adapter = {"name": "slips-risk", "channel": "risk", "base": base, "quantization": "f16"}
+    lora = write_lora(fleet.root / "risk-1.gguf", fleet.model, seed=1)
+    args = ("--group", GROUP, "--canary", "1", "--waves", "100%", "--max-failures", "0", "--json")
+    result = fleet.cli("rollout", fleet.envelope(1, lora, **adapter), *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = json.loads(result.stdout)
+    assert state["status"] == "done" and state["waves"] == [["pi-a"], ["pi-b", "pi-c"]]
+    assert {d: p["state"] for d, p in state["devices"].items()} == dict.fromkeys(DEVICES, "committed")
+    status = fleet.status()
+    for device, row in status.items():
+        assert row["adapters"] == ["slips-risk #1"], row
+        chat = {"model": "slips-risk", "messages": [{"role": "user", "content": "Risk?"}], "max_tokens": 4}
+        assert (
+            httpx.post(f"{fleet.apis[device]}/v1/chat/completions", json=chat, timeout=60).status_code == 200
+        )
+    base_serials = {device: row["serial"] for device, row in status.items()}
+
+    # Version 2 fails its health gate on the canary: the rollout halts there, every device keeps
+    # adapter #1 and its base.
+    failing = fleet.envelope(
+        2,
+        write_lora(fleet.root / "risk-2.gguf", fleet.model, seed=2),
+        **adapter,
+        health={"golden_prompts": ["Say hello."], "min_tokens_per_second": 1e6},
+    )
+    halted = fleet.cli("rollout", failing, *args)
+    assert halted.returncode == 2, halted.stdout + halted.stderr
+    state = json.loads(halted.stdout)
+    assert state["status"] == "halted" and set(state["devices"]) == {"pi-a"}
+    assert "health-gate-slow" in state["devices"]["pi-a"]["reason"]
+    after = fleet.status()
+    assert {d: row["adapters"] for d, row in after.items()} == {d: ["slips-risk #1"] for d in DEVICES}
+    assert {d: row["serial"] for d, row in after.items()} == base_serials
 
 
 def test_collect_and_html_report_in_headless_chromium(fleet: Fleet) -> None:
