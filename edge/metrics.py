@@ -36,12 +36,24 @@ class UsageTotals:
     ttft_s: float = 0.0
     ttft_count: int = 0
 
+    def add(self, status: int, done: WorkerEvent | None) -> None:
+        """Count one finished request."""
+        self.requests += 1
+        self.errors += status >= 500
+        if done is not None:
+            self.prompt_tokens += done.prompt_tokens
+            self.prompt_s += done.prompt_ms / 1000
+            self.completion_tokens += done.completion_tokens
+            self.decode_s += max(done.total_ms - done.prompt_ms, 0.0) / 1000
+
 
 class Metrics:
     """Counters and histograms the API and the runtime update."""
 
     def __init__(self) -> None:
         self._usage = UsageTotals()
+        #: The same totals per served model name (an adapter's name for its requests).
+        self._model_usage: dict[str, UsageTotals] = {}
         self._usage_lock = threading.Lock()
         self.registry = CollectorRegistry()
         r = self.registry
@@ -61,6 +73,18 @@ class Metrics:
             "immune_edge_time_to_first_token_seconds",
             "Time from admission to the first generated token (prompt processing dominates)",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_requests = Counter(
+            "immune_edge_model_requests",
+            "Finished generation requests by the model (or adapter) name that served them",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.model_completion_tokens = Counter(
+            "immune_edge_model_completion_tokens",
+            "Tokens generated, by the model (or adapter) name that served them",
+            ["model"],
             registry=r,
         )
         self.prompt_tokens = Counter("immune_edge_prompt_tokens", "Prompt tokens evaluated", registry=r)
@@ -87,22 +111,22 @@ class Metrics:
             registry=r,
         )
 
-    def finished(self, endpoint: str, status: int, seconds: float, done: WorkerEvent | None) -> None:
-        """Account for one finished request (``done`` is None when it produced no result)."""
+    def finished(
+        self, endpoint: str, status: int, seconds: float, done: WorkerEvent | None, model: str
+    ) -> None:
+        """Account for one finished request of ``model`` (the name that served it; ``done`` is None
+        when it produced no result)."""
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        outcome = "ok" if status == 200 else "error" if status >= 500 else "client"
+        self.model_requests.labels(model=model, outcome=outcome).inc()
         with self._usage_lock:
-            usage = self._usage
-            usage.requests += 1
-            usage.errors += status >= 500
-            if done is not None:
-                usage.prompt_tokens += done.prompt_tokens
-                usage.prompt_s += done.prompt_ms / 1000
-                usage.completion_tokens += done.completion_tokens
-                usage.decode_s += max(done.total_ms - done.prompt_ms, 0.0) / 1000
+            self._usage.add(status, done)
+            self._model_usage.setdefault(model, UsageTotals()).add(status, done)
         if done is not None:
             self.latency.observe(seconds)
             self.prompt_tokens.inc(done.prompt_tokens)
             self.completion_tokens.inc(done.completion_tokens)
+            self.model_completion_tokens.labels(model=model).inc(done.completion_tokens)
 
     def first_token(self, seconds: float) -> None:
         """Time from admission to a request's first token."""
@@ -115,6 +139,11 @@ class Metrics:
         """A copy of the running totals."""
         with self._usage_lock:
             return replace(self._usage)
+
+    def model_usage(self, model: str) -> UsageTotals:
+        """A copy of the running totals of one served name (zeros when it served nothing)."""
+        with self._usage_lock:
+            return replace(self._model_usage.get(model, UsageTotals()))
 
     def watch_telemetry(self, latest: Callable[[], Telemetry | None]) -> None:
         """Export the device's telemetry (temperatures, throttling, memory...) on /metrics too."""

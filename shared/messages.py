@@ -83,6 +83,16 @@ class DeviceStatus(Contract):
 #: Per-zone temperatures travel as top-level keys, so the payload stays flat for collectors.
 ZONE_TEMP_KEY = re.compile(r"temp_([a-z0-9_]{1,40})_c")
 MAX_THERMAL_ZONES = 16
+#: Per-adapter figures travel the same way: ``adapter_<slug>_<figure>``, slug from the adapter's name.
+ADAPTER_FIGURES = ("requests_total", "errors_total", "tokens_per_second")
+ADAPTER_KEY = re.compile(rf"adapter_([a-z0-9_]{{1,64}})_({'|'.join(ADAPTER_FIGURES)})")
+MAX_ADAPTERS = 16  # keeps a sample under MAX_BYTES
+
+
+def adapter_slug(name: str) -> str:
+    """The telemetry key part for an adapter's name (model names allow ``.`` and ``-``)."""
+    return re.sub(r"[^a-z0-9_]", "_", name.lower())[:64]
+
 
 Mb = Annotated[float, Field(ge=0)]
 Count = Annotated[int, Field(ge=0)]
@@ -137,21 +147,37 @@ class Telemetry(Contract):
     thermal_limited: bool | None = None
 
     @model_validator(mode="after")
-    def _zone_temperatures(self) -> Telemetry:
+    def _flat_extras(self) -> Telemetry:
         extra = self.model_extra or {}
-        if len(extra) > MAX_THERMAL_ZONES:
+        zones = [key for key in extra if ZONE_TEMP_KEY.fullmatch(key)]
+        adapters = [key for key in extra if ADAPTER_KEY.fullmatch(key)]
+        if len(zones) > MAX_THERMAL_ZONES:
             raise ValueError(f"at most {MAX_THERMAL_ZONES} thermal zones")
+        if len(adapters) > MAX_ADAPTERS * len(ADAPTER_FIGURES):
+            raise ValueError(f"figures of at most {MAX_ADAPTERS} adapters")
         for key, value in extra.items():
-            if not ZONE_TEMP_KEY.fullmatch(key):
-                raise ValueError(f"unknown field {key!r} (only temp_<zone>_c keys may be added)")
+            if key not in zones and key not in adapters:
+                raise ValueError(
+                    f"unknown field {key!r} (only temp_<zone>_c and adapter_<name>_<figure> may be added)"
+                )
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{key} must be a number")
+            if key in adapters and value < 0:
+                raise ValueError(f"{key} must not be negative")
         return self
 
     def zone_temps(self) -> dict[str, float]:
         """Temperature per thermal zone name."""
         extra = self.model_extra or {}
         return {match[1]: float(v) for k, v in extra.items() if (match := ZONE_TEMP_KEY.fullmatch(k))}
+
+    def adapter_figures(self) -> dict[str, dict[str, float]]:
+        """Figure name -> value, per adapter slug."""
+        figures: dict[str, dict[str, float]] = {}
+        for key, value in (self.model_extra or {}).items():
+            if match := ADAPTER_KEY.fullmatch(key):
+                figures.setdefault(match[1], {})[match[2]] = float(value)
+        return figures
 
 
 class DeploymentEvent(Contract):

@@ -19,7 +19,12 @@ from edge.assembly import DataPlane, HostPaths
 from edge.config import ApiSettings, RuntimeSettings, ThermalSettings
 from edge.control.activation import ActivationError
 from edge.runtime.health import GateCriteria
+from edge.state.db import StateDB
+from edge.state.ledger import Ledger
+from edge.telemetry.host import HostSensors
+from edge.telemetry.sampler import TelemetrySampler
 from shared.manifest import RuntimeProfile
+from shared.messages import Telemetry
 from tests.harness.load import LoadClients
 from tests.harness.lora_fixture import write_lora
 from tests.harness.net import free_port
@@ -86,6 +91,32 @@ def test_two_adapters_share_one_worker_and_each_answers_as_itself(plane: Plane) 
     metrics = httpx.get(f"{plane.base_url}/metrics").text
     assert 'immune_edge_adapter_serving{adapter="slips-risk",version="risk-1"} 1.0' in metrics
     assert 'immune_edge_adapter_serving{adapter="slips-summary",version="summary-1"} 1.0' in metrics
+
+
+def test_telemetry_and_metrics_report_each_adapter(plane: Plane, tmp_path: Path) -> None:
+    runtime, metrics = plane.plane.runtime, plane.plane.metrics
+    runtime.serve_adapter("slips-summary", plane.adapters["lora-1"], key="summary-1")
+    runtime.serve_adapter("risk.v2", plane.adapters["lora-2"], key="risk-2")
+    sensors = HostSensors(tmp_path / "sys", tmp_path / "proc", vcgencmd=None)
+    ledger = Ledger(StateDB(tmp_path / "state.db"))
+    sampler = TelemetrySampler("pi-a", "lab", sensors, ledger, tmp_path, runtime, metrics)
+    before = sampler.sample().adapter_figures()
+    plane.answer("slips-summary")
+    plane.answer("slips-summary")
+    plane.answer("smollm2-base")
+    sample = sampler.sample()
+    after = sample.adapter_figures()
+    assert {"slips_summary", "risk_v2"} <= set(after)  # names made key-safe
+    assert after["slips_summary"]["requests_total"] == before["slips_summary"]["requests_total"] + 2
+    assert after["slips_summary"]["tokens_per_second"] > 0
+    assert after["risk_v2"]["requests_total"] == before["risk_v2"]["requests_total"]
+    assert "tokens_per_second" not in after["risk_v2"]  # it served nothing in this interval
+    assert Telemetry.model_validate_json(sample.model_dump_json()) == sample  # it travels as is
+    text = httpx.get(f"{plane.base_url}/metrics").text
+    ok = 'immune_edge_model_requests_total{model="slips-summary",outcome="ok"}'
+    assert float(next(line for line in text.splitlines() if line.startswith(ok)).split()[-1]) >= 2
+    assert 'immune_edge_model_completion_tokens_total{model="smollm2-base"}' in text
+    runtime.remove_adapter("risk.v2")
 
 
 def test_adapters_added_replaced_and_removed_under_load_fail_no_request(plane: Plane) -> None:

@@ -99,6 +99,24 @@ def test_telemetry_contract_is_flat_and_strict() -> None:
         Telemetry.from_json(json.dumps({"device_id": "pi-1", "fleet": "lab", "ts": 1.0, **too_many}).encode())
 
 
+def test_adapter_figures_are_flat_keys_and_checked() -> None:
+    head = {"device_id": "pi-1", "fleet": "lab", "ts": 1.0}
+    keys = {"adapter_slips_risk_requests_total": 3, "adapter_slips_risk_tokens_per_second": 9.5}
+    sample = Telemetry.from_json(json.dumps(head | keys).encode())
+    assert sample.adapter_figures() == {"slips_risk": {"requests_total": 3.0, "tokens_per_second": 9.5}}
+    for bad in (
+        {"adapter_slips_risk_secret": 1},  # not a figure telemetry carries
+        {"adapter_slips_risk_requests_total": -1},
+        {"adapter_slips_risk_requests_total": "3"},
+        {"adapter_Slips_requests_total": 1},
+    ):
+        with pytest.raises(SchemaError):
+            Telemetry.from_json(json.dumps(head | bad).encode())
+    too_many = {f"adapter_a{i}_errors_total": 0 for i in range(3 * 16 + 1)}
+    with pytest.raises(SchemaError, match="at most 16 adapters"):
+        Telemetry.from_json(json.dumps(head | too_many).encode())
+
+
 class _Controls:
     def __init__(self) -> None:
         self.calls: list[tuple[str, object]] = []

@@ -244,7 +244,7 @@ class Generation:
         router, metrics = self._serving.router, self._serving.metrics
         router.checkin(self.model)
         router.release()
-        metrics.finished(self._endpoint, status, time.monotonic() - self._started, done)
+        metrics.finished(self._endpoint, status, time.monotonic() - self._started, done, self.model.name)
         if status == 200 or status >= 500:  # client errors and hang-ups say nothing about the model
             rate = decode_rate(done.completion_tokens, done.total_ms, done.prompt_ms) if done else None
             self.model.stats.record(status == 200, rate)

@@ -16,7 +16,7 @@ from edge.runtime.health import worker_rss_mb
 from edge.runtime.serving import ServingRuntime
 from edge.state.ledger import Ledger
 from edge.telemetry.host import HostReadings, HostSensors
-from shared.messages import Telemetry
+from shared.messages import MAX_ADAPTERS, Telemetry, adapter_slug
 from shared.throttle import decode_throttled
 
 
@@ -49,6 +49,7 @@ class TelemetrySampler:
         self._process = psutil.Process()
         self._started = time.monotonic()
         self._last_usage = UsageTotals()
+        self._last_adapter_usage: dict[str, UsageTotals] = {}
         self._last_at: float | None = None
         self.latest: Telemetry | None = None
 
@@ -111,4 +112,21 @@ class TelemetrySampler:
             if usage.ttft_count > last.ttft_count:
                 ttft = (usage.ttft_s - last.ttft_s) / (usage.ttft_count - last.ttft_count)
                 values["ttft_ms"] = round(ttft * 1000, 1)
+            values.update(self._adapters(self.metrics))
+        return values
+
+    def _adapters(self, metrics: Metrics) -> dict[str, object]:
+        """Each served adapter's totals and its decode rate over the interval, as flat keys."""
+        names = [a.name for a in self.runtime.router.adapters][:MAX_ADAPTERS] if self.runtime else []
+        values: dict[str, object] = {}
+        now: dict[str, UsageTotals] = {}
+        for name in names:
+            usage = now[name] = metrics.model_usage(name)
+            last = self._last_adapter_usage.get(name, UsageTotals())
+            key = f"adapter_{adapter_slug(name)}"
+            values[f"{key}_requests_total"], values[f"{key}_errors_total"] = usage.requests, usage.errors
+            values[f"{key}_tokens_per_second"] = _rate(
+                usage.completion_tokens - last.completion_tokens, usage.decode_s - last.decode_s
+            )
+        self._last_adapter_usage = now
         return values
