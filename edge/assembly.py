@@ -17,6 +17,7 @@ from pathlib import Path
 from edge.api.app import create_app
 from edge.api.generation import Serving
 from edge.api.server import ApiServerThread, bind_sockets
+from edge.audit import Audit
 from edge.config import (
     ApiSettings,
     EdgeConfig,
@@ -90,6 +91,7 @@ class ControlPlane:
     store: ContentStore
     deployer: Deployer
     recovery: Recovery
+    audit: Audit
 
     @classmethod
     def open(
@@ -98,8 +100,10 @@ class ControlPlane:
         store: ContentStore | None = None,
         activator: Activator | None = None,
         clock: Clock = utc_now,
+        audit: Audit | None = None,
     ) -> ControlPlane:
         """Open (creating if needed) the state directory and build every part."""
+        audit = audit or audit_from(config)
         state_dir = config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         try:
@@ -126,11 +130,12 @@ class ControlPlane:
             device_profile(config),
             activator or StoreOnlyActivator(),
             config.store.keep_models,
+            audit,
         )
         recovery = Recovery(deployer, config.deploy.activation_retries)
-        return cls(
-            config, db, ledger, outbox, NonceStore(db), trust, topics, reporter, store, deployer, recovery
-        )
+        nonces = NonceStore(db)
+        parts = (ledger, outbox, nonces, trust, topics, reporter, store, deployer, recovery, audit)
+        return cls(config, db, *parts)
 
     @property
     def clock_skew(self) -> timedelta:
@@ -138,6 +143,11 @@ class ControlPlane:
 
     def close(self) -> None:
         self.db.close()
+
+
+def audit_from(config: EdgeConfig) -> Audit:
+    """The one audit trail of a device, rate-limited as configured."""
+    return Audit(config.logging.refusal_window_s, config.logging.refusal_burst)
 
 
 @dataclass(frozen=True)
@@ -161,8 +171,11 @@ class DataPlane:
         store: ContentStore | None,
         host: HostPaths,
         on_thermal_change: Callable[[str], None] = lambda change: None,
+        audit: Audit | None = None,
     ) -> None:
+        self.audit = audit or Audit()
         self.metrics = Metrics()
+        self.metrics.watch_refusals(self.audit.counts)
         self.router = ModelRouter(max_waiting=api.queue)
         self.runtime = ServingRuntime(self.router, store, runtime, api, host.procfs_root, self.metrics)
         self.sensors = HostSensors(host.sysfs_root, host.procfs_root, host.vcgencmd)
@@ -175,15 +188,19 @@ class DataPlane:
             frozenset(api.low_priority_models),
             thermal.defer_retry_after_s,
         )
-        app = create_app(serving, api.max_body_bytes, api.bearer_token())
+        app = create_app(serving, self.audit, api.max_body_bytes, api.bearer_token())
         self._server = ApiServerThread(app, bind_sockets(api))
 
     @classmethod
     def from_config(
-        cls, config: EdgeConfig, store: ContentStore, on_thermal_change: Callable[[str], None]
+        cls,
+        config: EdgeConfig,
+        store: ContentStore,
+        on_thermal_change: Callable[[str], None],
+        audit: Audit,
     ) -> DataPlane:
         host = HostPaths(config.device.procfs_root, config.device.sysfs_root, config.telemetry.vcgencmd)
-        return cls(config.api, config.runtime, config.thermal, store, host, on_thermal_change)
+        return cls(config.api, config.runtime, config.thermal, store, host, on_thermal_change, audit)
 
     def start(self) -> None:
         self.runtime.start()
@@ -205,7 +222,9 @@ class Device:
 
     @classmethod
     def build(cls, config: EdgeConfig, on_thermal_change: Callable[[str], None]) -> Device:
-        store = ContentStore(config.store_dir)
-        data = DataPlane.from_config(config, store, on_thermal_change) if config.runtime.enabled else None
-        control = ControlPlane.open(config, store, data.runtime if data else None)
+        store, audit = ContentStore(config.store_dir), audit_from(config)
+        data = (
+            DataPlane.from_config(config, store, on_thermal_change, audit) if config.runtime.enabled else None
+        )
+        control = ControlPlane.open(config, store, data.runtime if data else None, audit=audit)
         return cls(control, data)

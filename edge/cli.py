@@ -16,8 +16,9 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from edge.assembly import ControlPlane, device_profile
+from edge.assembly import ControlPlane, device_profile, software_version
 from edge.config import DEFAULT_CONFIG_FILE, ApiSettings, EdgeConfig, RuntimeSettings, ThermalSettings
+from edge.logs import LogFormat, setup_logging
 from shared.admission import AdmissionInput, read_manifest_unverified, run_admission, verify_manifest
 from shared.artifacts import read_file_facts
 from shared.cli_entry import run_cli, transfer_progress
@@ -40,30 +41,29 @@ log = logging.getLogger(__name__)
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Daemon config (TOML).")]
 
 
-def setup_logging(verbose: bool) -> None:
-    """Log to journald when running under systemd with systemd-python installed, else to stderr."""
-    level = logging.DEBUG if verbose else logging.INFO
-    handler: logging.Handler
-    try:
-        from systemd.journal import JournalHandler  # type: ignore[import-not-found]
-
-        handler = JournalHandler(SYSLOG_IDENTIFIER="immune-edge")
-    except ImportError:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+LogFormatOption = Annotated[
+    LogFormat | None,
+    typer.Option(
+        "--log-format",
+        help="auto (journald under systemd, else text on stderr), text, json or journal; "
+        "overrides [logging] format.",
+    ),
+]
 
 
 @app.command()
 def run(
     config: ConfigOption = DEFAULT_CONFIG_FILE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run the daemon: receive signed manifests and commands over MQTT, deploy and report."""
     from edge.daemon import EdgeDaemon  # paho and the worker threads are only needed here
 
-    setup_logging(verbose)
-    daemon = EdgeDaemon(load_config(config, EdgeConfig))
+    settings = load_config(config, EdgeConfig)
+    chosen = setup_logging(verbose, log_format or settings.logging.format)
+    log.info("immune-edge %s starting (log: %s)", software_version() or "(source tree)", chosen.value)
+    daemon = EdgeDaemon(settings)
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from edge.delivery.downloader import DownloadPolicy
+from edge.logs import LogFormat
 from shared.config import CONFIG_DIR, STATE_DIR, ConfigError, ConfigModel, ConfigPath, MqttSettings
 from shared.gguf import DEFAULT_ARCHITECTURES
 from shared.schema import Identifier
@@ -190,6 +191,19 @@ class ThermalSettings(ConfigModel):
         return self
 
 
+class LoggingSettings(ConfigModel):
+    """Where log lines go (``--log-format`` overrides ``format``) and how refusals are logged."""
+
+    #: auto: journald when systemd connected stderr to the journal, else text on stderr.
+    format: LogFormat = LogFormat.AUTO
+    #: Refusals (bad signatures, refused commands, failed API auth...) are each logged once per
+    #: this window per kind, reason and origin; the repeats are counted, not logged, so a flood
+    #: of hostile messages cannot fill the disk.
+    refusal_window_s: Annotated[float, Field(ge=1, le=86400)] = 60.0
+    #: At most this many refusal lines per window in all, whatever their origins.
+    refusal_burst: Annotated[int, Field(ge=1, le=10_000)] = 20
+
+
 class EdgeConfig(ConfigModel):
     """Everything ``immune-edge run`` needs."""
 
@@ -204,6 +218,7 @@ class EdgeConfig(ConfigModel):
     runtime: RuntimeSettings = RuntimeSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     thermal: ThermalSettings = ThermalSettings()
+    logging: LoggingSettings = LoggingSettings()
 
     @property
     def state_dir(self) -> Path:

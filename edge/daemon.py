@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from edge.assembly import Device
+from edge.audit import RefusalKind
 from edge.config import EdgeConfig
 from edge.control.commands import CommandHandler
 from edge.control.reconcile import DESIRED_KINDS, Reconciler
@@ -103,6 +104,7 @@ class EdgeDaemon:
             config.store_dir,
             data.runtime if data else None,
             data.metrics if data else None,
+            refusals=self.control.audit.total,
         )
         if data is not None:
             data.metrics.watch_telemetry(lambda: sampler.latest)
@@ -195,7 +197,9 @@ class EdgeDaemon:
         try:
             self._inbox.put_nowait(message)
         except queue.Full:
-            log.warning("inbox full: dropping a message on %s", message.topic)
+            self.control.audit.refused(
+                RefusalKind.MESSAGE, "inbox-full", message.topic, f"more than {INBOX_LIMIT} messages waiting"
+            )
 
     def _connected(self) -> None:
         self.control.reporter.status()
@@ -204,18 +208,20 @@ class EdgeDaemon:
         try:
             ref = self.control.topics.parse(message.topic)
         except TopicError as exc:
-            log.warning("ignoring message: %s", exc)
+            self.control.audit.refused(RefusalKind.MESSAGE, exc.reason, message.topic, str(exc))
             return
         if ref.kind in DESIRED_KINDS:
             self.reconciler.received(ref, message.payload)
         elif ref.kind is TopicKind.KEYRING:
-            self._keyring_message(message.payload)
+            self._keyring_message(message.topic, message.payload)
         elif ref.kind is TopicKind.COMMAND and ref.device == self.device_id:
             self._command_message(message)
         else:
-            log.warning("ignoring message on %s: not a topic this device acts on", message.topic)
+            self.control.audit.refused(
+                RefusalKind.MESSAGE, "wrong-topic", message.topic, "not a topic this device acts on"
+            )
 
-    def _keyring_message(self, payload: bytes) -> None:
+    def _keyring_message(self, topic: str, payload: bytes) -> None:
         if not payload:
             return
         control = self.control
@@ -225,7 +231,7 @@ class EdgeDaemon:
             if keyring is before:
                 return  # the retained copy of the keyring already in use
         except ContractError as exc:
-            log.warning("keyring update rejected (%s): %s", exc.reason, exc)
+            control.audit.refused(RefusalKind.KEYRING, exc.reason, topic, str(exc))
             control.reporter.status(note=f"keyring update rejected ({exc.reason}): {exc}")
         else:
             control.reporter.status(note=f"keyring version {keyring.version} adopted")
@@ -237,7 +243,7 @@ class EdgeDaemon:
         try:
             command = self.commands.authenticate(message.payload)
         except ContractError as exc:
-            self.commands.refuse(reply, exc)
+            self.commands.refuse(reply, exc, origin=message.topic)
             self.agent.wake()
             return
         if command.action.action == "status":

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edge.runtime.protocol import WorkerEvent
@@ -149,6 +149,10 @@ class Metrics:
         """Export the device's telemetry (temperatures, throttling, memory...) on /metrics too."""
         self.registry.register(TelemetryCollector(latest))
 
+    def watch_refusals(self, counts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """Export the audit trail's refusal counts (exact, even when their log lines were not)."""
+        self.registry.register(RefusalCollector(counts))
+
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
 
@@ -166,6 +170,23 @@ class Metrics:
         self.serving.clear()
         if name is not None:
             self.serving.labels(model=name, serial=str(serial or 0)).set(1)
+
+
+class RefusalCollector(Collector):
+    """``immune_edge_refusals_total{kind,reason}``, read from the audit trail at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "immune_edge_refusals",
+            "Inputs refused (manifests, commands, keyring updates, MQTT messages, API credentials)",
+            labels=["kind", "reason"],
+        )
+        for (kind, reason), count in sorted(self.counts().items()):
+            family.add_metric([kind, reason], count)
+        yield family
 
 
 class TelemetryCollector(Collector):

@@ -121,6 +121,8 @@ class Telemetry(Contract):
     ttft_ms: Annotated[float, Field(ge=0)] | None = None
     requests_total: Count | None = None
     errors_total: Count | None = None
+    #: Inputs the device refused since start (its audit trail: manifests, commands, keyring, API auth).
+    refusals_total: Count | None = None
     queue_depth: Count | None = None
     rss_mb: Mb | None = None
     worker_rss_mb: Mb | None = None

@@ -11,6 +11,7 @@ from hypothesis import settings
 
 from shared.signing import Keyring, Role, SigningKey, TrustedKey, generate_key
 from shared.signing.keyring import Thresholds
+from tests.harness import error_bodies
 from tests.harness.artifact_server import ArtifactServer
 from tests.harness.broker import Mosquitto, TlsMaterial
 from tests.harness.edge import FleetObserver
@@ -20,6 +21,16 @@ from tests.harness.pki import TestCA
 # CI machines are small and shared: per-example deadlines would make property tests flaky.
 settings.register_profile("ci", deadline=None)
 settings.load_profile("ci")
+error_bodies.install()
+
+
+@pytest.fixture(autouse=True)
+def _no_internal_text_in_error_bodies() -> Iterator[None]:
+    """Every test: no HTTP error body it received carries internal details (see error_bodies)."""
+    error_bodies.take()
+    yield
+    leaked = error_bodies.take()
+    assert not leaked, f"internal text in API error bodies: {leaked}"
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +13,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.api import anthropic_api, ollama_api, openai_api
 from edge.api.generation import ApiError, ClientGoneError, Serving
+from edge.api.request_id import RequestIdMiddleware, request_id
+from edge.audit import Audit, RefusalKind
+from edge.logs import fields
+
+log = logging.getLogger(__name__)
 
 #: Slips' longest prompts are ~3,200 tokens (~13 kB); 1 MiB leaves room and stops abuse early.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -59,8 +65,9 @@ class BearerAuth:
     ``x-api-key: <token>``; the Unix socket is guarded by its file mode. ``/health`` stays open for
     liveness probes."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, audit: Audit) -> None:
         self.app = app
+        self.audit = audit
         self.bearer = f"Bearer {token}".encode()
         self.api_key = token.encode()
 
@@ -79,6 +86,14 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         what = "missing" if bearer is None and api_key is None else "wrong"
+        client = scope.get("client")
+        self.audit.refused(
+            RefusalKind.API_AUTH,
+            f"{what}-token",
+            client[0] if client else "unknown",
+            f"{scope['method']} {scope['path']} with a {what} bearer token or x-api-key",
+            request=request_id(),
+        )
         response = _error(scope["path"], ApiError(401, f"{what} bearer token or x-api-key", "unauthorized"))
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, _nothing, send)
@@ -109,9 +124,12 @@ def _error(path: str, error: ApiError) -> JSONResponse:
 
 
 def create_app(
-    serving: Serving, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, bearer_token: str | None = None
+    serving: Serving,
+    audit: Audit,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    bearer_token: str | None = None,
 ) -> FastAPI:
-    """The API over ``serving``'s router."""
+    """The API over ``serving``'s router; refused API credentials go to ``audit``."""
     app = FastAPI(title="immune-edge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = serving
     router = serving.router
@@ -123,6 +141,15 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(request.url.path, exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug: the client gets a stable message with the id to report, the log the traceback.
+        ident = request_id()
+        log.error("request %s failed", ident, exc_info=exc, extra=fields(request=ident, reason="internal"))
+        response = _error(request.url.path, ApiError(500, f"internal error (request id {ident})", "internal"))
+        response.headers["X-Request-Id"] = ident  # this handler runs outside the id middleware
+        return response
 
     @app.exception_handler(ClientGoneError)
     async def client_gone(request: Request, exc: ClientGoneError) -> Response:
@@ -170,5 +197,6 @@ def create_app(
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if bearer_token is not None:
-        app.add_middleware(BearerAuth, token=bearer_token)  # added last: runs first
+        app.add_middleware(BearerAuth, token=bearer_token, audit=audit)
+    app.add_middleware(RequestIdMiddleware)  # added last: runs first, so every answer has an id
     return app

@@ -3,6 +3,7 @@ streaming, and the bookkeeping (metrics, trial statistics) every request feeds."
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import anyio
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
+from edge.api.request_id import request_id
+from edge.logs import fields
 from edge.metrics import Metrics
 from edge.runtime.handle import RequestRejectedError, RequestTimeoutError, WorkerError
 from edge.runtime.health import decode_rate
@@ -26,6 +29,8 @@ from edge.runtime.router import (
     UnknownModelError,
 )
 
+log = logging.getLogger(__name__)
+
 #: How long a request waits for a crashed worker to be restarted before failing.
 RESTART_WAIT_S = 30.0
 #: A client marks a request it can wait for (batch summaries) with ``X-Immune-Priority: low``.
@@ -36,6 +41,13 @@ DISCONNECT_POLL_S = 0.25
 
 class ClientGoneError(Exception):
     """The client hung up before its answer was ready; the generation was cancelled."""
+
+
+#: What a client is told when the server, not its request, failed; the cause is logged under the
+#: request's id (``X-Request-Id``), never sent: it can hold internal messages and settings.
+FAILURE_MESSAGES = {
+    "worker_failed": "the model worker failed while answering; retry the request",
+}
 
 
 class ApiError(Exception):
@@ -150,11 +162,19 @@ def _request(
     )
 
 
+def server_failure(code: str, cause: object) -> ApiError:
+    """A 503 with the fixed message of ``code``; ``cause`` goes to the log only."""
+    ident = request_id()
+    log.warning("request %s failed (%s): %s", ident, code, cause, extra=fields(request=ident, reason=code))
+    return ApiError(503, FAILURE_MESSAGES[code], code)
+
+
 def _rejected(exc: RequestRejectedError, model: ServedModel) -> ApiError:
     if exc.code == "context_length_exceeded":
-        message = f"prompt is longer than the context window ({model.n_ctx} tokens): {exc}"
+        log.info("request %s: %s", request_id(), exc, extra=fields(request=request_id(), reason=exc.code))
+        message = f"prompt is longer than the context window ({model.n_ctx} tokens)"
         return ApiError(400, message, exc.code, "messages")
-    return ApiError(400, str(exc), exc.code)
+    return ApiError(400, str(exc), exc.code)  # the worker's own messages about the request
 
 
 async def count_tokens(serving: Serving, model_name: str | None, messages: list[ChatMessage]) -> int:
@@ -176,7 +196,7 @@ async def count_tokens(serving: Serving, model_name: str | None, messages: list[
     except RequestTimeoutError as exc:
         raise ApiError(504, str(exc), "timeout") from None
     except WorkerError as exc:
-        raise ApiError(503, f"model worker failed: {exc}", "worker_failed") from None
+        raise server_failure("worker_failed", exc) from None
     finally:
         router.checkin(model)
 
@@ -292,9 +312,8 @@ class Generation:
             status = 400
             raise _rejected(exc, self.model) from None
         except WorkerError as exc:
-            message = str(exc)
             status = 503
-            raise ApiError(503, f"model worker failed: {message}", "worker_failed") from None
+            raise server_failure("worker_failed", exc) from None
         finally:
             self._close(status, done)
 
@@ -314,7 +333,7 @@ class Generation:
                         done = event
                     parts.append(event.text)
             if done is None:
-                raise ApiError(503, "model worker ended without a result", "worker_failed")
+                raise server_failure("worker_failed", "the worker ended without a result")
             return Result(self.model, "".join(parts), done)
 
         failure: Exception | None = None

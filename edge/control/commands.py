@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
+from edge.audit import RefusalKind
 from edge.control.deployer import Deployer
 from edge.control.operator import OperatorActions
 from edge.control.reconcile import Reconciler
@@ -58,6 +59,7 @@ class CommandHandler:
         self.nonces = nonces
         self.deployer = deployer
         self.operator = OperatorActions(deployer)
+        self.audit = deployer.audit
         self.reconciler = reconciler
         self.reporter = reporter
         self.clock_skew = clock_skew
@@ -104,9 +106,9 @@ class CommandHandler:
             raise SchemaError("replayed", f"command nonce {command.nonce} was already used")
         return command
 
-    def refuse(self, reply: ReplyTo, error: ContractError, nonce: str | None = None) -> None:
-        """Answer a command that was not executed."""
-        log.warning("command refused (%s): %s", error.reason, error)
+    def refuse(self, reply: ReplyTo, error: ContractError, origin: str, nonce: str | None = None) -> None:
+        """Answer a command that was not executed; the refusal goes to the audit trail."""
+        self.audit.refused(RefusalKind.COMMAND, error.reason, origin, str(error), nonce=nonce)
         self._respond(
             reply,
             CommandResponse(
@@ -183,6 +185,7 @@ class CommandHandler:
 
     def _respond(self, reply: ReplyTo, response: CommandResponse) -> None:
         if reply.topic is None:
-            log.info("command without a usable response topic; not answering")
+            # DEBUG: a flood of such commands must not become a flood of lines.
+            log.debug("command without a usable response topic; not answering")
             return
         self.reporter.respond(reply.topic, reply.correlation, response)

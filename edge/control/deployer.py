@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from edge.audit import Audit, RefusalKind
 from edge.control.activation import ActivationError, Activator
 from edge.control.gc import GarbageCollector
 from edge.control.progress import DeploymentRun
@@ -50,8 +51,10 @@ class Deployer:
         device: DeviceProfile,
         activator: Activator,
         keep_models: int,
+        audit: Audit,
     ) -> None:
         self.ledger = ledger
+        self.audit = audit
         self.reporter = reporter
         self.trust = trust
         self.store = store
@@ -81,9 +84,20 @@ class Deployer:
         on_progress: ProgressCallback | None = None,
         resume: Deployment | None = None,
     ) -> Outcome:
-        """Take a signed manifest envelope as far as it can go; never raises for bad input."""
+        """Take a signed manifest envelope as far as it can go; never raises for bad input. A
+        rejected manifest goes to the audit trail with its reason and source."""
         with self.exclusive():
-            return self._deploy(envelope, source, local_files or {}, on_progress, resume)
+            outcome = self._deploy(envelope, source, local_files or {}, on_progress, resume)
+        if outcome.result is ResultCode.REJECTED:
+            self.audit.refused(
+                RefusalKind.MANIFEST,
+                outcome.reason or "rejected",
+                source,
+                outcome.message,
+                deployment=outcome.deployment_id,
+                serial=outcome.serial,
+            )
+        return outcome
 
     def _deploy(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from edge.control.reporting import Reporter
+from edge.logs import fields
 from edge.state.ledger import Deployment
 from shared.errors import ContractError, TransientError
 from shared.messages import DeploymentState
@@ -58,13 +59,17 @@ class DeploymentRun:
             self.deployment.id, state, message, self.name, self.serial, self.deployment.source
         )
         self.reporter.status()  # the retained status carries the result too
-        log.log(
-            logging.INFO if state is DeploymentState.COMMITTED else logging.WARNING,
-            "deployment %s %s: %s",
-            self.deployment.id,
-            state.value,
-            message,
-        )
+        if state is not DeploymentState.REJECTED:  # a rejection is logged by the audit trail
+            log.log(
+                logging.INFO if state is DeploymentState.COMMITTED else logging.WARNING,
+                "deployment %s %s: %s",
+                self.deployment.id,
+                state.value,
+                message,
+                extra=fields(
+                    deployment=self.deployment.id, serial=self.serial, state=state.value, reason=reason
+                ),
+            )
         return Outcome(
             result=_RESULT_OF[state],
             message=message,

@@ -169,6 +169,7 @@ class MqttAgent:
         refused = [str(code) for code in reason_codes if code.is_failure]
         if refused:
             log.error("broker refused %d subscription(s): %s", len(refused), ", ".join(refused))
+        log.info("subscribed to %d topic(s)", len(reason_codes) - len(refused))
         self.subscribed.set()
 
     def _handle_disconnect(

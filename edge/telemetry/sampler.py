@@ -37,6 +37,7 @@ class TelemetrySampler:
         runtime: ServingRuntime | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        refusals: Callable[[], int] | None = None,
     ) -> None:
         self.device_id = device_id
         self.fleet = fleet
@@ -46,6 +47,7 @@ class TelemetrySampler:
         self.runtime = runtime
         self.metrics = metrics
         self.clock = clock
+        self.refusals = refusals
         self._process = psutil.Process()
         self._started = time.monotonic()
         self._last_usage = UsageTotals()
@@ -72,6 +74,7 @@ class TelemetrySampler:
             "fan_rpm": readings.fan_rpm,
             "fan_state": readings.fan_state,
             "thermal_limited": thermal_limited,
+            "refusals_total": self.refusals() if self.refusals else None,
         }
         if self._last_at is not None:
             values["interval_s"] = round(max(now - self._last_at, 1e-3), 3)
