@@ -206,6 +206,33 @@ def status(config: ConfigOption = DEFAULT_CONFIG_FILE) -> None:
         node.close()
 
 
+@app.command()
+def doctor(
+    config: ConfigOption = DEFAULT_CONFIG_FILE,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON report (for Ansible).")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker and the API.")] = 5.0,
+) -> None:
+    """Check this device as an operator would before calling for help: config, keyring, TLS files,
+    broker, store, current model, API endpoints, sensors, systemd unit. Exit status 1 when a check
+    fails (warnings do not)."""
+    from edge.doctor import Verdict, examine
+
+    logging.basicConfig(level=logging.WARNING, force=True)  # the table is the output, not log lines
+    report = examine(config, timeout)
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        colours = {Verdict.PASS: "green", Verdict.WARN: "yellow", Verdict.FAIL: "red", Verdict.SKIP: "dim"}
+        table = Table(title=f"immune-edge doctor: {report.device or config}")
+        for column in ("check", "verdict", "detail"):
+            table.add_column(column)
+        for check in report.checks:
+            verdict = f"[{colours[check.verdict]}]{check.verdict.value}[/]"
+            table.add_row(check.name, verdict, check.detail)
+        console.print(table)
+    raise typer.Exit(1 if report.failed else 0)
+
+
 def _default(settings: type[BaseModel], field: str) -> Any:
     """A ``serve`` option's default is the settings model's own (one source of truth with ``run``)."""
     return settings.model_fields[field].default

@@ -26,7 +26,7 @@ from shared.config import load_config
 from tests.factories import gguf_bytes
 from tests.harness.artifact_server import ArtifactServer
 from tests.harness.broker import mosquitto_binary
-from tests.harness.edge import TOPICS, running_daemon, sign_manifest
+from tests.harness.edge import TOPICS, run_doctor, running_daemon, sign_manifest
 from tests.harness.net import free_port, wait_for_port
 from tests.harness.waiting import wait_until
 
@@ -237,6 +237,11 @@ def test_role_broker_serves_a_role_configured_device(
                     json.loads(p)["state"] for t, p in operator.messages if t == TOPICS.events("pi-1")
                 ]
                 wait_until(lambda: "committed" in states(), timeout=60, what="pi-1 committed")
+                # The role's config passes the checks the role runs on a real device.
+                status, checks = run_doctor(config)
+                assert status == 0, checks
+                assert checks["tls"]["verdict"] == checks["broker"]["verdict"] == "pass", checks
+                assert checks["model"]["verdict"] == "pass", checks
                 # pi-2 may not speak for pi-1: the broker refuses the publish (v5 reason 0x87).
                 forged = pi2.client.publish(TOPICS.status("pi-1"), b'{"forged": true}', qos=1)
                 own = pi2.client.publish(TOPICS.events("pi-2"), b"{}", qos=1)

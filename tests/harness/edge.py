@@ -8,6 +8,8 @@ import json
 import platform
 import queue
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -151,6 +153,20 @@ def running_daemon(config_file: Path) -> Iterator[EdgeDaemon]:
     finally:
         daemon.stop()
         thread.join(timeout=30)
+
+
+def run_doctor(config: Path, *wrapper: str) -> tuple[int, dict[str, dict[str, str]]]:
+    """``immune-edge doctor --json`` (inside ``wrapper``, a command prefix, if given): its exit
+    status and its checks by name."""
+    result = subprocess.run(
+        [*wrapper, sys.executable, "-m", "edge.cli", "doctor", "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout, result.stderr
+    report = json.loads(result.stdout)
+    return result.returncode, {check["name"]: check for check in report["checks"]}
 
 
 def sign_manifest(keys: list[SigningKey], data: bytes, url: str, **overrides: Any) -> bytes:

@@ -53,10 +53,14 @@ class TestCA:
         self.ca_file = directory / "ca.pem"
         self.ca_file.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, server: bool = False) -> CertPair:
-        """A certificate for ``common_name``; server certificates are valid for 127.0.0.1 and localhost."""
+    def issue(
+        self, common_name: str, server: bool = False, valid_for: timedelta = timedelta(days=1)
+    ) -> CertPair:
+        """A certificate for ``common_name``; server certificates are valid for 127.0.0.1 and localhost.
+        A negative ``valid_for`` gives one that has already expired."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
+        ends = now + valid_for
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
             x509.CertificateBuilder()
@@ -64,8 +68,8 @@ class TestCA:
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
+            .not_valid_before(min(now, ends) - timedelta(days=1))
+            .not_valid_after(ends)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
         if server:
