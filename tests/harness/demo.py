@@ -174,6 +174,7 @@ def main(out: Path, train: bool = False) -> None:
         observer = FleetObserver(broker)
         log_file = (device / "edge.log").open("w")
         daemon = subprocess.Popen([BIN / "immune-edge", "run", "--config", config], stderr=log_file)
+        console.print(f"daemon log (its own lines, then llama.cpp's): {device / 'edge.log'}")
         try:
             step("publish the signed manifest as the fleet's retained desired state")
             observer.publish(TOPICS.desired_fleet(), envelope_file.read_bytes())
@@ -236,6 +237,8 @@ def main(out: Path, train: bool = False) -> None:
             speed.add_row(str(reply["model"]), f"{before:.1f}")
             speed.add_row(str(after_reply["model"]), f"{after:.1f}")
             console.print(speed)
+            step("immune-edge doctor: the checks an operator makes before calling for help")
+            console.print(tool(BIN / "immune-edge", "doctor", "--config", config))
             if train:
                 train_and_publish(out, broker, server, observer)
                 trained = ask_summary(api, incident[:200])  # the toy model has a 1024-token context
@@ -248,6 +251,10 @@ def main(out: Path, train: bool = False) -> None:
             daemon.wait(timeout=30)
             observer.close()
             log_file.close()
+
+    step(f"what the daemon logged about the input it refused ({device / 'edge.log'})")
+    audit = [line for line in (device / "edge.log").read_text().splitlines() if " edge.audit: " in line]
+    console.print("\n".join(audit) or "[red]no refusal logged[/]", highlight=False, soft_wrap=True)
 
     step("device state after the daemon stopped (immune-edge status)")
     console.print(tool(BIN / "immune-edge", "status", "--config", config))
