@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import ollama
 import openai
+import psutil
 import pytest
 
 from tests.harness.serve import Server, serving
@@ -276,6 +278,33 @@ def test_a_hang_up_cancels_a_streaming_generation(gemma_server) -> None:
         lines = reply.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))  # the first token arrived
     _idle_after(base, "/v1/completions", "499", hung_up)
+
+
+def test_a_worker_failure_tells_the_client_little_and_logs_the_cause_under_the_request_id(
+    tmp_path, gemma3_model
+) -> None:
+    """Bug: the 503 of a failed worker carried the internal failure text verbatim to the client."""
+    options = ("--name", "gemma", "--max-tokens-cap", "2000")
+    with serving(gemma3_model, tmp_path / "s.sock", *options) as server, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{server.base}/v1/completions", json=COUNTING, timeout=120)
+        wait_until(lambda: _metric(server.base, "immune_edge_queue_depth") == 1, 60, "the generation running")
+        children = psutil.Process(server.process.pid).children()
+        worker = next(p for p in children if "spawn_main" in " ".join(p.cmdline()))
+        time.sleep(1)  # tokens are being produced: the request cannot be retried on a new worker
+        worker.kill()
+        reply = pending.result()
+    assert reply.status_code == 503, reply.text
+    error = reply.json()["error"]
+    assert error == {
+        "message": "the model worker failed while answering; retry the request",
+        "type": "server_error",
+        "param": None,
+        "code": "worker_failed",
+    }
+    ident = reply.headers["x-request-id"]
+    log = server.process.stderr.read().decode()
+    cause = next(line for line in log.splitlines() if f"request {ident} failed" in line)
+    assert "worker_failed" in cause and "worker gemma" in cause, cause
 
 
 def test_request_timeout_cancels_and_the_server_stays_healthy(tmp_path, gemma3_model) -> None:

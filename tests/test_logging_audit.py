@@ -13,9 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from edge.api.app import create_app
+from edge.api.generation import Serving
 from edge.audit import MAX_KEYS, Audit, RefusalKind
 from edge.logs import JsonFormatter, LogFormat, TextFormatter, choose_format, fields
+from edge.metrics import Metrics
+from edge.runtime.router import ModelRouter
 from tests.harness.edge import DEVICE, TOPICS, ServingOptions, sign_command, sign_manifest, write_edge_config
 from tests.harness.waiting import wait_until
 
@@ -162,3 +167,32 @@ def test_the_daemon_outside_systemd_logs_to_stderr_and_a_refusal_flood_stays_bou
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
+
+
+def test_an_unexpected_error_gives_a_stable_500_and_its_traceback_goes_to_the_log(caplog) -> None:
+    router = ModelRouter()
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("internal detail: pipe id 42, sampling {'top_k': 40}")
+
+    router.admit = broken  # type: ignore[method-assign]  # a bug anywhere on the request's path
+    app = create_app(Serving(router, Metrics()), Audit())
+    with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 500
+    ident = reply.headers["x-request-id"]
+    assert reply.json()["error"]["message"] == f"internal error (request id {ident})"
+    assert "pipe id" not in reply.text
+    (record,) = [r for r in caplog.records if r.name == "edge.api.app"]
+    assert record.__dict__["REQUEST"] == ident and "pipe id 42" in caplog.text  # the traceback
+
+
+def test_a_client_request_id_is_kept_when_it_is_safe() -> None:
+    with TestClient(create_app(Serving(ModelRouter(), Metrics()), Audit())) as client:
+        assert client.get("/health", headers={"x-request-id": "slips-4711-abcd"}).headers["x-request-id"] == (
+            "slips-4711-abcd"
+        )
+        forged = client.get("/health", headers={"x-request-id": "a b\nWARNING forged"}).headers[
+            "x-request-id"
+        ]
+        assert forged != "a b\nWARNING forged" and len(forged) == 16
