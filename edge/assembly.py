@@ -175,7 +175,6 @@ class DataPlane:
     ) -> None:
         self.audit = audit or Audit()
         self.metrics = Metrics()
-        self.metrics.watch_refusals(self.audit.counts)
         self.router = ModelRouter(max_waiting=api.queue)
         self.runtime = ServingRuntime(self.router, store, runtime, api, host.procfs_root, self.metrics)
         self.sensors = HostSensors(host.sysfs_root, host.procfs_root, host.vcgencmd)

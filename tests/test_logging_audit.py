@@ -196,3 +196,17 @@ def test_a_client_request_id_is_kept_when_it_is_safe() -> None:
             "x-request-id"
         ]
         assert forged != "a b\nWARNING forged" and len(forged) == 16
+
+
+def test_a_refused_api_token_is_audited_with_the_client_address(caplog) -> None:
+    audit = Audit()
+    app = create_app(Serving(ModelRouter(), Metrics()), audit, bearer_token="s3cret-token")
+    with TestClient(app) as client, caplog.at_level(logging.WARNING, logger="edge.audit"):
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer guess"}).status_code == 401
+        assert client.get("/v1/models", headers={"x-api-key": "s3cret-token"}).status_code == 200
+        metrics = client.get("/metrics", headers={"x-api-key": "s3cret-token"}).text
+    assert audit.counts() == {("api-auth", "missing-token"): 1, ("api-auth", "wrong-token"): 1}
+    assert 'immune_edge_refusals_total{kind="api-auth",reason="wrong-token"} 1.0' in metrics
+    assert [r.__dict__["ORIGIN"] for r in caplog.records] == ["testclient", "testclient"]
+    assert "s3cret" not in caplog.text and "guess" not in caplog.text  # credentials are not logged

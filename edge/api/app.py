@@ -134,6 +134,7 @@ def create_app(
     app.state.serving = serving
     router = serving.router
     serving.metrics.watch_queue(lambda: router.queue_depth)
+    serving.metrics.watch_refusals(audit.counts)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(anthropic_api.router)
