@@ -61,7 +61,7 @@ def run(
     from edge.daemon import EdgeDaemon  # paho and the worker threads are only needed here
 
     settings = load_config(config, EdgeConfig)
-    chosen = setup_logging(verbose, log_format or settings.logging.format)
+    chosen = setup_logging(verbose, log_format or settings.logging.format, settings.device.id)
     log.info("immune-edge %s starting (log: %s)", software_version() or "(source tree)", chosen.value)
     daemon = EdgeDaemon(settings)
 

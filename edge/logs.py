@@ -115,9 +115,25 @@ def choose_format(
     return LogFormat.JOURNAL if under_journal and _journal_handler() is not None else LogFormat.TEXT
 
 
-def setup_logging(verbose: bool = False, requested: LogFormat = LogFormat.AUTO) -> LogFormat:
-    """Configure the root logger; returns the format chosen. A ``journal`` request on a machine
-    without systemd-python falls back to text on stderr, with a warning."""
+class _DeviceField(logging.Filter):
+    """Every line of a daemon carries its device id (``DEVICE=`` in the journal), so logs gathered
+    from many Pis can be told apart."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.setdefault("DEVICE", self.device)
+        return True
+
+
+def setup_logging(
+    verbose: bool = False, requested: LogFormat = LogFormat.AUTO, device: str | None = None
+) -> LogFormat:
+    """Configure the root logger (``device``: the id every line carries); returns the format
+    chosen. A ``journal`` request on a machine without systemd-python falls back to text on stderr,
+    with a warning."""
     chosen = choose_format(requested)
     handler = _journal_handler() if chosen is LogFormat.JOURNAL else None
     fell_back = chosen is LogFormat.JOURNAL and handler is None
@@ -125,6 +141,8 @@ def setup_logging(verbose: bool = False, requested: LogFormat = LogFormat.AUTO) 
         chosen = LogFormat.TEXT if fell_back else chosen
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter() if chosen is LogFormat.JSON else TextFormatter())
+    if device is not None:
+        handler.addFilter(_DeviceField(device))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     if fell_back:
         logging.getLogger(__name__).warning("journald logging needs systemd-python: logging to stderr")

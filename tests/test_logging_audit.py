@@ -151,7 +151,7 @@ def test_the_daemon_outside_systemd_logs_to_stderr_and_a_refusal_flood_stays_bou
             "the refusal on stderr",
         )
         assert "WARNING edge.audit" in line and "from desired:fleet" in line, line
-        assert "reason=" in line and "kind=manifest" in line, line
+        assert "reason=" in line and "kind=manifest" in line and "device=pi-1" in line, line
 
         # 1,000 forged commands: each refused and counted, a handful of lines in the log.
         before = len(log_file.read_text().splitlines())

@@ -12,6 +12,7 @@ from edge.control.operator import OperatorActions
 from edge.control.reconcile import Reconciler
 from edge.control.reporting import Reporter
 from edge.control.trust import TrustStore
+from edge.logs import fields
 from edge.state.nonces import NonceStore
 from shared.errors import ContractError, SchemaError
 from shared.messages import (
@@ -179,7 +180,13 @@ class CommandHandler:
             result=result,
             error=None if outcome.ok else outcome.message[:2048],
         )
-        log.info("command %s %s: %s", command.nonce, action.action, outcome.message)
+        log.info(
+            "command %s %s: %s",
+            command.nonce,
+            action.action,
+            outcome.message,
+            extra=fields(nonce=command.nonce, deployment=outcome.deployment_id, reason=outcome.reason),
+        )
         self._respond(reply, response)
         return response
 
