@@ -49,6 +49,20 @@ def test_install_from_a_local_file_then_already_installed(setup, artifact_server
     assert status.returncode == 0 and "current" in status.stdout and digest(data)[:16] in status.stdout
 
 
+def test_the_same_serial_signed_again_with_other_contents_is_refused(setup, fleet_keys, tmp_path) -> None:
+    """Found by the MQTT fuzz test: a trainer-signed manifest reusing the installed serial with
+    other contents (another runtime profile) was taken for the installed one and silently ignored."""
+    config, model, manifest, data = setup
+    assert immune_edge("install", manifest, "--artifact", model, "--config", config).returncode == 0
+    changed = tmp_path / "changed.dsse.json"
+    url = "http://127.0.0.1:9/usb.gguf"
+    runtime = {"chat_format": "llama-3", "n_ctx": 2048}
+    changed.write_bytes(sign_manifest([fleet_keys.trainer], data, url, serial=3, runtime=runtime))
+    again = immune_edge("install", changed, "--artifact", model, "--config", config)
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "serial-reused" in again.stdout and "serial 3" in again.stdout
+
+
 def test_install_downloads_when_no_artifact_is_given(setup) -> None:
     config, _, manifest, _ = setup
     result = immune_edge("install", manifest, "--config", config)

@@ -116,6 +116,16 @@ class Deployer:
             return run.fail(DeploymentState.REJECTED, exc)
         current = self.ledger.current(slot_of(manifest))
         if resume is None and current is not None and _same(current, manifest):
+            if current.manifest != manifest:
+                # One serial, two statements about it: whichever is genuine, neither is acted on.
+                run = DeploymentRun(self.reporter, self.ledger.new_deployment(source, envelope))
+                run.name, run.serial = manifest.name, manifest.serial
+                reused = ArtifactError(
+                    "serial-reused",
+                    f"{manifest.channel} serial {manifest.serial} is installed with other contents; "
+                    "a changed manifest needs a new serial",
+                )
+                return run.fail(DeploymentState.REJECTED, reused)
             message = f"already-installed: {manifest.name} serial {manifest.serial} is the current model"
             log.info(message)
             self.reporter.status(note=message)
