@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from edge.api.body import json_body
+from edge.api.body import documented_body, json_body
 from edge.api.generation import PRIORITY_HEADER, ApiError, Generation, Sampling, Serving, count_tokens
 from edge.runtime.protocol import ChatMessage, WorkerEvent
 
@@ -127,7 +127,7 @@ def _serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
-@router.post("", response_model=None)
+@router.post("", response_model=None, openapi_extra=documented_body(MessagesRequest))
 async def messages(
     body: Annotated[MessagesRequest, Depends(json_body(MessagesRequest))], request: Request
 ) -> dict[str, object] | StreamingResponse:
@@ -201,7 +201,7 @@ async def _events(generation: Generation, ident: str, name: str) -> AsyncIterato
         yield _sse("error", error_body(exc.status, exc.message))
 
 
-@router.post("/count_tokens")
+@router.post("/count_tokens", openapi_extra=documented_body(CountTokensRequest))
 async def count(
     body: Annotated[CountTokensRequest, Depends(json_body(CountTokensRequest))], request: Request
 ) -> dict[str, int]:

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.api import anthropic_api, ollama_api, openai_api
+from edge.api.body import openapi_with_bodies
 from edge.api.generation import ApiError, ClientGoneError, Serving
 from edge.api.request_id import RequestIdMiddleware, request_id
 from edge.audit import Audit, RefusalKind
@@ -130,7 +131,8 @@ def create_app(
     bearer_token: str | None = None,
 ) -> FastAPI:
     """The API over ``serving``'s router; refused API credentials go to ``audit``."""
-    app = FastAPI(title="immune-edge", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="immune-edge", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: openapi_with_bodies(app)  # type: ignore[method-assign]
     app.state.serving = serving
     router = serving.router
     serving.metrics.watch_queue(lambda: router.queue_depth)

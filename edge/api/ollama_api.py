@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.body import json_body
+from edge.api.body import documented_body, json_body
 from edge.api.generation import PRIORITY_HEADER, ApiError, Generation, Sampling, Serving
 from edge.api.structured import from_ollama_format
 from edge.runtime.protocol import ChatMessage, WorkerEvent
@@ -116,7 +116,7 @@ def _ndjson(lines: AsyncIterator[dict[str, object]]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="application/x-ndjson")
 
 
-@router.post("/chat", response_model=None)
+@router.post("/chat", response_model=None, openapi_extra=documented_body(ChatRequest))
 async def chat(
     body: Annotated[ChatRequest, Depends(json_body(ChatRequest))], request: Request
 ) -> dict[str, object] | StreamingResponse:
@@ -159,7 +159,7 @@ async def chat(
     }
 
 
-@router.post("/generate", response_model=None)
+@router.post("/generate", response_model=None, openapi_extra=documented_body(GenerateApiRequest))
 async def generate(
     body: Annotated[GenerateApiRequest, Depends(json_body(GenerateApiRequest))], request: Request
 ) -> dict[str, object] | StreamingResponse:
@@ -252,7 +252,7 @@ async def ps(request: Request) -> dict[str, object]:
     return {"models": _model_entries(request)}
 
 
-@router.post("/show")
+@router.post("/show", openapi_extra=documented_body(ShowRequest))
 async def show(
     body: Annotated[ShowRequest, Depends(json_body(ShowRequest))], request: Request
 ) -> dict[str, object]:

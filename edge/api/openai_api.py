@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.body import json_body
+from edge.api.body import documented_body, json_body
 from edge.api.generation import PRIORITY_HEADER, Generation, Result, Sampling, Serving
 from edge.api.structured import ResponseFormat, from_response_format
 from edge.runtime.protocol import ChatMessage
@@ -90,7 +90,7 @@ def _sse(chunks: AsyncIterator[dict[str, object]]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, openapi_extra=documented_body(ChatCompletionRequest))
 async def chat_completions(
     body: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))], request: Request
 ) -> dict[str, object] | StreamingResponse:
@@ -127,7 +127,7 @@ async def chat_completions(
     return _final(ident, "chat.completion", created, {"message": message}, result)
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, openapi_extra=documented_body(CompletionRequest))
 async def completions(
     body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))], request: Request
 ) -> dict[str, object] | StreamingResponse:
