@@ -37,9 +37,16 @@ class Mosquitto:
     """One mosquitto process. Use as a context manager."""
 
     def __init__(
-        self, workdir: Path, tls: TlsMaterial | None = None, acl: str | None = None, persistent: bool = False
+        self,
+        workdir: Path,
+        tls: TlsMaterial | None = None,
+        acl: str | None = None,
+        persistent: bool = False,
+        extra: str = "",
     ) -> None:
+        """``extra``: more config lines (a bridge's ``connection`` section, which must come last)."""
         self.workdir = workdir
+        self.extra = extra
         self.persistent = persistent
         self.tls = tls
         self.acl = acl
@@ -76,7 +83,7 @@ class Mosquitto:
             acl_file = self.workdir / "acl"
             acl_file.write_text(self.acl)
             lines.append(f"acl_file {acl_file}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self.extra
 
     def start(self) -> Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
