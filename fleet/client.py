@@ -155,6 +155,12 @@ class FleetClient:
             views = [v for v in views if group in v.groups]
         return sorted(views, key=lambda v: v.device_id)
 
+    def is_online(self, device: str) -> bool:
+        """Whether ``device`` says it is online (its status, or its Last Will) and spoke recently."""
+        with self._lock:
+            view = self.devices.get(device)
+            return view is not None and view.online(self.settings.stale_after_s)
+
     def wait_for(self, condition: Callable[[], Any], timeout_s: float) -> Any:
         """Wait until ``condition()`` is truthy (re-checked on every message); return it or None."""
         deadline = time.monotonic() + timeout_s
@@ -186,6 +192,8 @@ class FleetClient:
         properties = Properties(PacketTypes.PUBLISH)
         properties.ResponseTopic = self.response_topic
         properties.CorrelationData = correlation
+        # The broker drops a command still queued for an offline device once it could no longer run.
+        properties.MessageExpiryInterval = self.settings.command_lifetime_s
         info = self.client.publish(
             self.topics.command(device), envelope.to_json(), qos=1, properties=properties
         )

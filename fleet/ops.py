@@ -15,7 +15,7 @@ from rich.table import Table
 
 from fleet.client import DeviceView, FleetClient, FleetError
 from fleet.report import render_report
-from fleet.rollout import Rollout, RolloutState, start_or_resume
+from fleet.rollout import FailureLimits, Rollout, RolloutState, start_or_resume
 from fleet.settings import DEFAULT_FLEET_CONFIG, FleetSettings
 from fleet.store import FleetStore
 from shared.config import load_config
@@ -106,9 +106,13 @@ def device_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 
 def _state_markup(state: str | None) -> str:
-    colour = {"committed": "green", "failed": "red", "rejected": "red", "rolled_back": "yellow"}.get(
-        state or ""
-    )
+    colour = {
+        "committed": "green",
+        "failed": "red",
+        "rejected": "red",
+        "rolled_back": "yellow",
+        "offline": "dim",
+    }.get(state or "")
     return f"[{colour}]{state}[/]" if colour else (state or "-")
 
 
@@ -160,8 +164,21 @@ def rollout(
     group: GroupOption = None,
     canary: Annotated[int, typer.Option(min=0, help="Devices in the first (canary) wave.")] = 1,
     waves: Annotated[str, typer.Option(help="Cumulative share of devices per wave.")] = "10%,50%,100%",
-    max_failures: Annotated[int, typer.Option(min=0, help="Halt when more devices fail than this.")] = 0,
-    wave_timeout: Annotated[float, typer.Option(help="Seconds a wave may take to commit.")] = 900.0,
+    max_failures: Annotated[
+        int | None, typer.Option(min=0, help="Halt when more devices fail than this (0 without a rate).")
+    ] = None,
+    max_failure_rate: Annotated[
+        str | None, typer.Option(help="Halt when more than this share of finished devices failed, e.g. 5%.")
+    ] = None,
+    min_finished: Annotated[
+        int, typer.Option(min=1, help="Judge --max-failure-rate only once this many devices answered.")
+    ] = 10,
+    rate: Annotated[
+        float | None, typer.Option(min=0.1, help="Devices started per minute (default: a wave at once).")
+    ] = None,
+    wave_timeout: Annotated[
+        float, typer.Option(help="Seconds each device has to answer; silent ones count as offline or failed.")
+    ] = 900.0,
     rollback: Annotated[
         bool, typer.Option(help="On halt, roll the halted wave's committed devices back.")
     ] = True,
@@ -179,8 +196,9 @@ def rollout(
     store = FleetStore(settings.db_path)  # the rollout's events go to `history` too
     with FleetClient(settings, listener=store.add) as client:
         client.settle(1.5)
+        limits = FailureLimits.from_options(max_failures, max_failure_rate, min_finished)
         state, path = start_or_resume(
-            client, envelope, state_file, group, canary, waves, max_failures, wave_timeout, rollback
+            client, envelope, state_file, group, canary, waves, limits, wave_timeout, rollback, rate
         )
         if not as_json:
             plan = " -> ".join(f"[{', '.join(w)}]" for w in state.waves)

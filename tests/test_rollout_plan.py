@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from fleet.rollout import RolloutError, RolloutState, parse_waves, plan_waves, resumable_state
+from fleet.rollout import (
+    DeviceProgress,
+    FailureLimits,
+    RolloutError,
+    RolloutState,
+    parse_waves,
+    plan_waves,
+    resumable_state,
+)
 
 
 def test_waves_are_cumulative_and_end_at_everyone() -> None:
@@ -69,3 +77,24 @@ def test_resume_rules(tmp_path: Path) -> None:
     with pytest.raises(RolloutError, match="halted \\(canary failed\\)") as halted:
         resumable_state(path, "a" * 64)
     assert halted.value.reason == "rollout-halted"
+
+
+def test_failure_limits_count_then_rate_once_enough_finished() -> None:
+    assert FailureLimits.from_options(None, None, 10) == FailureLimits(0, None, 10)  # safe default
+    limits = FailureLimits.from_options(None, "5%", 20)
+    assert limits == FailureLimits(None, 0.05, 20)
+    devices = {f"pi-{i:03d}": {"state": "committed"} for i in range(19)} | {"pi-x": {"state": "failed"}}
+    state = _state(max_failures=None, max_failure_rate=0.05, min_finished=20, devices=devices)
+    assert state.halt_reason() is None  # 1 of 20 is 5%: not more than the limit
+    state.devices["pi-y"] = DeviceProgress(state="failed")
+    assert "2 of 21 finished devices failed (10%)" in (state.halt_reason() or "")
+    early = _state(
+        max_failures=None, max_failure_rate=0.05, min_finished=20, devices={"a": {"state": "failed"}}
+    )
+    assert early.halt_reason() is None  # one failure among the first answers is not a rate yet
+    offline = _state(max_failures=0, devices={"a": {"state": "offline"}, "b": {"state": "committed"}})
+    assert offline.halt_reason() is None and offline.finished == 1  # offline is not a failure
+    assert "more than --max-failures 0" in (_state(devices={"a": {"state": "failed"}}).halt_reason() or "")
+    for bad in ("five", "150%"):
+        with pytest.raises(RolloutError, match="--max-failure-rate"):
+            FailureLimits.from_options(None, bad, 1)
