@@ -116,7 +116,7 @@ def _state_markup(state: str | None) -> str:
     return f"[{colour}]{state}[/]" if colour else (state or "-")
 
 
-def _rows(client: FleetClient, group: str | None) -> list[dict[str, Any]]:
+def status_rows(client: FleetClient, group: str | None) -> list[dict[str, Any]]:
     now = time.time()
     return [device_row(v, client.settings.stale_after_s, now) for v in client.snapshot(group)]
 
@@ -131,7 +131,7 @@ def status(
     settings = _settings(config)
     with FleetClient(settings) as client:
         client.settle(wait)
-        rows = _rows(client, group)
+        rows = status_rows(client, group)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
@@ -149,7 +149,7 @@ def watch(
         try:
             while True:
                 live.update(
-                    device_table(_rows(client, group), f"fleet {settings.fleet} (live)"), refresh=True
+                    device_table(status_rows(client, group), f"fleet {settings.fleet} (live)"), refresh=True
                 )
                 time.sleep(interval)
         except KeyboardInterrupt:

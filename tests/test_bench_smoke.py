@@ -3,6 +3,7 @@ figures themselves come from the full runs recorded in docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -24,3 +25,27 @@ def test_adapters_bench_runs_on_synthetic_adapters() -> None:
     for row in ("bytes for an update", "worker RSS, 2 tasks", "decode tokens/s", "p99 latency"):
         assert row in result.stdout, result.stdout
     assert "(0 failed), " in result.stdout and result.stdout.rstrip().endswith("(0 failed)")
+
+
+def test_fleet_scale_bench_converges_through_its_faults(tmp_path) -> None:
+    """20 simulated devices: 2 killed before the rollout, the broker restarted in the last wave, the
+    first downloads answered 503. Every online device commits, no event is lost."""
+    out = tmp_path / "scale.json"
+    command = [sys.executable, "-m", "bench.fleet_scale", "--devices", "20", "--processes", "2", "--faults"]
+    result = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = json.loads(out.read_text())
+    assert run["rollout_status"] == "done" and run["status_cli_rows"] == 20
+    assert (run["committed"], run["offline"], run["failed"]) == (18, 2, 0)
+    assert run["events_expected"] == run["events_received"] == 7 * 18
+    assert run["refused_downloads"] > 0 and any("broker restarted" in note for note in run["notes"])
+
+
+def test_soak_bench_runs_a_short_soak_with_swaps(tmp_path) -> None:
+    out = tmp_path / "soak.json"
+    command = [sys.executable, "-m", "bench.soak", "--minutes", "0.75", "--swap-every", "15"]
+    result = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["failed"] == 0 and figures["requests"] > 0 and figures["unsent_outbox_at_end"] == 0
+    assert len(figures["swaps"]) >= 3 and all(s.endswith("committed") for s in figures["swaps"])

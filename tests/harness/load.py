@@ -34,6 +34,8 @@ class LoadClients:
     max_tokens: int = 8
     model: str = "slips"
     headers: dict[str, str] = field(default_factory=dict)
+    #: What each request asks (a Slips incident in the soak; a one-line alert by default).
+    prompt: str = ALERT_PROMPT
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -59,7 +61,7 @@ class LoadClients:
     def _run(self) -> None:
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": "user", "content": ALERT_PROMPT}],
+            "messages": [{"role": "user", "content": self.prompt}],
             "max_tokens": self.max_tokens,
             "temperature": 0,
         }
