@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,8 @@ class Result:
     events_received: int = 0
     #: Downloads the artifact store answered with 503 (the --faults run).
     refused_downloads: int = 0
+    #: Why devices failed or were offline, with how many.
+    reasons: dict[str, int] = field(default_factory=dict)
     devices_rss_mb: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -155,6 +158,7 @@ def measure(devices: int, processes: int, faults: bool, root: Path) -> Result:
                 keys.keyring(),
                 device=device,
                 groups=(GROUP,),
+                keepalive_s=30,  # the default: the tests' 5 s is for fast outage detection
                 extra="[telemetry]\ninterval_s = 30\nstatus_every_s = 120\n",
             )
             for device in ids
@@ -239,6 +243,9 @@ def measure(devices: int, processes: int, faults: bool, root: Path) -> Result:
             states = [p["state"] for p in final["devices"].values()]
             result.committed, result.offline = states.count("committed"), states.count("offline")
             result.failed = states.count("failed")
+            result.reasons = dict(
+                Counter(p["reason"] for p in final["devices"].values() if p["state"] != "committed")
+            )
             committed = [d for d, p in final["devices"].items() if p["state"] == "committed"]
             result.events_expected = STATES_PER_DEPLOYMENT * len(committed)
 

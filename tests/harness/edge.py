@@ -54,6 +54,7 @@ def write_edge_config(
     mqtt: str = "",
     serving: ServingOptions | None = None,
     groups: tuple[str, ...] = GROUPS,
+    keepalive_s: int = 5,
 ) -> Path:
     """A daemon config for tests: fast retries and watchdogs, short settle time, RAM from a fixture.
     Without ``serving`` the runtime is off (control-plane tests use fake GGUFs)."""
@@ -77,7 +78,7 @@ sysfs_root = "{pi.sysfs}"
 [mqtt]
 host = "{broker.host}"
 port = {broker.port}
-keepalive_s = 5
+keepalive_s = {keepalive_s}
 {mqtt}
 
 [store]
