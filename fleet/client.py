@@ -130,7 +130,8 @@ class FleetClient:
             if ref.kind is TopicKind.RESPONSE:
                 correlation = getattr(message.properties, "CorrelationData", None)
                 if correlation is not None and isinstance(payload, CommandResponse):
-                    self._responses[bytes(correlation)] = payload
+                    # The first answer counts: a redelivered request must not overwrite it.
+                    self._responses.setdefault(bytes(correlation), payload)
             else:
                 view = self.devices.setdefault(ref.device or "", DeviceView(ref.device or ""))
                 view.last_seen = time.time()

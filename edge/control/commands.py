@@ -108,8 +108,12 @@ class CommandHandler:
         return command
 
     def refuse(self, reply: ReplyTo, error: ContractError, origin: str, nonce: str | None = None) -> None:
-        """Answer a command that was not executed; the refusal goes to the audit trail."""
+        """Answer a command that was not executed; the refusal goes to the audit trail. A replayed
+        nonce is not answered: MQTT delivers at least once, so it is usually a second copy of a
+        command already answered, and a second answer would contradict the first."""
         self.audit.refused(RefusalKind.COMMAND, error.reason, origin, str(error), nonce=nonce)
+        if error.reason == "replayed":
+            return
         self._respond(
             reply,
             CommandResponse(
