@@ -45,6 +45,20 @@ OTHER_ARCH = "x86_64" if HOST_ARCH == "aarch64" else "aarch64"
 TOPICS = Topics(FLEET)
 
 
+FAST_TIMINGS = """
+[download]
+attempts = 4
+backoff_initial_s = 0.05
+backoff_max_s = 0.5
+stall_timeout_s = 2.0
+free_space_margin_mb = 0
+
+[deploy]
+settle_s = 0.3
+retry_failed_s = 1.0
+"""
+
+
 def write_edge_config(
     directory: Path,
     broker: Mosquitto,
@@ -55,8 +69,10 @@ def write_edge_config(
     serving: ServingOptions | None = None,
     groups: tuple[str, ...] = GROUPS,
     keepalive_s: int = 5,
+    fast: bool = True,
 ) -> Path:
-    """A daemon config for tests: fast retries and watchdogs, short settle time, RAM from a fixture.
+    """A daemon config for tests: fast retries and watchdogs, short settle time, RAM from a fixture
+    (``fast=False``: the production download and deploy timings, for simulations at scale).
     Without ``serving`` the runtime is off (control-plane tests use fake GGUFs)."""
     directory.mkdir(parents=True, exist_ok=True)
     keyring_file = directory / "keyring.json"
@@ -85,17 +101,7 @@ keepalive_s = {keepalive_s}
 state_dir = "{directory / "state"}"
 keep_models = 2
 
-[download]
-attempts = 4
-backoff_initial_s = 0.05
-backoff_max_s = 0.5
-stall_timeout_s = 2.0
-free_space_margin_mb = 0
-
-[deploy]
-settle_s = 0.3
-retry_failed_s = 1.0
-
+{FAST_TIMINGS if fast else ""}
 {sections}
 {extra}
 """
