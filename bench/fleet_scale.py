@@ -273,15 +273,16 @@ def measure(devices: int, processes: int, faults: bool, root: Path) -> Result:
 
 
 def _restart_in_last_wave(broker: Mosquitto, state_file: Path, result: Result) -> None:
-    """Restart the broker once the last wave has been sent to (a fault in the middle of a rollout)."""
+    """Restart the broker once the whole last wave was sent the command, before their answers."""
     while True:
         time.sleep(0.2)
         try:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):
             continue
-        if state["next_wave"] >= len(state["waves"]) - 1 and any(
-            p["state"] == "sent" for p in state["devices"].values()
+        last = state["waves"][-1]
+        if state["next_wave"] == len(state["waves"]) - 1 and all(
+            state["devices"].get(d, {}).get("state", "pending") != "pending" for d in last
         ):
             broker.restart()
             result.notes.append(f"broker restarted at wave {state['next_wave'] + 1} of {len(state['waves'])}")

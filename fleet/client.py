@@ -34,6 +34,10 @@ from shared.topics import TopicKind, Topics
 log = logging.getLogger(__name__)
 
 
+#: How long the broker keeps this client's session (and queues its messages) after a disconnect.
+SESSION_EXPIRY_S = 600
+
+
 class FleetError(ContractError):
     """The broker cannot be reached, or a device did not answer in time."""
 
@@ -71,6 +75,8 @@ class FleetClient:
         self._responses: dict[bytes, CommandResponse] = {}
         self._lock = threading.Condition()
         self._subscribed = threading.Event()
+        #: When a device's first status arrived (or the connection was made), monotonic; for settle().
+        self._last_status_at = time.monotonic()
         self._keys = [load_private_key(path) for path in settings.operator_keys]
         self.response_topic = self.topics.response(settings.operator)
         client = mqtt_client(settings.mqtt, f"{settings.operator}-{secrets.token_hex(4)}")
@@ -91,7 +97,11 @@ class FleetClient:
         """Connect and subscribe; retained statuses start arriving at once."""
         m = self.settings.mqtt
         try:
-            self.client.connect(m.host, m.port, keepalive=m.keepalive_s)
+            # A session that outlives a dropped connection (or a broker restart): answers and events
+            # sent while this client reconnects wait for it instead of being lost mid-rollout.
+            session = Properties(PacketTypes.CONNECT)
+            session.SessionExpiryInterval = SESSION_EXPIRY_S
+            self.client.connect(m.host, m.port, keepalive=m.keepalive_s, clean_start=True, properties=session)
         except OSError as exc:
             raise FleetError(
                 "broker-unreachable", f"cannot reach the broker at {m.host}:{m.port}: {exc}"
@@ -100,14 +110,27 @@ class FleetClient:
         if not self._subscribed.wait(timeout_s):
             self.close()
             raise FleetError("broker-unreachable", f"no subscription acknowledgement from {m.host}:{m.port}")
+        with self._lock:
+            self._last_status_at = time.monotonic()
 
     def close(self) -> None:
-        self.client.disconnect()
+        ending = Properties(PacketTypes.DISCONNECT)
+        ending.SessionExpiryInterval = 0  # leaving on purpose: the broker drops the session now
+        self.client.disconnect(properties=ending)
         self.client.loop_stop()
 
-    def settle(self, seconds: float = 1.0) -> None:
-        """Give retained statuses time to arrive."""
-        time.sleep(seconds)
+    def settle(self, quiet_s: float = 1.5, max_s: float = 60.0) -> None:
+        """Wait for the retained statuses: until no device appeared for the first time for
+        ``quiet_s`` (at most ``max_s``). They come in one burst after subscribing, longer the larger
+        the fleet (a fixed 1.5 s saw 420 of 1,000 simulated devices on a loaded machine); later
+        statuses of known devices do not prolong the wait."""
+        deadline = time.monotonic() + max_s
+        while (now := time.monotonic()) < deadline:
+            with self._lock:
+                quiet_for = now - self._last_status_at
+            if quiet_for >= quiet_s:
+                return
+            time.sleep(min(quiet_s - quiet_for, deadline - now))
 
     def _on_connect(
         self, client: mqtt.Client, userdata: object, flags: object, reason: Any, props: object
@@ -136,6 +159,8 @@ class FleetClient:
                 view = self.devices.setdefault(ref.device or "", DeviceView(ref.device or ""))
                 view.last_seen = time.time()
                 if isinstance(payload, DeviceStatus):
+                    if view.status is None:  # a device not seen before: the burst goes on
+                        self._last_status_at = time.monotonic()
                     view.status = payload
                 elif isinstance(payload, Telemetry):
                     view.telemetry = payload

@@ -125,7 +125,9 @@ def status(
     config: ConfigOption = DEFAULT_FLEET_CONFIG,
     group: GroupOption = None,
     as_json: JsonOption = False,
-    wait: Annotated[float, typer.Option(help="Seconds to gather retained statuses.")] = 1.5,
+    wait: Annotated[
+        float, typer.Option(help="Gather statuses until none arrived for this many seconds (60 s at most).")
+    ] = 1.5,
 ) -> None:
     """A table of devices: online, model, deployment state, tok/s, TTFT, RAM, temperature, throttling."""
     settings = _settings(config)
@@ -195,7 +197,7 @@ def rollout(
     envelope = manifest.read_bytes()
     store = FleetStore(settings.db_path)  # the rollout's events go to `history` too
     with FleetClient(settings, listener=store.add) as client:
-        client.settle(1.5)
+        client.settle()
         limits = FailureLimits.from_options(max_failures, max_failure_rate, min_finished)
         state, path = start_or_resume(
             client, envelope, state_file, group, canary, waves, limits, wave_timeout, rollback, rate
@@ -248,7 +250,7 @@ def _fan_out(
     settings = _settings(config)
     with FleetClient(settings) as client:
         if group is not None:
-            client.settle(1.5)
+            client.settle()
         targets = _targets(client, device, group)
         sent = {target: client.send_command(target, action) for target in targets}
         deadline = time.monotonic() + timeout_s
