@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(ARCH)),-DGGML_NATIVE=OFF,)
 LLAMA_WHEELS := .cache/wheels/llama-$(LLAMA_VERSION)-$(ARCH)$(if $(LLAMA_CMAKE_ARGS),-avx2)
 DEMO_DIR := demo-out
 
-.PHONY: test demo bench train-real lint system-deps venv trainer-deps clean
+.PHONY: test demo bench train-real fleet-scale soak lint system-deps venv trainer-deps clean
 
 ## Debian packages: mosquitto (real broker for tests), venv support, a C++ compiler
 ## (llama-cpp-python is built from source; PyPI has no wheel), chromium (the fleet report is
@@ -93,6 +93,14 @@ bench: venv
 ## against the base, publish to a local daemon. Results in train-real-out/results.md (docs/benchmarks.md).
 train-real: trainer-deps
 	$(PY) -m bench.real_finetune --out train-real-out
+
+## The long runs of docs/benchmarks.md (not in `make bench`: tens of minutes each).
+fleet-scale: venv
+	$(PY) -m bench.fleet_scale --devices 100 500 1000 --processes 8
+	$(PY) -m bench.fleet_scale --devices 100 500 --processes 8 --faults
+
+soak: venv
+	$(PY) -m bench.soak --minutes 30 --swap-every 300
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) train-real-out .pytest_cache .ruff_cache .hypothesis
