@@ -136,7 +136,7 @@ class _SysCounter:
         self.client.loop_stop()
 
 
-def measure(devices: int, processes: int, faults: bool, root: Path) -> Result:
+def measure(devices: int, processes: int, faults: bool, root: Path, rate: float | None = None) -> Result:
     result = Result(devices, faults)
     keys = FleetKeys(*(generate_key() for _ in range(6)))
     write_private_key(keys.operator, root / "operator.key")
@@ -225,7 +225,7 @@ def measure(devices: int, processes: int, faults: bool, root: Path) -> Result:
                 [*FLEET_CLI, "rollout", str(envelope), "--group", GROUP, "--canary", "1",
                  "--waves", "10%,50%,100%", "--max-failure-rate", "5%", "--min-finished", "20",
                  "--wave-timeout", "300", "--state", str(state_file), "--json", "--no-publish-desired",
-                 "--config", str(operator_config)],
+                 "--config", str(operator_config), *(["--rate", str(rate)] if rate else [])],
                 stdout=rollout_file.open("w"), stderr=(root / "rollout.log").open("w"),
             )  # fmt: skip
             if faults:
@@ -298,6 +298,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, nargs="+", default=[100])
     parser.add_argument("--processes", type=int, default=4, help="device processes (plus one for --faults)")
     parser.add_argument("--faults", action="store_true")
+    parser.add_argument("--rate", type=float, help="immune-fleet rollout --rate (devices a minute)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", nargs="+", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -310,7 +311,7 @@ def main() -> None:
     for n in args.devices:
         with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
             console.print(f"[bold]{n} devices[/] ({'with' if args.faults else 'no'} faults)...")
-            results.append(measure(n, args.processes, args.faults, Path(tmp)))
+            results.append(measure(n, args.processes, args.faults, Path(tmp), args.rate))
             console.print(results[-1])
     table = Table(title=f"fleet scale ({os.cpu_count()} cores){' with faults' if args.faults else ''}")
     columns = [

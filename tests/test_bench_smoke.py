@@ -29,9 +29,11 @@ def test_adapters_bench_runs_on_synthetic_adapters() -> None:
 
 def test_fleet_scale_bench_converges_through_its_faults(tmp_path) -> None:
     """20 simulated devices: 2 killed before the rollout, the broker restarted in the last wave, the
-    first downloads answered 503. Every online device commits, no event is lost."""
+    first downloads answered 503, devices started at most 300 a minute. Every online device commits,
+    no event is lost."""
     out = tmp_path / "scale.json"
     command = [sys.executable, "-m", "bench.fleet_scale", "--devices", "20", "--processes", "2", "--faults"]
+    command += ["--rate", "300"]
     result = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run,) = json.loads(out.read_text())
@@ -39,6 +41,7 @@ def test_fleet_scale_bench_converges_through_its_faults(tmp_path) -> None:
     assert (run["committed"], run["offline"], run["failed"]) == (18, 2, 0)
     assert run["events_expected"] == run["events_received"] == 7 * 18
     assert run["refused_downloads"] > 0 and any("broker restarted" in note for note in run["notes"])
+    assert run["rollout_s"] >= 17 * 60 / 300  # the 18 online devices were started 0.2 s apart at least
 
 
 def test_soak_bench_runs_a_short_soak_with_swaps(tmp_path) -> None:
