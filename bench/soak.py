@@ -58,6 +58,8 @@ class Soak:
     swaps: list[str] = field(default_factory=list)
     requests: int = 0
     failed: int = 0
+    #: status and error of each failed request
+    failures: list[str] = field(default_factory=list)
     unsent_at_end: int = -1
 
 
@@ -129,6 +131,8 @@ def soak(minutes: float, swap_every_s: float, root: Path) -> Soak:
                     time.sleep(5)
             outcomes = load.snapshot()
             result.requests, result.failed = len(outcomes), len(load.failures())
+            failures = load.failures()
+            result.failures = [f"{o.status} after {o.seconds:.0f} s: {o.error[:200]}" for o in failures]
             time.sleep(3)  # the last telemetry and status go out
             status = subprocess.run(
                 [sys.executable, "-m", "edge.cli", "status", "--config", str(config)],
@@ -160,6 +164,7 @@ def report(result: Soak, warm_up_swaps: int) -> dict[str, object]:
     return {
         "requests": result.requests,
         "failed": result.failed,
+        "failures": result.failures,
         "swaps": result.swaps,
         "warm_up_ends_s": warm,
         "rss_end_vs_warm": drift,
@@ -177,6 +182,9 @@ def main() -> None:
     parser.add_argument("--swap-every", type=float, default=300, help="seconds between signed swaps")
     parser.add_argument("--warm-up-swaps", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--report-only", action="store_true", help="exit 0 even with failed requests (the CI smoke)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         result = soak(args.minutes, args.swap_every, Path(tmp))
@@ -189,7 +197,7 @@ def main() -> None:
         args.json.write_text(
             json.dumps({**figures, "samples": [s.__dict__ for s in result.samples]}, indent=2)
         )
-    if result.failed or result.unsent_at_end:
+    if (result.failed and not args.report_only) or result.unsent_at_end:
         raise SystemExit(f"{result.failed} failed request(s), {result.unsent_at_end} unsent message(s)")
 
 
