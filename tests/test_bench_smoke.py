@@ -54,5 +54,5 @@ def test_soak_bench_runs_a_short_soak_with_swaps(tmp_path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["requests"] > 0 and len(figures["failures"]) == figures["failed"]
-    assert figures["unsent_outbox_at_end"] == 0 and len(figures["samples"]) > 3
+    assert figures["unsent_outbox_at_end"] == 0 and len(figures["samples"]) >= 3
     assert len(figures["swaps"]) >= 2 and all(s.endswith("committed") for s in figures["swaps"])
