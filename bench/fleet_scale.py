@@ -218,7 +218,7 @@ def measure(devices: int, processes: int, faults: bool, root: Path, rate: float 
             envelope = root / "manifest.dsse.json"
             envelope.write_bytes(sign_manifest([keys.trainer], data, url, serial=1))
             state_file = root / "rollout.json"
-            cpu_before = sum(psutil.Process(broker._process.pid).cpu_times()[:2])  # type: ignore[union-attr]
+            cpu_before = sum(psutil.Process(broker.pid).cpu_times()[:2])
             messages_before, begun = counter.value, time.monotonic()
             rollout_file = root / "rollout-result.json"
             rollout = subprocess.Popen(
@@ -237,7 +237,7 @@ def measure(devices: int, processes: int, faults: bool, root: Path, rate: float 
             final = json.loads(rollout_file.read_text())
             result.rollout_s = round(time.monotonic() - begun, 1)
             time.sleep(2)  # one more $SYS refresh
-            cpu_after = sum(psutil.Process(broker._process.pid).cpu_times()[:2])  # type: ignore[union-attr]
+            cpu_after = sum(psutil.Process(broker.pid).cpu_times()[:2])
             result.mosquitto_cpu_s = round(cpu_after - cpu_before if not faults else cpu_after, 2)
             result.messages_per_s = round((counter.value - messages_before) / (time.monotonic() - begun), 1)
             result.rollout_status = final["status"]

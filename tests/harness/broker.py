@@ -99,6 +99,12 @@ class Mosquitto:
             raise RuntimeError(f"mosquitto failed to start: {exc}\n{self.log()}") from None
         return self
 
+    @property
+    def pid(self) -> int:
+        """The running mosquitto's process id (a new one after ``restart``)."""
+        assert self._process is not None, "not started"
+        return self._process.pid
+
     def log(self) -> str:
         return self.log_file.read_text() if self.log_file.exists() else ""
 
