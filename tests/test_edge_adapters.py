@@ -186,3 +186,39 @@ def test_adapters_deploy_serve_and_roll_back_on_one_base(
             first,
             risk,
         )  # as rolled back
+
+
+def test_fleet_adapters_apply_on_a_base_set_for_the_device_alone(
+    tmp_path, mqtt_broker, fleet_keys, artifact_server, observer, smollm2_model
+) -> None:
+    """Desired state is per level, and the device's own level wins; but the model and each adapter
+    are separate wants. A base set on the device's topic must not hide the fleet's adapters, and two
+    adapters published back to back on one topic (the second replaces the first as the retained
+    message) are both deployed."""
+    options = ServingOptions(trial_s=0.0)
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
+    size, digest = sha256_file(smollm2_model)
+    url = artifact_server.add_file(smollm2_model)
+    base = {"name": "smollm2-base", "sha256": digest, "size": size, "urls": [url]}
+    loras = {seed: write_lora(tmp_path / f"lora-{seed}.gguf", smollm2_model, seed) for seed in (1, 2)}
+    with running_daemon(config) as daemon:
+        envelope = sign_manifest(
+            [fleet_keys.trainer], smollm2_model.read_bytes(), url, serial=1, name="smollm2-base",
+            runtime=SMOL_RUNTIME,
+        )  # fmt: skip
+        observer.publish(TOPICS.desired_device("pi-1"), envelope)
+        assert observer.wait_terminal(1, timeout=180)[-1]["state"] == "committed"
+        for seed, name in ((1, "slips-summary"), (2, "slips-risk")):
+            adapter = _adapter(name, name.removeprefix("slips-"), base)
+            lora = loras[seed]
+            signed = sign_manifest(
+                [fleet_keys.trainer], lora.read_bytes(), artifact_server.add_file(lora), serial=1, **adapter
+            )
+            observer.publish(TOPICS.desired_fleet(), signed)
+        ends = observer.wait_terminal(3, timeout=180)
+        assert sorted((e["manifest_name"], e["state"]) for e in ends[1:]) == [
+            ("slips-risk", "committed"),
+            ("slips-summary", "committed"),
+        ], ends
+        assert [a.name for a in daemon.data.router.adapters] == ["slips-risk", "slips-summary"]
+        assert Device(observer, artifact_server, fleet_keys, options.base_url).answer("slips-risk")

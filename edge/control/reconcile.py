@@ -1,7 +1,8 @@
 """Desired-state reconciliation: retained desired state arrives for the fleet, the device's groups
 and the device itself, in any order after a (re)connect. After it settles, the most specific level
-wins (device > group > fleet); a level already acted on is not acted on again; a transient failure
-is retried later; a pinned device waits."""
+wins (device > group > fleet), for the model and for each adapter on its own: a base set for one
+device and the fleet's adapters all apply. What was already acted on is not acted on again; a
+transient failure is retried later; a pinned device waits."""
 
 from __future__ import annotations
 
@@ -12,17 +13,29 @@ import time
 from collections.abc import Callable
 
 from edge.control.deployer import Deployer
+from shared.admission import read_manifest_unverified
 from shared.outcome import Outcome
 from shared.topics import TopicKind, TopicRef
 
 log = logging.getLogger(__name__)
 
 DESIRED_KINDS = frozenset({TopicKind.DESIRED_FLEET, TopicKind.DESIRED_GROUP, TopicKind.DESIRED_DEVICE})
+MODEL_SLOT = "model"
 
 
 def envelope_digest(envelope: bytes) -> str:
     """Identity of a received envelope, for recognising redelivered retained messages."""
     return hashlib.sha256(envelope).hexdigest()
+
+
+def slot_of(envelope: bytes) -> str:
+    """What a desired-state message sets: the model, or one adapter by name. Read unverified, which
+    is safe: it only decides which earlier message this one replaces (a forged one can displace no
+    more than before, when it replaced the whole level); the deployer verifies before acting."""
+    manifest = read_manifest_unverified(envelope)
+    if manifest is None or manifest.base is None:
+        return MODEL_SLOT
+    return f"adapter:{manifest.name}"
 
 
 def level_of(ref: TopicRef) -> str:
@@ -51,7 +64,8 @@ class Reconciler:
         self.retry_failed_s = retry_failed_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._by_level: dict[str, bytes] = {}
+        #: level -> slot (the model, or an adapter) -> the envelope last received for it
+        self._by_level: dict[str, dict[str, bytes]] = {}
         self._settle_until: float | None = None
         self._retry_at: float | None = None
         self._queued = False
@@ -61,7 +75,7 @@ class Reconciler:
         level = level_of(ref)
         with self._lock:
             if payload:
-                self._by_level[level] = payload
+                self._by_level.setdefault(level, {})[slot_of(payload)] = payload
             else:
                 self._by_level.pop(level, None)
             self._settle_until = self._clock() + self.settle_s
@@ -75,7 +89,7 @@ class Reconciler:
     def wanted_envelopes(self) -> list[bytes]:
         """Every desired envelope held: their files are kept by garbage collection."""
         with self._lock:
-            return list(self._by_level.values())
+            return [envelope for slots in self._by_level.values() for envelope in slots.values()]
 
     def take_due(self) -> bool:
         """Whether a reconciliation should be queued now; at most one is queued at a time."""
@@ -88,33 +102,42 @@ class Reconciler:
             self._queued = True
             return True
 
-    def _effective(self) -> tuple[str, bytes] | None:
-        for level in ("device", *(f"group:{g}" for g in self.groups), "fleet"):
-            if level in self._by_level:
-                return level, self._by_level[level]
-        return None
+    def _effective(self) -> list[tuple[str, str, bytes]]:
+        """(level, slot, envelope) per slot from its most specific level; the model first, since an
+        adapter needs its base."""
+        levels = ("device", *(f"group:{g}" for g in self.groups), "fleet")
+        slots = sorted(
+            {slot for held in self._by_level.values() for slot in held}, key=lambda s: (s != MODEL_SLOT, s)
+        )
+        chosen = []
+        for slot in slots:
+            level = next(level for level in levels if slot in self._by_level.get(level, {}))
+            chosen.append((level, slot, self._by_level[level][slot]))
+        return chosen
 
-    def reconcile(self) -> Outcome | None:
-        """Deploy the most specific desired state unless it was already acted on or the device is
-        pinned; returns the deployment's outcome, or None when nothing was done."""
+    def reconcile(self) -> list[Outcome]:
+        """Deploy, per slot, the most specific desired state unless it was already acted on or the
+        device is pinned; returns the outcomes of what was deployed."""
         with self._lock:
             self._queued = False
             chosen = self._effective()
-        if chosen is None:
-            return None
-        level, envelope = chosen
         ledger = self.deployer.ledger
-        digest = envelope_digest(envelope)
-        if ledger.handled(level) == digest:
-            return None
-        if ledger.pinned:
-            log.info("pinned: not acting on new desired state from %s", level)
-            return None
-        outcome = self.deployer.deploy(envelope, source=f"desired:{level}")
-        if outcome.transient:
-            with self._lock:
-                self._retry_at = self._clock() + self.retry_failed_s
-            log.info("will retry the desired state from %s in %.0f s", level, self.retry_failed_s)
-        else:
-            ledger.mark_handled(level, digest)
-        return outcome
+        outcomes = []
+        for level, slot, envelope in chosen:
+            # The model's key is the level alone, as before adapters had slots of their own.
+            key = level if slot == MODEL_SLOT else f"{level}/{slot}"
+            digest = envelope_digest(envelope)
+            if ledger.handled(key) == digest:
+                continue
+            if ledger.pinned:
+                log.info("pinned: not acting on new desired state from %s", level)
+                break
+            outcome = self.deployer.deploy(envelope, source=f"desired:{level}")
+            outcomes.append(outcome)
+            if outcome.transient:
+                with self._lock:
+                    self._retry_at = self._clock() + self.retry_failed_s
+                log.info("will retry the desired state from %s in %.0f s", level, self.retry_failed_s)
+            else:
+                ledger.mark_handled(key, digest)
+        return outcomes
