@@ -120,7 +120,7 @@ class ControlPlane:
         reporter = Reporter(
             topics, config.device.id, tuple(config.device.groups), ledger, outbox, software_version(), clock
         )
-        store = store or ContentStore(config.store_dir)
+        store = store or ContentStore(config.store_dir, config.store.seed_dirs)
         deployer = Deployer(
             ledger,
             reporter,
@@ -221,7 +221,7 @@ class Device:
 
     @classmethod
     def build(cls, config: EdgeConfig, on_thermal_change: Callable[[str], None]) -> Device:
-        store, audit = ContentStore(config.store_dir), audit_from(config)
+        store, audit = ContentStore(config.store_dir, config.store.seed_dirs), audit_from(config)
         data = (
             DataPlane.from_config(config, store, on_thermal_change, audit) if config.runtime.enabled else None
         )

@@ -38,6 +38,9 @@ class StoreSettings(ConfigModel):
     state_dir: ConfigPath = STATE_DIR
     keep_models: Annotated[int, Field(ge=2, le=32)] = 3
     allowed_architectures: Annotated[list[str], Field(min_length=1)] = sorted(DEFAULT_ARCHITECTURES)
+    #: Read-only directories of blobs named by their sha256 (models baked into the image, or one
+    #: copy shared by many simulated devices), tried before downloading; hashed in full before use.
+    seed_dirs: Annotated[list[ConfigPath], Field(max_length=8)] = []
 
 
 class DownloadSettings(ConfigModel):

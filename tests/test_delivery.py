@@ -172,6 +172,41 @@ def test_store_gc_keeps_wanted_and_in_use_blobs(store) -> None:
     assert store.has("a" * 64) and store.has("b" * 64) and store.partial_path("e" * 64).exists()
 
 
+def test_a_read_only_seed_is_linked_not_copied_and_a_writable_one_is_copied(tmp_path, blob) -> None:
+    """N simulated devices (or a device image's baked-in models) share one read-only copy: the store
+    links it, with no second copy on disk; a seed anyone could still write to is copied instead."""
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    digest = hashlib.sha256(blob).hexdigest()
+    seed = seeds / digest
+    seed.write_bytes(blob)
+    seed.chmod(0o444)
+    stores = [ContentStore(tmp_path / f"device-{i}", [tmp_path / "absent", seeds]) for i in range(3)]
+    paths = [store.from_seed(digest, len(blob)) for store in stores]
+    assert all(p is not None and p.read_bytes() == blob for p in paths)
+    assert {p.stat().st_ino for p in paths if p} == {seed.stat().st_ino} and seed.stat().st_nlink == 4
+    stores[0].collect_garbage(keep=())
+    assert seed.read_bytes() == blob, "dropping a device's link leaves the shared copy"
+    seed.chmod(0o644)
+    copied = ContentStore(tmp_path / "device-w", [seeds]).from_seed(digest, len(blob))
+    assert copied is not None and copied.stat().st_ino != seed.stat().st_ino and copied.read_bytes() == blob
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_a_seed_that_is_not_what_its_name_says_is_not_used(tmp_path, blob, writable, caplog) -> None:
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    digest = hashlib.sha256(blob).hexdigest()
+    (seeds / digest).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    (seeds / digest).chmod(0o644 if writable else 0o444)
+    store = ContentStore(tmp_path / "device", [seeds])
+    assert store.from_seed(digest, len(blob)) is None
+    assert not store.has(digest) and not any(store.partials.iterdir())
+    assert f"seed {seeds / digest} not used" in caplog.text
+    assert f"sha256 is {hashlib.sha256((seeds / digest).read_bytes()).hexdigest()}" in caplog.text
+    assert store.from_seed(hashlib.sha256(b"other").hexdigest(), 5) is None  # not in any seed
+
+
 def test_real_models_pass_the_gguf_header_check(smollm2_model, gemma3_model) -> None:
     assert read_gguf_header(smollm2_model).architecture == "llama"
     assert read_gguf_header(gemma3_model).architecture == "gemma3"

@@ -183,6 +183,8 @@ class Deployer:
         for entry in manifest.files:
             if entry.name in local_files:
                 paths[entry.name] = self.store.import_file(local_files[entry.name], entry.sha256, entry.size)
+            elif (seeded := self.store.from_seed(entry.sha256, entry.size)) is not None:
+                paths[entry.name] = seeded
             else:
                 paths[entry.name] = self.downloader.fetch(entry, on_progress)
         return paths

@@ -1,5 +1,10 @@
 """Content-addressed model store: ``sha256/<hex>`` holds only verified blobs, ``partial/`` holds
-downloads in progress. A blob enters the store by fsync + atomic rename, never by copying."""
+downloads in progress. A blob enters the store by fsync + atomic rename, never by copying.
+
+Seed directories (read-only, e.g. the models baked into a device image, or one copy shared by many
+simulated devices) hold blobs named by their sha256; a wanted blob found there is hard-linked into
+the store when it is on the same file system and read-only, copied otherwise, and hashed in full
+either way before it counts as stored."""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from shared.errors import ArtifactError
 
@@ -28,8 +34,9 @@ def fsync_dir(path: Path) -> None:
 class ContentStore:
     """Verified blobs addressed by sha256, plus partial downloads named by the digest they should have."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, seed_dirs: Sequence[Path] = ()) -> None:
         self.root = root
+        self.seed_dirs = tuple(seed_dirs)
         self.blobs = root / "sha256"
         self.partials = root / "partial"
         for directory in (self.blobs, self.partials):
@@ -65,27 +72,51 @@ class ContentStore:
         if self.has(sha256):
             return self.blob_path(sha256)
         partial = self.partial_path(sha256)
-        digest, copied = hashlib.sha256(), 0
         try:
             with source.open("rb") as src, partial.open("wb") as out:
-                while copied <= size and (chunk := src.read(min(_CHUNK, size + 1 - copied))):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    copied += len(chunk)
-            if copied != size:
-                raise ArtifactError(
-                    "size-mismatch",
-                    f"{source}: size is {'more than ' if copied > size else ''}{copied} "
-                    f"bytes, manifest says {size}",
-                )
-            if digest.hexdigest() != sha256:
-                raise ArtifactError(
-                    "hash-mismatch", f"{source}: sha256 is {digest.hexdigest()}, manifest says {sha256}"
-                )
+                _check_bytes(src, str(source), sha256, size, out.write)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
         return self.admit(partial, sha256)
+
+    def from_seed(self, sha256: str, size: int) -> Path | None:
+        """The blob ``sha256`` taken from a seed directory, or None when no seed has it (or the one
+        found is not what its name says, which is logged: the caller downloads instead)."""
+        for directory in self.seed_dirs:
+            source = directory / sha256
+            if not source.is_file():
+                continue
+            try:
+                return self._link(source, sha256, size) or self.import_file(source, sha256, size)
+            except (ArtifactError, OSError) as exc:
+                log.warning("seed %s not used: %s", source, exc)
+        return None
+
+    def _link(self, source: Path, sha256: str, size: int) -> Path | None:
+        """Hard-link a read-only seed into the store (no copy); None when it cannot be linked. The
+        link is hashed, not the source path, so what is checked is what is kept."""
+        if self.has(sha256):
+            return self.blob_path(sha256)
+        if source.stat().st_mode & 0o222:
+            return None  # a writable seed could change under the store: copy it instead
+        partial = self.partial_path(sha256)
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(source, partial)
+        except OSError:
+            return None  # another file system, or links not allowed
+        try:
+            with partial.open("rb") as linked:
+                _check_bytes(linked, str(source), sha256, size, None)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        target = self.blob_path(sha256)
+        partial.replace(target)
+        fsync_dir(self.blobs)
+        log.info("linked blob %s from seed %s", sha256, source.parent)
+        return target
 
     def collect_garbage(self, keep: Collection[str], in_use: Collection[str] = ()) -> list[str]:
         """Delete blobs and partials whose digest is in neither ``keep`` nor ``in_use``; return what went."""
@@ -101,3 +132,25 @@ class ContentStore:
             fsync_dir(self.partials)
             log.info("garbage-collected %s", ", ".join(sorted(removed)))
         return removed
+
+
+def _check_bytes(
+    src: BinaryIO, what: str, sha256: str, size: int, sink: Callable[[bytes], object] | None
+) -> None:
+    """Read at most ``size + 1`` bytes of ``src`` (passing them to ``sink``); ArtifactError unless
+    they are exactly ``size`` bytes with digest ``sha256``."""
+    digest, read = hashlib.sha256(), 0
+    while read <= size and (chunk := src.read(min(_CHUNK, size + 1 - read))):
+        digest.update(chunk)
+        if sink is not None:
+            sink(chunk)
+        read += len(chunk)
+    if read != size:
+        raise ArtifactError(
+            "size-mismatch",
+            f"{what}: size is {'more than ' if read > size else ''}{read} bytes, manifest says {size}",
+        )
+    if digest.hexdigest() != sha256:
+        raise ArtifactError(
+            "hash-mismatch", f"{what}: sha256 is {digest.hexdigest()}, manifest says {sha256}"
+        )

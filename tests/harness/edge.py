@@ -70,6 +70,7 @@ def write_edge_config(
     groups: tuple[str, ...] = GROUPS,
     keepalive_s: int = 5,
     fast: bool = True,
+    seed_dirs: tuple[Path, ...] = (),
 ) -> Path:
     """A daemon config for tests: fast retries and watchdogs, short settle time, RAM from a fixture
     (``fast=False``: the production download and deploy timings, for simulations at scale).
@@ -100,6 +101,7 @@ keepalive_s = {keepalive_s}
 [store]
 state_dir = "{directory / "state"}"
 keep_models = 2
+seed_dirs = {json.dumps([str(d) for d in seed_dirs])}
 
 {FAST_TIMINGS if fast else ""}
 {sections}
