@@ -13,7 +13,7 @@ from typing import Any
 from shared.artifacts import describe_artifact
 from shared.errors import ArtifactError
 from shared.gguf import GgufHeader, minimum_ram_mb, read_gguf_header
-from shared.manifest import BaseModelRef, Manifest, Quantization, RuntimeProfile
+from shared.manifest import BaseModelRef, HealthGate, Manifest, Quantization, RuntimeProfile
 
 
 @dataclass
@@ -38,6 +38,8 @@ class ManifestSpec:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: For a LoRA adapter GGUF: the base it was exported against (it must be the one recorded in it).
     base: BaseModelRef | None = None
+    #: The gate a device runs the file through before it gets traffic (None: the device's own).
+    health: HealthGate | None = None
 
 
 def _check_adapter(gguf: Path, header: GgufHeader, base: BaseModelRef | None) -> None:
@@ -108,6 +110,7 @@ def build_manifest(
             },
             **({"provenance": spec.provenance} if spec.provenance else {}),
             **({"base": spec.base} if spec.base else {}),
+            **({"health": spec.health} if spec.health else {}),
         },
         strict=False,
     )

@@ -5,7 +5,10 @@ match the base GGUF's, and llama-cpp-python running the result. The full recipe 
 from __future__ import annotations
 
 import json
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +18,7 @@ from shared.artifacts import sha256_file
 from shared.gguf import read_gguf_header
 from shared.signing import Envelope, write_private_key
 from tests.harness.edge import (
+    DEVICE,
     FLEET,
     HOST_ARCH,
     TOPICS,
@@ -23,6 +27,7 @@ from tests.harness.edge import (
     sign_manifest,
     write_edge_config,
 )
+from tests.harness.load import LoadClients
 from tests.harness.slips_fixture import write_slips_fixture
 from tests.harness.training import immune_train, write_publish_config
 from trainer.base_model import PARITY_TOLERANCE, parity_check, require_parity, resolve_base
@@ -156,59 +161,85 @@ def test_tokenizer_fidelity_refuses_a_different_tokenizer(smollm2_model: Path, g
     assert caught.value.reason == "tokenizer-mismatch" and "differs at token" in str(caught.value)
 
 
-def test_smoke_lora_on_smollm2_from_its_gguf(
-    smollm2_model: Path, tmp_path: Path, mqtt_broker, artifact_server, fleet_keys, observer
-) -> None:
+@dataclass(frozen=True)
+class AdapterRun:
+    """One ``immune-train`` run on SmolLM2 up to an evaluated LoRA adapter, with what export and
+    eval printed."""
+
+    root: Path
+    exported: subprocess.CompletedProcess[str]
+    evaluated: subprocess.CompletedProcess[str]
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.root / "run" / "gguf"
+
+
+def _train_adapter(root: Path, base: Path, dataset: str, quant: str, *prepare: str) -> AdapterRun:
+    """prepare -> a few LoRA steps -> export (merged ``quant`` and the adapter) -> eval, by the CLI."""
+    immune_train(
+        "prepare", dataset, "--tokenizer", base, "--output", root / "data", "--max-tokens", "320",
+        "--eval-fraction", "0.25", *prepare,
+    )  # fmt: skip
+    config = root / "train.toml"
+    config.write_text(REAL_TRAIN_TOML.format(base=base))
+    immune_train("finetune", "--config", config)
+    exported = immune_train("export", root / "run", "--quant", quant, "--adapter")
+    evaluated = immune_train(
+        "eval", root / "run" / "gguf", "--data", root / "data" / "eval.jsonl", "--quant", quant,
+        "--ppl-records", "2", "--ppl-ctx", "320", "--task-records", "1", "--max-tokens", "8",
+    )  # fmt: skip
+    return AdapterRun(root, exported, evaluated)
+
+
+@pytest.fixture(scope="module")
+def summary_run(smollm2_model: Path, tmp_path_factory: pytest.TempPathFactory) -> AdapterRun:
+    """The summary task's adapter, with a merged q8_0 beside it."""
+    root = tmp_path_factory.mktemp("summary-run")
+    summary, _ = write_slips_fixture(root / "slips", incidents=8)
+    return _train_adapter(
+        root, smollm2_model, f"slips-summary={summary}", "q8_0",
+        "--answer-parts", "slips-summary=behavior_analysis",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def risk_run(smollm2_model: Path, tmp_path_factory: pytest.TempPathFactory) -> AdapterRun:
+    """The risk task's adapter on the same base (only the F16 merged beside it, for eval)."""
+    root = tmp_path_factory.mktemp("risk-run")
+    _, risk = write_slips_fixture(root / "slips", incidents=8)
+    return _train_adapter(root, smollm2_model, f"slips-risk={risk}", "f16")
+
+
+def test_smoke_lora_on_smollm2_from_its_gguf(summary_run: AdapterRun, smollm2_model: Path) -> None:
     """The CI smoke of the real recipe: prepare with the GGUF's tokenizer, a few LoRA steps on the
     converted weights, a q8_0 export that passes the tokenizer-fidelity check, and llama-cpp-python
     answering a Slips-style chat with it."""
     from llama_cpp import Llama
 
-    summary, _ = write_slips_fixture(tmp_path / "slips", incidents=8)
-    immune_train(
-        "prepare", f"slips-summary={summary}", "--tokenizer", smollm2_model, "--output", tmp_path / "data",
-        "--max-tokens", "320", "--eval-fraction", "0.25", "--answer-parts", "slips-summary=behavior_analysis",
-    )  # fmt: skip
-    assert all(r.answer.startswith("**Source:**") for r in read_records(tmp_path / "data" / "train.jsonl"))
-    config = tmp_path / "train.toml"
-    config.write_text(REAL_TRAIN_TOML.format(base=smollm2_model))
-    immune_train("finetune", "--config", config)
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    root = summary_run.root
+    assert all(r.answer.startswith("**Source:**") for r in read_records(root / "data" / "train.jsonl"))
+    run = json.loads((root / "run" / "run.json").read_text())
     assert run["base"]["spec"] == str(smollm2_model) and run["base"]["architecture"] == "llama"
     assert run["metrics"]["train_loss"] > 0
-    result = immune_train("export", tmp_path / "run", "--quant", "q8_0", "--adapter")
+    result = summary_run.exported
     assert "tokenizer identical to the base GGUF SmolLM2-135M-Instruct.Q4_1.gguf" in result.stdout
-    report = json.loads((tmp_path / "run" / "gguf" / "export.json").read_text())
+    report = json.loads((summary_run.gguf_dir / "export.json").read_text())
     assert report["tokenizer"]["samples"] >= 8 and report["tokenizer"]["tokens"] > 500
     # The LoRA alone, bound to the base GGUF the device holds, applied by llama-cpp-python.
     adapter = report["adapter"]
-    lora = read_gguf_header(tmp_path / "run" / "gguf" / adapter["file"])
+    lora = read_gguf_header(summary_run.gguf_dir / adapter["file"])
     assert (lora.kind, lora.adapter_type, lora.architecture) == ("adapter", "lora", "llama")
     assert lora.base_sha256 == adapter["base_sha256"] == sha256_file(smollm2_model)[1]
     assert adapter["answered"] and adapter["size"] < adapter["base_size"] / 5
     assert "applied by llama-cpp-python: answered" in result.stdout
     # eval judges the adapter on its base exactly as a device runs it, next to the merged F16.
-    args = (
-        "--data",
-        tmp_path / "data" / "eval.jsonl",
-        "--quant",
-        "q8_0",
-        "--ppl-records",
-        "2",
-        "--ppl-ctx",
-        "320",
-    )
-    evaluated = immune_train(
-        "eval", tmp_path / "run" / "gguf", *args, "--task-records", "1", "--max-tokens", "8"
-    )
-    assert "adapter run.adapter.gguf on SmolLM2-135M-Instruct.Q4_1.gguf: perplexity" in evaluated.stderr
-    scores = json.loads((tmp_path / "run" / "gguf" / "eval.json").read_text())["adapter"]
+    evaluated = summary_run.evaluated.stderr
+    assert "adapter run.adapter.gguf on SmolLM2-135M-Instruct.Q4_1.gguf: perplexity" in evaluated
+    scores = json.loads((summary_run.gguf_dir / "eval.json").read_text())["adapter"]
     assert scores["file"] == adapter["file"] and scores["perplexity"] > 1
     assert abs(scores["perplexity_rise_vs_f16"]) < 0.5 and scores["vs_f16"]["perplexity"]["n"] == 2
-    # publish --adapter: the adapter and its base uploaded, a signed adapter manifest that a device
-    # serving that base commits and answers with.
-    _publish_adapter_to_a_device(tmp_path, smollm2_model, mqtt_broker, artifact_server, fleet_keys, observer)
-    q8 = tmp_path / "run" / "gguf" / "run.q8_0.gguf"
+    q8 = summary_run.gguf_dir / "run.q8_0.gguf"
     model = Llama(model_path=str(q8), n_ctx=512, n_threads=2, verbose=False)
     try:
         reply = model.create_chat_completion(
@@ -221,42 +252,117 @@ def test_smoke_lora_on_smollm2_from_its_gguf(
     assert reply["choices"][0]["message"]["content"].strip()  # type: ignore[index]
 
 
-def _publish_adapter_to_a_device(
-    tmp_path, smollm2_model, mqtt_broker, artifact_server, fleet_keys, observer
-) -> None:
-    keyring, key = tmp_path / "keyring.json", tmp_path / "trainer.key"
-    keyring.write_bytes(fleet_keys.keyring().to_json())
-    write_private_key(fleet_keys.trainer, key)
-    config = write_publish_config(
-        tmp_path / "publish.toml", FLEET, [key], keyring, mqtt_broker.host, mqtt_broker.port,
-        artifact_server.root, artifact_server.base_url,
-    )  # fmt: skip
-    options = ServingOptions(trial_s=0.0)
-    device = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
-    runtime = {"chat_format": "chatml", "n_ctx": 1024, "stop": ["<|im_end|>"]}
-    base = sign_manifest(
-        [fleet_keys.trainer], smollm2_model.read_bytes(), artifact_server.add_file(smollm2_model),
-        serial=1, name="smollm2-base", runtime=runtime,
-    )  # fmt: skip
-    with running_daemon(device):
-        observer.publish(TOPICS.desired_fleet(), base)
-        assert observer.wait_terminal(1, timeout=180)[-1]["state"] == "committed"
+GEMMA_DEVICE = "pi-2"
+SLOW_GATE = '\n[health]\ngolden_prompts = ["Say hello."]\nmin_tokens_per_second = 1000000.0\n'
+
+
+class Publisher:
+    """``immune-train publish --adapter`` of trained runs, and the end each device reports."""
+
+    def __init__(self, tmp_path: Path, broker, server, keys, observer) -> None:
+        keyring, key = tmp_path / "keyring.json", tmp_path / "trainer.key"
+        keyring.write_bytes(keys.keyring().to_json())
+        write_private_key(keys.trainer, key)
+        self.configs = {}
+        for gate in ("device", "slow"):
+            self.configs[gate] = write_publish_config(
+                tmp_path / f"publish-{gate}.toml", FLEET, [key], keyring, broker.host, broker.port,
+                server.root, server.base_url, extra=SLOW_GATE if gate == "slow" else "",
+            )  # fmt: skip
+        self.observer = observer
+
+    def publish(self, run: AdapterRun, name: str, channel: str, serial: int, gate: str = "device") -> None:
         immune_train(
-            "publish", tmp_path / "run" / "gguf", "--config", config, "--name", "slips-summary-lora",
-            "--adapter", "--serial", "2", "--channel", "summary", "--arch", HOST_ARCH, "--n-ctx", "1024",
+            "publish", run.gguf_dir, "--config", self.configs[gate], "--name", name, "--adapter",
+            "--serial", str(serial), "--channel", channel, "--arch", HOST_ARCH, "--n-ctx", "1024",
         )  # fmt: skip
-        end = observer.wait_terminal(2, timeout=180)[-1]
-        assert (end["manifest_name"], end["state"]) == ("slips-summary-lora", "committed"), end
-        body = {
-            "model": "slips-summary-lora",
-            "messages": [{"role": "user", "content": "Source IP 10.0.0.1"}],
-        }
-        reply = httpx.post(f"{options.base_url}/api/chat", json=body | {"stream": False}, timeout=120)
-        assert reply.status_code == 200 and reply.json()["model"] == "slips-summary-lora", reply.text
+
+    def end(self, device: str, name: str, serial: int) -> dict[str, Any]:
+        """The terminal event of ``name`` #``serial`` on ``device``."""
+
+        def found() -> list[dict[str, Any]]:
+            return [
+                e for e in self.observer.terminal_events()
+                if (e["device_id"], e["manifest_name"], e["serial"]) == (device, name, serial)
+            ]  # fmt: skip
+
+        return self.observer.wait_for(found, 180, f"{name} #{serial} to end on {device}")[-1]
+
+
+def _ask(base_url: str, model: str) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "Source IP 10.0.0.1"}], "max_tokens": 16}
+    return httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_two_trained_adapters_are_published_and_served_from_one_worker(
+    summary_run: AdapterRun, risk_run: AdapterRun, smollm2_model: Path, gemma3_model: Path,
+    tmp_path: Path, mqtt_broker, artifact_server, fleet_keys, observer,
+) -> None:  # fmt: skip
+    """Two adapters trained by ``immune-train`` on SmolLM2, published by it, served by one daemon
+    from the base's one worker; a third hot-added under 4 clients fails no request; a device
+    serving another base refuses every one of them (base-mismatch); a version failing the health
+    gate signed into its manifest is not served, and the other adapters keep answering."""
+    publisher = Publisher(tmp_path, mqtt_broker, artifact_server, fleet_keys, observer)
+    smol = ServingOptions(trial_s=2.0)
+    gemma = ServingOptions(trial_s=0.0)
+    smol_device = write_edge_config(tmp_path / "pi-1", mqtt_broker, fleet_keys.keyring(), serving=smol)
+    gemma_device = write_edge_config(
+        tmp_path / GEMMA_DEVICE, mqtt_broker, fleet_keys.keyring(), serving=gemma, device=GEMMA_DEVICE
+    )
+    bases = {
+        DEVICE: (smollm2_model, {"chat_format": "chatml", "n_ctx": 1024, "stop": ["<|im_end|>"]}),
+        GEMMA_DEVICE: (gemma3_model, {"chat_format": "gemma", "n_ctx": 1024, "stop": ["<end_of_turn>"]}),
+    }
+    with running_daemon(smol_device) as daemon, running_daemon(gemma_device):
+        for device, (path, runtime) in bases.items():
+            envelope = sign_manifest(
+                [fleet_keys.trainer], path.read_bytes(), artifact_server.add_file(path), serial=1,
+                name="base", runtime=runtime,
+            )  # fmt: skip
+            observer.publish(TOPICS.desired_device(device), envelope)
+            assert publisher.end(device, "base", 1)["state"] == "committed"
+        router = daemon.data.router
+        worker = router.active.worker
+
+        publisher.publish(summary_run, "slips-summary", "summary", 1)
+        publisher.publish(risk_run, "slips-risk", "risk", 1)
+        for name in ("slips-summary", "slips-risk"):
+            assert publisher.end(DEVICE, name, 1)["state"] == "committed"
+            refused = publisher.end(GEMMA_DEVICE, name, 1)
+            assert (refused["state"], refused["reason"].split(":")[0]) == ("rejected", "base-mismatch")
+            assert f"adapter {name} needs base SmolLM2-135M-Instruct.Q4_1" in refused["reason"], refused
+        assert [a.name for a in router.adapters] == ["slips-risk", "slips-summary"]
+        assert all(a.worker is worker for a in router.adapters) and router.active.worker is worker
+        for name in ("slips-summary", "slips-risk", "base"):
+            reply = _ask(smol.base_url, name)
+            assert reply.status_code == 200 and reply.json()["model"] == name, reply.text
+
+        # A third adapter, hot-added while 4 clients use the other two and the base.
+        clients = [LoadClients(smol.base_url, clients=1, model=m) for m in ("slips-summary", "slips-risk")]
+        with LoadClients(smol.base_url, clients=2, model="base") as load, clients[0], clients[1]:
+            for each in (load, *clients):
+                each.wait_for_requests(2)
+            publisher.publish(summary_run, "slips-triage", "triage", 1)
+            assert publisher.end(DEVICE, "slips-triage", 1)["state"] == "committed"
+            for each in (load, *clients):
+                each.wait_for_requests(2)
+        assert [o for each in (load, *clients) for o in each.failures()] == []
+        assert router.active.worker is worker, "the base was reloaded"
+        assert [a.name for a in router.adapters] == ["slips-risk", "slips-summary", "slips-triage"]
+
+        # A new version whose signed health gate it cannot pass: not served; the others keep serving.
+        publisher.publish(risk_run, "slips-risk", "risk", 2, gate="slow")
+        end = publisher.end(DEVICE, "slips-risk", 2)
+        assert (end["state"], end["reason"].split(":")[0]) == ("failed", "health-gate-slow"), end
+        ledger = daemon.control.ledger
+        assert ledger.current("slips-risk").serial == 1 and router.active.worker is worker
+        for name in ("slips-summary", "slips-risk", "slips-triage", "base"):
+            assert _ask(smol.base_url, name).status_code == 200
     manifest = verify_manifest(
-        Envelope.from_json((tmp_path / "run" / "gguf" / "manifest-2.json").read_bytes()), fleet_keys.keyring()
+        Envelope.from_json((risk_run.gguf_dir / "manifest-2.json").read_bytes()), fleet_keys.keyring()
     )
     assert manifest.is_adapter and manifest.base.sha256 == sha256_file(smollm2_model)[1]
+    assert manifest.health is not None and manifest.health.min_tokens_per_second == 1e6
     assert manifest.runtime.chat_template and "<|im_start|>" in manifest.runtime.chat_template
     uploaded = artifact_server.root / "bases" / manifest.base.sha256[:16] / smollm2_model.name
     assert sha256_file(uploaded)[1] == manifest.base.sha256

@@ -21,6 +21,7 @@ from shared.manifest import (
     MANIFEST_PAYLOAD_TYPE,
     BaselineComparison,
     BaseModelRef,
+    HealthGate,
     Manifest,
     Quantization,
     RuntimeProfile,
@@ -70,6 +71,9 @@ class PublishSettings(ConfigModel):
     mqtt: MqttSettings = MqttSettings()
     store: StoreSettings
     gate: GateSettings = GateSettings()
+    #: Signed into every manifest: the golden prompts, tokens/s floor and RSS budget a device checks
+    #: a new model or adapter against before it gets traffic (absent: the device's configured gate).
+    health: HealthGate | None = None
 
 
 def load_publish_settings(path: Path) -> PublishSettings:
@@ -172,6 +176,7 @@ def build_publish_manifest(
     comparison: BaselineComparison | None = None,
     base: BaseModelRef | None = None,
     template_from: Path | None = None,
+    health: HealthGate | None = None,
 ) -> Manifest:
     """The manifest for ``gguf``: runtime profile from the file's own chat template (an adapter's
     comes from its base, ``template_from``), eval scores, the baseline comparison and provenance; the
@@ -211,6 +216,7 @@ def build_publish_manifest(
             "comparison": comparison.model_dump(mode="json") if comparison else None,
         },
         base=base,
+        health=health,
     )
     return build_manifest(gguf, spec)
 
@@ -255,7 +261,7 @@ def publish(
     gguf = find_gguf(request.export_dir, request.quant)
     keyring, keys = _signers(settings)  # before any upload: a bad key must not leave stray files
     url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
-    manifest = build_publish_manifest(request, gguf, url, scores, comparison)
+    manifest = build_publish_manifest(request, gguf, url, scores, comparison, health=settings.health)
     return _sign_and_send(settings, request, manifest, keyring, keys, url)
 
 
@@ -280,7 +286,9 @@ def _publish_adapter(
     gguf = request.export_dir / exported.file
     url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
     ref = BaseModelRef(name=base.stem, sha256=exported.base_sha256, size=exported.base_size, urls=[base_url])
-    manifest = build_publish_manifest(request, gguf, url, scores, None, base=ref, template_from=base)
+    manifest = build_publish_manifest(
+        request, gguf, url, scores, None, base=ref, template_from=base, health=settings.health
+    )
     return _sign_and_send(settings, request, manifest, keyring, keys, url)
 
 

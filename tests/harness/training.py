@@ -125,16 +125,17 @@ def write_publish_config(
     store: Path,
     base_url: str,
     gate: dict[str, float] | None = None,
+    extra: str = "",
 ) -> Path:
     """A ``publish.toml`` for a loopback broker and a directory artifact store (and a champion/
-    challenger gate with these margins)."""
+    challenger gate with these margins, and ``extra`` sections)."""
     quoted = ", ".join(f'"{key}"' for key in keys)
     text = PUBLISH_TOML.format(
         fleet=fleet, keys=quoted, keyring=keyring, host=host, port=port, store=store, base_url=base_url
     )
     if gate:
         text += "\n[gate]\nmargins = { " + ", ".join(f"{k} = {v}" for k, v in gate.items()) + " }\n"
-    path.write_text(text)
+    path.write_text(text + extra)
     return path
 
 
