@@ -6,12 +6,18 @@ admission with signature checks, the deployer and its download with sha256 verif
 the telemetry loop), against one real mosquitto and a real HTTP artifact server; the operator side is
 the real `immune-fleet` CLI. What is simulated: the model runtime (the store-only activator: no
 llama.cpp worker, so a deployment commits once the verified file is in the store), the model (a GGUF
-header of a few hundred bytes, so every device downloads and keeps its own copy: N copies cost N times
-that, and the artifact store sees N real downloads), the Pi's sysfs/procfs (a fixture tree per
-device), and the hardware: N devices share 2 cores in a few processes (``--processes``).
+header padded to a few KB; every device downloads and keeps its own copy, so the artifact store sees N
+real downloads; with ``--shared-cache`` a 4 MiB model sits once in a read-only seed directory that
+every device's store links from, hashing it in full, and nothing is downloaded), the Pi's
+sysfs/procfs (a fixture tree per device), and the hardware: N devices share 2 cores in a few
+processes (``--processes``).
 
     python -m bench.fleet_scale --devices 100 200 500 1000        # the table of docs/benchmarks.md
     python -m bench.fleet_scale --devices 100 --faults            # 10% offline, broker restart, 503s
+    python -m bench.fleet_scale --devices 1000 --shared-cache      # one copy of the model for all
+
+``immune-fleet collect`` records the whole run beside the rollout; its peak RSS and the deployment
+events it stored (against those expected) are reported.
 
 Faults (``--faults``): 10% of the devices are killed before the rollout (their Last Will says so); the
 broker is restarted while the last wave runs (persistence on: sessions and retained state survive);
@@ -22,10 +28,12 @@ counts the devices' deployment events, expected (one per state per device) again
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -103,6 +111,11 @@ class Result:
     #: Why devices failed or were offline, with how many.
     reasons: dict[str, int] = field(default_factory=dict)
     devices_rss_mb: float = 0.0
+    #: Bytes the artifact store sent, and bytes of model on the devices' disks (distinct inodes).
+    downloaded_mb: float = 0.0
+    stored_mb: float = 0.0
+    collect_rss_mb: float = 0.0
+    collect_events: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -136,8 +149,34 @@ class _SysCounter:
         self.client.loop_stop()
 
 
-def measure(devices: int, processes: int, faults: bool, root: Path, rate: float | None = None) -> Result:
+def _stored_mb(devices_dir: Path) -> float:
+    """Model bytes on disk across every device's store, counting a linked file once."""
+    inodes = {
+        (info.st_dev, info.st_ino): info.st_size
+        for blob in devices_dir.glob("*/state/store/sha256/*")
+        if (info := blob.stat())
+    }
+    return round(sum(inodes.values()) / 2**20, 2)
+
+
+def _collected_events(database: Path, committed: list[str]) -> int:
+    with sqlite3.connect(database) as db:
+        rows = db.execute("SELECT device_id FROM events WHERE serial = 1").fetchall()
+    wanted = set(committed)
+    return sum(1 for (device,) in rows if device in wanted)
+
+
+def measure(
+    devices: int,
+    processes: int,
+    faults: bool,
+    root: Path,
+    rate: float | None = None,
+    shared_cache: bool = False,
+) -> Result:
     result = Result(devices, faults)
+    seeds = root / "seed"
+    seeds.mkdir()
     keys = FleetKeys(*(generate_key() for _ in range(6)))
     write_private_key(keys.operator, root / "operator.key")
     broker = Mosquitto(
@@ -160,6 +199,7 @@ def measure(devices: int, processes: int, faults: bool, root: Path, rate: float 
                 groups=(GROUP,),
                 keepalive_s=30,  # production timings: the tests' fast ones (5 s keepalive, 2 s
                 fast=False,  # download stall watchdog) fail devices on 2 shared cores at N=1,000
+                seed_dirs=(seeds,) if shared_cache else (),
                 extra="[telemetry]\ninterval_s = 30\nstatus_every_s = 120\n",
             )
             for device in ids
@@ -211,8 +251,12 @@ def measure(devices: int, processes: int, faults: bool, root: Path, rate: float 
                 children[-1].kill()  # no clean stop: the broker publishes their Last Will
                 with FleetClient(settings) as client:
                     client.wait_for(lambda: not any(client.is_online(d) for d in doomed), 120)
-            data = gguf_bytes(padding=4096)
+            data = gguf_bytes(padding=4 * 2**20 if shared_cache else 4096)
             url = server.add("model.gguf", data)
+            if shared_cache:
+                seed = seeds / hashlib.sha256(data).hexdigest()
+                seed.write_bytes(data)
+                seed.chmod(0o444)
             if faults:
                 server.inject("model.gguf", Fault("fail", times=devices // 5, status=503))
             envelope = root / "manifest.dsse.json"
@@ -221,6 +265,13 @@ def measure(devices: int, processes: int, faults: bool, root: Path, rate: float 
             cpu_before = sum(psutil.Process(broker.pid).cpu_times()[:2])
             messages_before, begun = counter.value, time.monotonic()
             rollout_file = root / "rollout-result.json"
+            collector = subprocess.Popen(
+                [*FLEET_CLI, "collect", "--config", str(operator_config)],
+                stdout=subprocess.DEVNULL, stderr=(root / "collect.log").open("w"),
+            )  # fmt: skip
+            collector_peak: list[float] = []
+            watcher = threading.Thread(target=lambda: collector_peak.append(_peak_rss_mb(collector)))
+            watcher.start()
             rollout = subprocess.Popen(
                 [*FLEET_CLI, "rollout", str(envelope), "--group", GROUP, "--canary", "1",
                  "--waves", "10%,50%,100%", "--max-failure-rate", "5%", "--min-finished", "20",
@@ -259,6 +310,14 @@ def measure(devices: int, processes: int, faults: bool, root: Path, rate: float 
                 time.sleep(0.5)
             result.events_received = received()
             result.refused_downloads = sum(1 for r in server.requests if r.status == 503)
+            result.downloaded_mb = round(server.bytes_sent("model.gguf") / 2**20, 2)
+            result.stored_mb = _stored_mb(root / "devices")
+            time.sleep(2)  # the collector's last writes
+            collector.send_signal(signal.SIGINT)
+            collector.wait(timeout=120)
+            watcher.join()
+            result.collect_rss_mb = collector_peak[0]
+            result.collect_events = _collected_events(settings.data_dir / "fleet.db", committed)
         finally:
             counter.close()
             observer.close()
@@ -297,7 +356,11 @@ def main() -> None:
     )
     parser.add_argument("--devices", type=int, nargs="+", default=[100])
     parser.add_argument("--processes", type=int, default=4, help="device processes (plus one for --faults)")
-    parser.add_argument("--faults", action="store_true")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--faults", action="store_true")
+    mode.add_argument(
+        "--shared-cache", action="store_true", help="one read-only copy of the model, linked by every device"
+    )
     parser.add_argument("--rate", type=float, help="immune-fleet rollout --rate (devices a minute)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", nargs="+", type=Path, help=argparse.SUPPRESS)
@@ -311,7 +374,7 @@ def main() -> None:
     for n in args.devices:
         with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
             console.print(f"[bold]{n} devices[/] ({'with' if args.faults else 'no'} faults)...")
-            results.append(measure(n, args.processes, args.faults, Path(tmp), args.rate))
+            results.append(measure(n, args.processes, args.faults, Path(tmp), args.rate, args.shared_cache))
             console.print(results[-1])
     table = Table(title=f"fleet scale ({os.cpu_count()} cores){' with faults' if args.faults else ''}")
     columns = [
@@ -321,6 +384,8 @@ def main() -> None:
         ("committed", "committed"), ("offline", "offline"), ("failed", "failed"),
         ("mosquitto CPU s", "mosquitto_cpu_s"), ("msg/s", "messages_per_s"),
         ("events exp/recv", "events"), ("503s", "refused_downloads"), ("devices RSS MB", "devices_rss_mb"),
+        ("downloaded MB", "downloaded_mb"), ("stored MB", "stored_mb"), ("collect MB", "collect_rss_mb"),
+        ("collected events", "collect_events"),
     ]  # fmt: skip
     for title, _ in columns:
         table.add_column(title)

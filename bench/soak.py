@@ -8,8 +8,10 @@ creeps, file descriptors or threads that leak, an outbox that does not drain.
 Real parts: the daemon (its own process, as systemd runs it), mosquitto, the artifact server, the
 SmolLM2 and Gemma-3 GGUFs it swaps between (serials counting up), and 4 clients sending a Slips
 incident summary request one after another. Memory is compared with its level after a warm-up (the
-first two swaps): the control plane's RSS as it is, each model's worker RSS against that model's
-own first reading after warm-up (the two models differ in size)."""
+first two swaps): the control plane's RSS as it is; each model's worker at the end of its life
+against the first worker of that model after warm-up at the same point (a swap starts a new
+worker, which grows for its first minutes), split into anonymous memory (a leak) and the mapped
+model file."""
 
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ class Sample:
     model: str
     daemon_rss_mb: float
     worker_rss_mb: float
+    #: the worker's anonymous memory (heap, KV cache) and file-backed pages (the mmapped GGUF)
+    worker_anon_mb: float
+    worker_file_mb: float
+    worker_pid: int
     fds: int
     threads: int
 
@@ -73,13 +79,25 @@ def _slips_prompt() -> str:
         return ALERT_PROMPT
 
 
+def _rss_parts_mb(pid: int) -> tuple[float, float]:
+    """RssAnon and RssFile from /proc: a leak grows the first; pages of the mmapped model, the second."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    kib = {key: int(value.split()[0]) for key, _, value in (line.partition(":") for line in lines)
+           if key in ("RssAnon", "RssFile")}  # fmt: skip
+    return round(kib["RssAnon"] / 1024, 1), round(kib["RssFile"] / 1024, 1)
+
+
 def _sample(daemon: psutil.Process, started: float, model: str) -> Sample:
     workers = [p for p in daemon.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    parts = [_rss_parts_mb(w.pid) for w in workers]
     return Sample(
         round(time.monotonic() - started, 1),
         model,
         round(daemon.memory_info().rss / 2**20, 1),
         round(sum(w.memory_info().rss for w in workers) / 2**20, 1),
+        round(sum(anon for anon, _ in parts), 1),
+        round(sum(file for _, file in parts), 1),
+        workers[0].pid if len(workers) == 1 else 0,
         daemon.num_fds(),
         daemon.num_threads(),
     )
@@ -132,7 +150,11 @@ def soak(minutes: float, swap_every_s: float, root: Path) -> Soak:
             outcomes = load.snapshot()
             result.requests, result.failed = len(outcomes), len(load.failures())
             failures = load.failures()
-            result.failures = [f"{o.status} after {o.seconds:.0f} s: {o.error[:200]}" for o in failures]
+            result.failures = [
+                f"{o.status} at {o.ended - o.seconds - started:.0f} s into the run, after {o.seconds:.0f} s: "
+                f"{o.error[:200]}"
+                for o in failures
+            ]
             time.sleep(3)  # the last telemetry and status go out
             status = subprocess.run(
                 [sys.executable, "-m", "edge.cli", "status", "--config", str(config)],
@@ -147,20 +169,40 @@ def soak(minutes: float, swap_every_s: float, root: Path) -> Soak:
     return result
 
 
+def _end_of_life(samples: list[Sample], pid: int) -> Sample:
+    """One worker's level at the end of its life: the median of its last three samples, per figure."""
+    last = [s for s in samples if s.worker_pid == pid][-3:]
+    return Sample(
+        last[-1].at_s, last[-1].model, statistics.median(s.daemon_rss_mb for s in last),
+        statistics.median(s.worker_rss_mb for s in last), statistics.median(s.worker_anon_mb for s in last),
+        statistics.median(s.worker_file_mb for s in last), pid, last[-1].fds, last[-1].threads,
+    )  # fmt: skip
+
+
 def report(result: Soak, warm_up_swaps: int) -> dict[str, object]:
-    """Figures after warm-up: drift of each memory figure, range of fds and threads."""
+    """Figures after warm-up: drift of each memory figure, range of fds and threads.
+
+    Each swap starts a new worker, and a fresh worker grows for its first minutes (it pages in its
+    model and allocates its buffers), so a worker is compared with the first worker of the same
+    model after warm-up at the same point of its life: the end of it."""
     pairs = zip(result.samples, result.samples[1:], strict=False)
     swap_times = [s.at_s for a, s in pairs if a.model != s.model]
     warm = swap_times[warm_up_swaps - 1] if len(swap_times) >= warm_up_swaps else 0.0
     after = [s for s in result.samples if s.at_s > warm + 10] or result.samples
     daemon = [s.daemon_rss_mb for s in after]
-    drift = {"daemon": round(statistics.median(daemon[-6:]) / statistics.median(daemon[:6]), 3)}
+    drift: dict[str, object] = {
+        "daemon": round(statistics.median(daemon[-6:]) / statistics.median(daemon[:6]), 3)
+    }
     for model in sorted({s.model for s in after}):
-        worker = [s.worker_rss_mb for s in after if s.model == model and s.worker_rss_mb > 0]
-        if len(worker) >= 4:
-            drift[f"worker {model}"] = round(
-                statistics.median(worker[-3:]) / statistics.median(worker[:3]), 3
-            )
+        pids = list(dict.fromkeys(s.worker_pid for s in after if s.model == model and s.worker_pid))
+        if len(pids) >= 2:
+            first, last = _end_of_life(after, pids[0]), _end_of_life(after, pids[-1])
+            drift[f"worker {model} ({len(pids)} workers)"] = {
+                "rss": round(last.worker_rss_mb / first.worker_rss_mb, 3),
+                "anon": round(last.worker_anon_mb / first.worker_anon_mb, 3),
+                "file": round(last.worker_file_mb / first.worker_file_mb, 3),
+                "mb_first_last": [first.worker_rss_mb, last.worker_rss_mb],
+            }
     return {
         "requests": result.requests,
         "failed": result.failed,

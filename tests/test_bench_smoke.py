@@ -20,6 +20,7 @@ def test_api_chat_bench_runs_every_api_and_json_mode() -> None:
 
 def test_adapters_bench_runs_on_synthetic_adapters() -> None:
     command = [sys.executable, "-m", "bench.adapters", "--synthetic", "--rounds", "1", "--requests", "4"]
+    command += ["--swap-every", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     for row in ("bytes for an update", "worker RSS, 2 tasks", "decode tokens/s", "p99 latency"):
@@ -42,6 +43,21 @@ def test_fleet_scale_bench_converges_through_its_faults(tmp_path) -> None:
     assert run["events_expected"] == run["events_received"] == 7 * 18
     assert run["refused_downloads"] > 0 and any("broker restarted" in note for note in run["notes"])
     assert run["rollout_s"] >= 17 * 60 / 300  # the 18 online devices were started 0.2 s apart at least
+    # immune-fleet collect, running through the broker restart, stored every event of the rollout.
+    assert run["collect_events"] == run["events_expected"] and run["collect_rss_mb"] > 0
+
+
+def test_fleet_scale_bench_shares_one_read_only_copy_of_the_model(tmp_path) -> None:
+    """10 devices link one 4 MiB seed: nothing is downloaded and one copy is on disk."""
+    out = tmp_path / "scale.json"
+    command = [sys.executable, "-m", "bench.fleet_scale", "--devices", "10", "--processes", "1"]
+    result = subprocess.run(
+        [*command, "--shared-cache", "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = json.loads(out.read_text())
+    assert run["rollout_status"] == "done" and run["committed"] == 10
+    assert run["downloaded_mb"] == 0 and 4.0 <= run["stored_mb"] < 4.1
 
 
 def test_soak_bench_runs_a_short_soak_with_swaps(tmp_path) -> None:

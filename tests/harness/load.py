@@ -23,6 +23,8 @@ class Outcome:
     model: str
     seconds: float
     error: str = ""
+    #: time.monotonic() when the request ended, to line a failure up with what happened then
+    ended: float = field(default_factory=time.monotonic)
 
 
 @dataclass
