@@ -222,3 +222,55 @@ def test_fleet_adapters_apply_on_a_base_set_for_the_device_alone(
         ], ends
         assert [a.name for a in daemon.data.router.adapters] == ["slips-risk", "slips-summary"]
         assert Device(observer, artifact_server, fleet_keys, options.base_url).answer("slips-risk")
+
+
+def test_adapters_follow_their_base_through_a_new_version_and_its_rollback(
+    tmp_path, mqtt_broker, fleet_keys, artifact_server, observer, smollm2_model
+) -> None:
+    """A new version of the base (same file, new serial and profile) runs in a new worker: the
+    adapters made for that file are served on it during its trial; when its trial fails, the old
+    worker comes back, and so do the adapters on it."""
+    options = ServingOptions(trial_s=15.0, crash_limit=1)
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
+    size, digest = sha256_file(smollm2_model)
+    base = {
+        "name": "smollm2-base",
+        "sha256": digest,
+        "size": size,
+        "urls": [artifact_server.add_file(smollm2_model)],
+    }
+    lora = write_lora(tmp_path / "lora-1.gguf", smollm2_model, 1)
+    with running_daemon(config) as daemon:
+        device = Device(observer, artifact_server, fleet_keys, options.base_url)
+        assert (
+            device.deploy(smollm2_model, 1, name="smollm2-base", runtime=SMOL_RUNTIME)["state"] == "committed"
+        )
+        assert device.deploy(lora, 1, **_adapter("slips-summary", "summary", base))["state"] == "committed"
+        first = device.answer("slips-summary")
+        router = daemon.data.router
+        old_worker = router.active.worker
+
+        ends = len(observer.terminal_events())
+        envelope = sign_manifest(
+            [fleet_keys.trainer], smollm2_model.read_bytes(), artifact_server.add_file(smollm2_model),
+            serial=2, name="smollm2-base", runtime=SMOL_RUNTIME | {"n_ctx": 2048},
+        )  # fmt: skip
+        observer.publish(TOPICS.desired_fleet(), envelope)
+        wait_until(
+            lambda: any(
+                (e.get("manifest_name"), e["serial"], e["state"]) == ("smollm2-base", 2, "trial")
+                for e in observer.unique_events()
+            ),
+            120,
+            "the new base on trial",
+        )
+        assert router.active.worker is not old_worker
+        assert [a.name for a in router.adapters] == ["slips-summary"], "the adapter left with the old base"
+        assert device.answer("slips-summary") == first
+
+        os.kill(router.active.worker.pid, signal.SIGKILL)
+        end = observer.wait_terminal(ends + 1, timeout=120)[-1]
+        assert (end["state"], end["serial"]) == ("rolled_back", 2), end
+        wait_until(lambda: router.active.worker is old_worker, 60, "the old base back")
+        assert [a.name for a in router.adapters] == ["slips-summary"], "the adapter did not come back"
+        assert device.answer("slips-summary") == first

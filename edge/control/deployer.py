@@ -219,9 +219,29 @@ class Deployer:
         except TransientError as exc:
             return _interrupted(run, exc)
         except ActivationError as exc:
-            self.activator.restore(before, model.slot)
+            self._restore(before, model.slot)
             return run.fail(DeploymentState.FAILED, exc)
+        if not model.slot:
+            self._serve_adapters_of(model)
         return None
+
+    def _restore(self, model: InstalledModel | None, slot: str) -> None:
+        """Serve ``model`` in ``slot`` again after a failed go-live (and, for a base, its adapters)."""
+        self.activator.restore(model, slot)
+        if not slot:
+            self._serve_adapters_of(model)
+
+    def _serve_adapters_of(self, base: InstalledModel | None) -> None:
+        """The base changed (a new version went live, or the old one came back): serve each adapter's
+        current version made for exactly this file on it. They passed their gate on these bytes; an
+        adapter for another base waits for its own."""
+        if base is None:
+            return
+        for slot in self.ledger.adapter_slots():
+            adapter = self.ledger.current(slot)
+            made_for = adapter.manifest.base if adapter is not None else None
+            if adapter is not None and made_for is not None and made_for.sha256 == base.model_sha256:
+                self.activator.restore(adapter, slot)
 
     def go_live(self, run: DeploymentRun, model: InstalledModel) -> Outcome:
         """activating -> trial -> committed, or back to what ran before. A failed trial is a model
@@ -238,7 +258,7 @@ class Deployer:
             return _interrupted(run, exc)
         except ActivationError as exc:
             self.restore_pointers(before, before_previous, model.slot)
-            self.activator.restore(before, model.slot)
+            self._restore(before, model.slot)
             self.ledger.mark_bad(model.channel, model.serial, f"{exc.reason}: {exc}")
             return run.fail(DeploymentState.ROLLED_BACK, exc)
         self.activator.commit(model)

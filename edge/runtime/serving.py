@@ -269,14 +269,16 @@ class ServingRuntime:
             served_now = next((a for a in self.router.adapters if a.name == name), None)
             if served_now is not None and served_now.adapter == key:
                 return  # this version is already what ``name`` serves
-            if key in worker.adapters:
+            if any(a.adapter == key for a in self.router.adapters):
                 raise ActivationError(
                     "name-clash", f"adapter version {key} is already loaded for another name"
                 )
-            try:
-                worker.load_adapter(key, str(path))
-            except WorkerError as exc:
-                raise ActivationError("load-failed", f"adapter {name}: {exc}") from None
+            # Still loaded when this worker served before (a base restored from warm standby).
+            if key not in worker.adapters:
+                try:
+                    worker.load_adapter(key, str(path))
+                except WorkerError as exc:
+                    raise ActivationError("load-failed", f"adapter {name}: {exc}") from None
             system_prompt = profile.system_prompt if profile else base.system_prompt
             if criteria is not None:
                 try:
