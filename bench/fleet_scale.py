@@ -159,6 +159,20 @@ def _stored_mb(devices_dir: Path) -> float:
     return round(sum(inodes.values()) / 2**20, 2)
 
 
+def _wait_collecting(database: Path, timeout_s: float = 120.0) -> None:
+    """Until the collector stored a status: it is subscribed, so it sees the rollout from the start."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(database) as db:
+                if db.execute("SELECT COUNT(*) FROM statuses").fetchone()[0]:
+                    return
+        except sqlite3.Error:
+            pass  # not created yet
+        time.sleep(0.2)
+    raise SystemExit("immune-fleet collect stored no status in time")
+
+
 def _collected_events(database: Path, committed: list[str]) -> int:
     with sqlite3.connect(database) as db:
         rows = db.execute("SELECT device_id FROM events WHERE serial = 1").fetchall()
@@ -184,10 +198,12 @@ def measure(
     )
     with broker, ArtifactServer(root / "artifacts") as server:
         operator_config = root / "fleet.toml"
-        operator_config.write_text(
-            f'fleet = "lab"\noperator = "op-1"\noperator_keys = ["{root / "operator.key"}"]\n'
-            f'data_dir = "{root / "operator"}"\n\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
-        )
+        collector_config = root / "collector.toml"  # its own database: what it stored is its own
+        for path, data_dir in ((operator_config, "operator"), (collector_config, "collector")):
+            path.write_text(
+                f'fleet = "lab"\noperator = "op-1"\noperator_keys = ["{root / "operator.key"}"]\n'
+                f'data_dir = "{root / data_dir}"\n\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+            )
         settings = load_config(operator_config, FleetSettings)
         ids = [f"sim-{i:04d}" for i in range(devices)]
         configs = [
@@ -266,9 +282,10 @@ def measure(
             messages_before, begun = counter.value, time.monotonic()
             rollout_file = root / "rollout-result.json"
             collector = subprocess.Popen(
-                [*FLEET_CLI, "collect", "--config", str(operator_config)],
+                [*FLEET_CLI, "collect", "--config", str(collector_config)],
                 stdout=subprocess.DEVNULL, stderr=(root / "collect.log").open("w"),
             )  # fmt: skip
+            _wait_collecting(root / "collector" / "fleet.db")
             collector_peak: list[float] = []
             watcher = threading.Thread(target=lambda: collector_peak.append(_peak_rss_mb(collector)))
             watcher.start()
@@ -317,7 +334,7 @@ def measure(
             collector.wait(timeout=120)
             watcher.join()
             result.collect_rss_mb = collector_peak[0]
-            result.collect_events = _collected_events(settings.data_dir / "fleet.db", committed)
+            result.collect_events = _collected_events(root / "collector" / "fleet.db", committed)
         finally:
             counter.close()
             observer.close()
