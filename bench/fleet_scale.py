@@ -329,12 +329,17 @@ def measure(
             result.refused_downloads = sum(1 for r in server.requests if r.status == 503)
             result.downloaded_mb = round(server.bytes_sent("model.gguf") / 2**20, 2)
             result.stored_mb = _stored_mb(root / "devices")
-            time.sleep(2)  # the collector's last writes
-            collector.send_signal(signal.SIGINT)
+            collected = root / "collector" / "fleet.db"
+            deadline = time.monotonic() + 60  # after a broker restart it may reconnect a little later
+            while _collected_events(collected, committed) < result.events_expected:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            collector.send_signal(signal.SIGTERM)
             collector.wait(timeout=120)
             watcher.join()
             result.collect_rss_mb = collector_peak[0]
-            result.collect_events = _collected_events(root / "collector" / "fleet.db", committed)
+            result.collect_events = _collected_events(collected, committed)
         finally:
             counter.close()
             observer.close()

@@ -4,6 +4,8 @@ collect and report. Commands are signed with the operator's keys; every answer i
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -346,10 +348,15 @@ def collect(
     config: ConfigOption = DEFAULT_FLEET_CONFIG,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
 ) -> None:
-    """Record telemetry, events and statuses in the SQLite collector (until Ctrl-C or --duration)."""
+    """Record telemetry, events and statuses in the SQLite collector (until Ctrl-C, SIGTERM or
+    --duration)."""
     settings = _settings(config)
     store = FleetStore(settings.db_path)
     counts = {"telemetry": 0, "events": 0, "status": 0}
+    # A service manager stops it with SIGTERM; a shell that started it in the background has it
+    # ignore SIGINT. Either way it ends as after Ctrl-C: the database closed, the counts printed.
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
     def record(kind: str, message: object) -> None:
         store.add(kind, message)
@@ -359,12 +366,12 @@ def collect(
     started = time.monotonic()
     try:
         with FleetClient(settings, listener=record) as client, console.status("collecting") as spinner:
-            while duration is None or time.monotonic() - started < duration:
+            while (duration is None or time.monotonic() - started < duration) and not stopping.is_set():
                 spinner.update(
                     f"collecting into {settings.db_path}: {len(client.devices)} device(s), "
                     + ", ".join(f"{n} {k}" for k, n in counts.items())
                 )
-                time.sleep(0.5)
+                stopping.wait(0.5)
     except KeyboardInterrupt:
         pass
     finally:

@@ -5,7 +5,10 @@ fleet rollback, telemetry from every device, history, and the HTML report in hea
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -338,3 +341,35 @@ def test_collect_and_html_report_in_headless_chromium(fleet: Fleet) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert "pi-a" in dom.stdout and "<svg" in dom.stdout
+
+
+def test_collect_stops_cleanly_on_sigterm_even_when_started_in_the_background(fleet: Fleet) -> None:
+    """A service manager stops the collector with SIGTERM, and a shell that starts it in the
+    background makes it ignore SIGINT: either way it must close its database and say what it kept.
+    (Before, SIGTERM killed it, and a backgrounded one could not be stopped but by a kill.)"""
+    data_dir = fleet.root / "collector-sigterm"
+    config = fleet.root / "collector-sigterm.toml"
+    config.write_text(
+        re.sub(r'(?m)^data_dir = ".*"$', f'data_dir = "{data_dir}"', fleet.operator_config.read_text())
+    )
+    collector = subprocess.Popen(
+        [*FLEET_CLI, "collect", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `collect &` in a script
+    )
+
+    def statuses() -> int:
+        try:
+            with sqlite3.connect(data_dir / "fleet.db") as db:
+                return db.execute("SELECT COUNT(*) FROM statuses").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    wait_until(lambda: statuses() > 0, 60, "the collector storing statuses")
+    collector.send_signal(signal.SIGINT)  # ignored, as in the background
+    collector.send_signal(signal.SIGTERM)
+    out, errors = collector.communicate(timeout=30)
+    assert collector.returncode == 0, errors
+    assert "collected" in out and " status" in out, out
