@@ -63,18 +63,29 @@ def _adapter(
     }
 
 
+def _wait_on_trial(observer: Any, name: str, serial: int) -> None:
+    wait_until(
+        lambda: any(
+            (e.get("manifest_name"), e["serial"], e["state"]) == (name, serial, "trial")
+            for e in observer.unique_events()
+        ),
+        120,
+        f"{name} serial {serial} on trial",
+    )
+
+
+def _base_ref(model: Path, server: Any) -> dict[str, Any]:
+    """The ``base`` of an adapter manifest for ``model``, served by ``server``."""
+    size, digest = sha256_file(model)
+    return {"name": "smollm2-base", "sha256": digest, "size": size, "urls": [server.add_file(model)]}
+
+
 def test_adapters_deploy_serve_and_roll_back_on_one_base(
     tmp_path, mqtt_broker, fleet_keys, artifact_server, observer, smollm2_model, gemma3_model
 ) -> None:
     options = ServingOptions(trial_s=10.0, crash_limit=1)
     config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
-    size, digest = sha256_file(smollm2_model)
-    base = {
-        "name": "smollm2-base",
-        "sha256": digest,
-        "size": size,
-        "urls": [artifact_server.add_file(smollm2_model)],
-    }
+    base = _base_ref(smollm2_model, artifact_server)
     loras = {seed: write_lora(tmp_path / f"lora-{seed}.gguf", smollm2_model, seed) for seed in (1, 2, 3, 4)}
     with running_daemon(config) as daemon:
         device = Device(observer, artifact_server, fleet_keys, options.base_url)
@@ -151,14 +162,7 @@ def test_adapters_deploy_serve_and_roll_back_on_one_base(
             [fleet_keys.trainer], loras[2].read_bytes(), url, serial=2, **_adapter("slips-risk", "risk", base)
         )
         observer.publish(TOPICS.desired_fleet(), envelope)
-        wait_until(
-            lambda: any(
-                (e.get("manifest_name"), e["serial"], e["state"]) == ("slips-risk", 2, "trial")
-                for e in observer.unique_events()
-            ),
-            120,
-            "slips-risk serial 2 on trial",
-        )
+        _wait_on_trial(observer, "slips-risk", 2)
         os.kill(router.active.worker.pid, signal.SIGKILL)
         end = observer.wait_terminal(ends + 1, timeout=120)[-1]
         assert (end["state"], end["reason"].split(":")[0], end["serial"]) == (
@@ -232,13 +236,7 @@ def test_adapters_follow_their_base_through_a_new_version_and_its_rollback(
     worker comes back, and so do the adapters on it."""
     options = ServingOptions(trial_s=15.0, crash_limit=1)
     config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
-    size, digest = sha256_file(smollm2_model)
-    base = {
-        "name": "smollm2-base",
-        "sha256": digest,
-        "size": size,
-        "urls": [artifact_server.add_file(smollm2_model)],
-    }
+    base = _base_ref(smollm2_model, artifact_server)
     lora = write_lora(tmp_path / "lora-1.gguf", smollm2_model, 1)
     with running_daemon(config) as daemon:
         device = Device(observer, artifact_server, fleet_keys, options.base_url)
@@ -256,14 +254,7 @@ def test_adapters_follow_their_base_through_a_new_version_and_its_rollback(
             serial=2, name="smollm2-base", runtime=SMOL_RUNTIME | {"n_ctx": 2048},
         )  # fmt: skip
         observer.publish(TOPICS.desired_fleet(), envelope)
-        wait_until(
-            lambda: any(
-                (e.get("manifest_name"), e["serial"], e["state"]) == ("smollm2-base", 2, "trial")
-                for e in observer.unique_events()
-            ),
-            120,
-            "the new base on trial",
-        )
+        _wait_on_trial(observer, "smollm2-base", 2)
         assert router.active.worker is not old_worker
         assert [a.name for a in router.adapters] == ["slips-summary"], "the adapter left with the old base"
         assert device.answer("slips-summary") == first
