@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(ARCH)),-DGGML_NATIVE=OFF,)
 LLAMA_WHEELS := .cache/wheels/llama-$(LLAMA_VERSION)-$(ARCH)$(if $(LLAMA_CMAKE_ARGS),-avx2)
 DEMO_DIR := demo-out
 
-.PHONY: test demo bench train-real fleet-scale soak lint system-deps venv trainer-deps clean
+.PHONY: test demo bench train-real train-adapter fleet-scale soak lint system-deps venv trainer-deps clean
 
 ## Debian packages: mosquitto (real broker for tests), venv support, a C++ compiler
 ## (llama-cpp-python is built from source; PyPI has no wheel), chromium (the fleet report is
@@ -94,6 +94,12 @@ bench: venv
 train-real: trainer-deps
 	$(PY) -m bench.real_finetune --out train-real-out
 
+## The task-adapter recipe (LoRA on q/v only, ~40 min + ~30 min eval): its adapter against its merged
+## q4_k_m, then bench/adapters.py on it. Results in docs/benchmarks.md.
+train-adapter: trainer-deps
+	$(PY) -m bench.real_finetune --out train-adapter-out --lora-targets q_proj,v_proj --quants q4_k_m --skip-publish
+	$(PY) -m bench.adapters --run train-adapter-out/run
+
 ## The long runs of docs/benchmarks.md (not in `make bench`: tens of minutes each).
 fleet-scale: venv
 	$(PY) -m bench.fleet_scale --devices 100 500 1000 --processes 8
@@ -103,4 +109,4 @@ soak: venv
 	$(PY) -m bench.soak --minutes 30 --swap-every 300
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) train-real-out .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(DEMO_DIR) train-real-out train-adapter-out .pytest_cache .ruff_cache .hypothesis

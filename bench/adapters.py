@@ -1,12 +1,13 @@
 """One base plus LoRA adapters against merged models, on the real SmolLM2: bytes to deliver an update,
 worker RAM, decode and prompt tokens/s, and request latency while an adapter is replaced.
 
-With the real recipe's run (`make train-real`, run folder ``train-real-out/run``), the adapter is
-that run's LoRA (exported with ``immune-train export --adapter``'s code) and the merged model is the
-run's q4_k_m; without it (--synthetic, the CI smoke), two random adapters from tests/harness and the
-base itself stand in, which measures the mechanics but not the real sizes.
+With a real recipe's run (``make train-adapter``, run folder ``train-adapter-out/run``), the adapter
+is that run's LoRA as ``immune-train export --adapter`` wrote it, on the base it is bound to (the
+training base requantized to q4_k_m), and the merged model is the run's q4_k_m; without it
+(--synthetic, the CI smoke), two random adapters from tests/harness and the base itself stand in,
+which measures the mechanics but not the real sizes.
 
-Run: .venv/bin/python -m bench.adapters [--run train-real-out/run] [--requests 40] [--synthetic]
+Run: .venv/bin/python -m bench.adapters [--run train-adapter-out/run] [--requests 40] [--synthetic]
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from rich.table import Table
 
 from edge.assembly import DataPlane, HostPaths
 from edge.config import ApiSettings, RuntimeSettings, ThermalSettings
-from shared.manifest import RuntimeProfile
+from shared.manifest import Quantization, RuntimeProfile
 from tests.harness.load import LoadClients
 from tests.harness.lora_fixture import write_lora
 from tests.harness.models import smollm2_gguf
 from tests.harness.net import free_port
+from trainer.records import ExportedAdapter, ExportReport
 
 console = Console(width=140)
 PROFILE = RuntimeProfile(chat_format="chatml", n_ctx=1024)
@@ -105,9 +107,23 @@ def _latency(
     return [o.seconds for o in outcomes if o.ok], sum(not o.ok for o in outcomes), swaps
 
 
+def _run_adapter(run: Path) -> ExportedAdapter:
+    """The adapter ``export --adapter`` recorded for the run, else exported now for the base
+    requantized to q4_k_m (the recipe's choice)."""
+    from trainer.layout import RunLayout
+
+    report = RunLayout(run).export.export_file
+    if report.is_file() and (exported := ExportReport.read(report, "export.json").adapter) is not None:
+        return exported
+    from trainer.adapter_export import export_adapter
+    from trainer.toolchain import prepare_toolchain
+
+    return export_adapter(run, prepare_toolchain(), Quantization.Q4_K_M)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=Path("train-real-out/run"))
+    parser.add_argument("--run", type=Path, default=Path("train-adapter-out/run"))
     parser.add_argument("--synthetic", action="store_true", help="random adapters, no real run needed")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=40)
@@ -115,18 +131,16 @@ def main() -> None:
         "--swap-every", type=float, default=5.0, help="seconds between updates in the one-at-a-time case"
     )
     args = parser.parse_args()
-    base = smollm2_gguf()
     scratch = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     if args.synthetic:
+        base = smollm2_gguf()
         first, second = (write_lora(scratch / f"lora-{s}.gguf", base, s) for s in (1, 2))
         merged, label = base, "synthetic adapters; the base stands in for a merged model"
     else:
-        from trainer.adapter_export import export_adapter
-        from trainer.toolchain import prepare_toolchain
-
-        first = args.run / "gguf" / export_adapter(args.run, prepare_toolchain()).file
+        exported = _run_adapter(args.run)
+        base, first = Path(exported.base_path), args.run / "gguf" / exported.file
         second = write_lora(scratch / "lora-2.gguf", base, 2)  # a second task's adapter for RAM and swaps
-        merged, label = args.run / "gguf" / "run.q4_k_m.gguf", f"real adapter of {args.run}"
+        merged, label = args.run / "gguf" / "run.q4_k_m.gguf", f"real adapter of {args.run} on {base.name}"
 
     shared = Plane(base, "base")
     try:
@@ -134,6 +148,7 @@ def main() -> None:
         shared.plane.runtime.serve_adapter("other", second, key="other-0")
         shared_rss = shared.rss_mb()
         adapter_rates = _rates(shared.url, "task", args.rounds)
+        base_rates = _rates(shared.url, "base", args.rounds)  # what the base's own type costs
         steady, steady_failed, _ = _latency(shared, [first, second], args.requests, None)
         spaced, spaced_failed, spaced_swaps = _latency(
             shared, [first, second], args.requests, args.swap_every
@@ -168,8 +183,10 @@ def main() -> None:
         "<= 0.6x",
     )
     for i, what in enumerate(("decode tokens/s", "prompt tokens/s")):
-        ours, theirs = adapter_rates[i], merged_rates[i]
+        ours, alone, theirs = adapter_rates[i], base_rates[i], merged_rates[i]
         table.add_row(what, f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.3f}x", ">= 0.9x")
+        alone_ratio = f"{alone / theirs:.3f}x"
+        table.add_row(f"  {what}, the base alone", f"{alone:.1f}", f"{theirs:.1f}", alone_ratio, "-")
     for what, latencies in (
         (f"p99 latency, an update every {args.swap_every:g} s vs steady (s)", spaced),
         ("p99 latency, updates back to back vs steady (s)", swapped),

@@ -15,7 +15,11 @@ Why these choices (see docs/benchmarks.md for the figures):
 - budget: 768 tokens per conversation (incident cut with a visible marker, answer kept whole): one
   record costs about 10 s of forward and backward pass on 2 CPU cores (13 s at 1024), so 304 records
   train in under an hour; only incidents whose answer alone exceeds the budget are dropped;
-- steps: one epoch over ``--train-records`` records, 8 per optimizer step."""
+- steps: one epoch over ``--train-records`` records, 8 per optimizer step;
+- the LoRA is also exported alone (``export --adapter``), bound to the base requantized to q4_k_m
+  (``--adapter-base``), and scored next to the merged F16. ``make train-adapter`` is the adapter
+  recipe: LoRA on the query and value projections only (``--lora-targets q_proj,v_proj``), which
+  is what keeps an adapter small and cheap to apply (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ seed = 3407
 [lora]
 r = 16
 alpha = 32
+target_modules = {targets}
 
 [training]
 epochs = 1
@@ -180,6 +185,17 @@ def main() -> None:
     parser.add_argument("--ppl-records", type=int, default=30)
     parser.add_argument("--answer-part", default="behavior_analysis")
     parser.add_argument("--skip-publish", action="store_true")
+    parser.add_argument(
+        "--lora-targets",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="the projections LoRA adapts (comma-separated)",
+    )
+    parser.add_argument("--quants", default="q8_0,q4_k_m", help="the merged files to export and score")
+    parser.add_argument(
+        "--adapter-base",
+        default="q4_k_m",
+        help="the type the base is requantized to for the adapter (what devices hold)",
+    )
     args = parser.parse_args()
     if not SHARED_SLIPS.is_dir():
         raise SystemExit(f"the real Slips datasets are not at {SHARED_SLIPS}")
@@ -215,9 +231,13 @@ def main() -> None:
         ),
     ]
     used = train_subset(data, args.train_records)
-    (out / "train.toml").write_text(TRAIN_TOML.format(base=base, max_tokens=args.max_tokens, lr=args.lr))
+    targets = json.dumps(args.lora_targets.split(","))
+    (out / "train.toml").write_text(
+        TRAIN_TOML.format(base=base, max_tokens=args.max_tokens, lr=args.lr, targets=targets)
+    )
     steps.append(measured("finetune", [*cli, "finetune", "--config", str(out / "train.toml")], log))
-    steps.append(measured("export", [*cli, "export", str(run), "--quant", "q8_0,q4_k_m", "--imatrix"], log))
+    export_command = [*cli, "export", str(run), "--quant", args.quants, "--imatrix", "--adapter"]
+    steps.append(measured("export", [*export_command, "--adapter-base", args.adapter_base], log))
     threads = str(os.cpu_count() or 2)
     steps.append(
         measured(
@@ -229,7 +249,7 @@ def main() -> None:
                 "--data",
                 str(data / "eval.jsonl"),
                 "--quant",
-                "q8_0,q4_k_m",
+                args.quants,
                 "--ppl-records",
                 str(args.ppl_records),
                 "--ppl-ctx",
@@ -307,6 +327,17 @@ def markdown(results: dict[str, object]) -> str:
             )
             + " |"
         )
+    if adapter := evaluation.get("adapter"):  # type: ignore[union-attr]
+        lines += [
+            "",
+            f"| metric | merged f16 | adapter on {adapter['base_file']} | diff ± stderr | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for metric, row in adapter["vs_f16"].items():
+            lines.append(
+                f"| {metric} | {row['baseline']:.3f} | {row['challenger']:.3f} | "
+                f"{row['diff']:+.3f} ± {row['stderr']:.3f} | {row['verdict']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

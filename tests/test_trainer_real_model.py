@@ -5,6 +5,7 @@ match the base GGUF's, and llama-cpp-python running the result. The full recipe 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ from trainer.errors import TrainerError
 from trainer.tokenizer_fidelity import PROBES, check_fidelity, gguf_reference
 
 pytestmark = pytest.mark.timeout(900)
+
+#: What export --adapter-base q4_k_m names SmolLM2-135M-Instruct.Q4_1.gguf requantized.
+DEVICE_BASE = "SmolLM2-135M-Instruct.q4_k_m.gguf"
 
 SAMPLES = [
     [
@@ -174,9 +178,15 @@ class AdapterRun:
     def gguf_dir(self) -> Path:
         return self.root / "run" / "gguf"
 
+    @property
+    def device_base(self) -> Path:
+        """The base the adapter is bound to: the training base requantized to q4_k_m."""
+        return self.gguf_dir / DEVICE_BASE
+
 
 def _train_adapter(root: Path, base: Path, dataset: str, quant: str, *prepare: str) -> AdapterRun:
-    """prepare -> a few LoRA steps -> export (merged ``quant`` and the adapter) -> eval, by the CLI."""
+    """prepare -> a few LoRA steps -> export (merged ``quant`` and the adapter, bound to the base
+    requantized to q4_k_m, as the recipe ships it) -> eval, by the CLI."""
     immune_train(
         "prepare", dataset, "--tokenizer", base, "--output", root / "data", "--max-tokens", "320",
         "--eval-fraction", "0.25", *prepare,
@@ -184,7 +194,7 @@ def _train_adapter(root: Path, base: Path, dataset: str, quant: str, *prepare: s
     config = root / "train.toml"
     config.write_text(REAL_TRAIN_TOML.format(base=base))
     immune_train("finetune", "--config", config)
-    exported = immune_train("export", root / "run", "--quant", quant, "--adapter")
+    exported = immune_train("export", root / "run", "--quant", quant, "--adapter", "--adapter-base", "q4_k_m")
     evaluated = immune_train(
         "eval", root / "run" / "gguf", "--data", root / "data" / "eval.jsonl", "--quant", quant,
         "--ppl-records", "2", "--ppl-ctx", "320", "--task-records", "1", "--max-tokens", "8",
@@ -226,16 +236,20 @@ def test_smoke_lora_on_smollm2_from_its_gguf(summary_run: AdapterRun, smollm2_mo
     assert "tokenizer identical to the base GGUF SmolLM2-135M-Instruct.Q4_1.gguf" in result.stdout
     report = json.loads((summary_run.gguf_dir / "export.json").read_text())
     assert report["tokenizer"]["samples"] >= 8 and report["tokenizer"]["tokens"] > 500
-    # The LoRA alone, bound to the base GGUF the device holds, applied by llama-cpp-python.
+    # The LoRA alone, bound to the base GGUF the device holds (the training base requantized to
+    # q4_k_m), applied by llama-cpp-python.
     adapter = report["adapter"]
     lora = read_gguf_header(summary_run.gguf_dir / adapter["file"])
     assert (lora.kind, lora.adapter_type, lora.architecture) == ("adapter", "lora", "llama")
-    assert lora.base_sha256 == adapter["base_sha256"] == sha256_file(smollm2_model)[1]
+    assert lora.base_sha256 == adapter["base_sha256"] == sha256_file(summary_run.device_base)[1]
+    assert (adapter["base_file"], adapter["trained_on"]) == (DEVICE_BASE, smollm2_model.name)
+    assert read_gguf_header(summary_run.device_base).kind == "model"
     assert adapter["answered"] and adapter["size"] < adapter["base_size"] / 5
+    assert f"requantized from {smollm2_model.name}" in result.stdout
     assert "applied by llama-cpp-python: answered" in result.stdout
     # eval judges the adapter on its base exactly as a device runs it, next to the merged F16.
     evaluated = summary_run.evaluated.stderr
-    assert "adapter run.adapter.gguf on SmolLM2-135M-Instruct.Q4_1.gguf: perplexity" in evaluated
+    assert f"adapter run.adapter.gguf on {DEVICE_BASE}: perplexity" in evaluated
     scores = json.loads((summary_run.gguf_dir / "eval.json").read_text())["adapter"]
     assert scores["file"] == adapter["file"] and scores["perplexity"] > 1
     assert abs(scores["perplexity_rise_vs_f16"]) < 0.5 and scores["vs_f16"]["perplexity"]["n"] == 2
@@ -250,6 +264,29 @@ def test_smoke_lora_on_smollm2_from_its_gguf(summary_run: AdapterRun, smollm2_mo
     finally:
         model.close()
     assert reply["choices"][0]["message"]["content"].strip()  # type: ignore[index]
+
+
+def test_adapter_is_bound_to_the_training_base_unless_told_and_bad_options_are_refused(
+    summary_run: AdapterRun, smollm2_model: Path, tmp_path: Path
+) -> None:
+    """Without --adapter-base the adapter is bound to the very file it was trained from, and no base
+    is written; --adapter-base without --adapter, or naming an unknown type, is refused by name."""
+    from trainer.adapter_export import export_adapter
+    from trainer.toolchain import prepare_toolchain
+
+    run = tmp_path / "run"
+    shutil.copytree(summary_run.root / "run" / "adapter", run / "adapter")
+    shutil.copy(summary_run.root / "run" / "run.json", run / "run.json")
+    exported = export_adapter(run, prepare_toolchain())
+    assert (exported.base_file, exported.trained_on, exported.answered) == (smollm2_model.name, None, True)
+    assert exported.base_sha256 == sha256_file(smollm2_model)[1]
+    assert [p.name for p in (run / "gguf").iterdir()] == ["run.adapter.gguf"]
+    for options, expected in (
+        (["--adapter-base", "q4_k_m"], "REJECTED (bad-option): --adapter-base chooses the base"),
+        (["--adapter", "--adapter-base", "q9_z"], "REJECTED (bad-quant): unknown quantization 'q9_z'"),
+    ):
+        result = immune_train("export", run, *options, check=False)
+        assert result.returncode == 1 and expected in result.stderr, result.stderr
 
 
 GEMMA_DEVICE = "pi-2"
@@ -295,13 +332,16 @@ def _ask(base_url: str, model: str) -> httpx.Response:
 
 
 def test_two_trained_adapters_are_published_and_served_from_one_worker(
-    summary_run: AdapterRun, risk_run: AdapterRun, smollm2_model: Path, gemma3_model: Path,
+    summary_run: AdapterRun, risk_run: AdapterRun, gemma3_model: Path,
     tmp_path: Path, mqtt_broker, artifact_server, fleet_keys, observer,
 ) -> None:  # fmt: skip
     """Two adapters trained by ``immune-train`` on SmolLM2, published by it, served by one daemon
     from the base's one worker; a third hot-added under 4 clients fails no request; a device
     serving another base refuses every one of them (base-mismatch); a version failing the health
     gate signed into its manifest is not served, and the other adapters keep answering."""
+    # Two runs requantize the training base to the very same file, so both adapters fit one base.
+    base = summary_run.device_base
+    assert sha256_file(risk_run.device_base) == sha256_file(base)
     publisher = Publisher(tmp_path, mqtt_broker, artifact_server, fleet_keys, observer)
     smol = ServingOptions(trial_s=2.0)
     gemma = ServingOptions(trial_s=0.0)
@@ -310,7 +350,7 @@ def test_two_trained_adapters_are_published_and_served_from_one_worker(
         tmp_path / GEMMA_DEVICE, mqtt_broker, fleet_keys.keyring(), serving=gemma, device=GEMMA_DEVICE
     )
     bases = {
-        DEVICE: (smollm2_model, {"chat_format": "chatml", "n_ctx": 1024, "stop": ["<|im_end|>"]}),
+        DEVICE: (base, {"chat_format": "chatml", "n_ctx": 1024, "stop": ["<|im_end|>"]}),
         GEMMA_DEVICE: (gemma3_model, {"chat_format": "gemma", "n_ctx": 1024, "stop": ["<end_of_turn>"]}),
     }
     with running_daemon(smol_device) as daemon, running_daemon(gemma_device):
@@ -330,7 +370,7 @@ def test_two_trained_adapters_are_published_and_served_from_one_worker(
             assert publisher.end(DEVICE, name, 1)["state"] == "committed"
             refused = publisher.end(GEMMA_DEVICE, name, 1)
             assert (refused["state"], refused["reason"].split(":")[0]) == ("rejected", "base-mismatch")
-            assert f"adapter {name} needs base SmolLM2-135M-Instruct.Q4_1" in refused["reason"], refused
+            assert f"adapter {name} needs base {base.stem}" in refused["reason"], refused
         assert [a.name for a in router.adapters] == ["slips-risk", "slips-summary"]
         assert all(a.worker is worker for a in router.adapters) and router.active.worker is worker
         for name in ("slips-summary", "slips-risk", "base"):
@@ -361,8 +401,8 @@ def test_two_trained_adapters_are_published_and_served_from_one_worker(
     manifest = verify_manifest(
         Envelope.from_json((risk_run.gguf_dir / "manifest-2.json").read_bytes()), fleet_keys.keyring()
     )
-    assert manifest.is_adapter and manifest.base.sha256 == sha256_file(smollm2_model)[1]
+    assert manifest.is_adapter and manifest.base.sha256 == sha256_file(base)[1]
     assert manifest.health is not None and manifest.health.min_tokens_per_second == 1e6
     assert manifest.runtime.chat_template and "<|im_start|>" in manifest.runtime.chat_template
-    uploaded = artifact_server.root / "bases" / manifest.base.sha256[:16] / smollm2_model.name
+    uploaded = artifact_server.root / "bases" / manifest.base.sha256[:16] / base.name
     assert sha256_file(uploaded)[1] == manifest.base.sha256

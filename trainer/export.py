@@ -42,14 +42,19 @@ def parse_quants(spec: str) -> list[Quantization]:
     """``q4_k_m,q5_k_m,q8_0`` -> quantizations, F16 first (the evaluation baseline)."""
     quants: list[Quantization] = [Quantization.F16]
     for name in filter(None, (part.strip().lower() for part in spec.split(","))):
-        try:
-            quant = Quantization(name)
-        except ValueError:
-            known = ", ".join(q.value for q in Quantization)
-            raise TrainerError("bad-quant", f"unknown quantization {name!r} (known: {known})") from None
+        quant = parse_quant(name)
         if quant not in quants:
             quants.append(quant)
     return quants
+
+
+def parse_quant(name: str) -> Quantization:
+    """One quantization by name, or an error that lists the known ones."""
+    try:
+        return Quantization(name.strip().lower())
+    except ValueError:
+        known = ", ".join(q.value for q in Quantization)
+        raise TrainerError("bad-quant", f"unknown quantization {name!r} (known: {known})") from None
 
 
 def export(
@@ -60,11 +65,15 @@ def export(
     imatrix: bool = False,
     imatrix_chunks: int = DEFAULT_CHUNKS,
     adapter_gguf: bool = False,
+    adapter_base: Quantization | None = None,
 ) -> ExportReport:
     """Write ``<run>/gguf/<run-name>.<quant>.gguf`` for each of ``quants`` and ``export.json`` beside
     them. Every file must tokenize like the base model. With ``imatrix``, k-quants are made with an
     importance matrix from the training data; the plain k-quant is kept beside for comparison. With
-    ``adapter_gguf``, the LoRA is also written alone for its base GGUF (trainer.adapter_export)."""
+    ``adapter_gguf``, the LoRA is also written alone for its base GGUF, or for that base requantized
+    to ``adapter_base`` (trainer.adapter_export)."""
+    if adapter_base is not None and not adapter_gguf:
+        raise TrainerError("bad-option", "--adapter-base chooses the base of the adapter: add --adapter")
     layout = RunLayout(run_dir)
     adapter = layout.adapter_dir
     if not (adapter / "adapter_config.json").is_file():
@@ -134,7 +143,7 @@ def export(
         log.info("exported %s (%d bytes, tensors %s)", path.name, size, types)
     if not keep_merged:
         shutil.rmtree(layout.export.merged_dir, ignore_errors=True)
-    lora = export_adapter(run_dir, toolchain) if adapter_gguf else None
+    lora = export_adapter(run_dir, toolchain, adapter_base) if adapter_gguf else None
     report = ExportReport(files=exported, tokenizer=fidelity, adapter=lora)
     report.write(layout.export.export_file)
     return report

@@ -4,10 +4,14 @@ adapter, ``run.json`` and the export folder, which holds the GGUFs, ``export.jso
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.manifest import Quantization
+
+#: A GGUF file name's type suffix (``.Q4_1``, ``.f16``, ``.IQ4_XS``), dropped when renaming a requantization.
+_QUANT_SUFFIX = re.compile(r"\.(b?f16|f32|i?q\d\w*)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,12 @@ class ExportLayout:
     def adapter(self, run_name: str) -> Path:
         """The LoRA as a GGUF adapter for the base GGUF it was trained against."""
         return self.root / f"{run_name}.adapter.gguf"
+
+    def device_base(self, trained_on: Path, quant: Quantization) -> Path:
+        """The training base requantized to ``quant`` (``Model.Q4_1.gguf`` -> ``Model.q4_k_m.gguf``):
+        the base an adapter is bound to when the devices hold another type than it was trained from."""
+        model = _QUANT_SUFFIX.sub("", trained_on.stem)
+        return self.root / f"{model}.{quant.value}.gguf"
 
     def gguf_without_imatrix(self, run_name: str, quant: Quantization) -> Path:
         """The plain k-quant kept beside the importance-matrix one, for the comparison in eval."""

@@ -26,8 +26,10 @@ CHUNK_TOKENS = 512
 DEFAULT_CHUNKS = 64
 
 
-def quantize(source: Path, target: Path, quant: Quantization) -> Path:
-    """``source`` (F16) quantized to ``quant`` through llama-cpp-python's ``llama_model_quantize``."""
+def quantize(source: Path, target: Path, quant: Quantization, requantize: bool = False) -> Path:
+    """``source`` (F16) quantized to ``quant`` through llama-cpp-python's ``llama_model_quantize``;
+    with ``requantize``, ``source`` may itself be quantized (llama.cpp refuses that by default, since
+    each round of quantization adds its error)."""
     import ctypes
 
     import llama_cpp
@@ -38,6 +40,7 @@ def quantize(source: Path, target: Path, quant: Quantization) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 2
+    params.allow_requantize = requantize
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if status != 0 or not target.is_file():
         raise TrainerError("export-failed", f"quantizing {source.name} to {quant.value} failed ({status})")

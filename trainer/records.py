@@ -76,6 +76,8 @@ class ExportedAdapter(_Record):
     #: The adapter's tensors, and whether llama-cpp-python applied it to the base and answered.
     tensors: int
     answered: bool
+    #: The GGUF the LoRA was trained from, when the base above is a requantization of it.
+    trained_on: str | None = None
 
 
 class ExportReport(_Record):
