@@ -26,6 +26,7 @@ from tests.harness.lora_fixture import write_lora
 from tests.harness.waiting import wait_until
 
 SMOL_RUNTIME = {"chat_format": "chatml", "n_ctx": 1024, "stop": ["<|im_end|>"]}
+GEMMA_RUNTIME = {"chat_format": "gemma", "n_ctx": 1024, "stop": ["<end_of_turn>"]}
 QUESTION = "Summarise: host 10.0.0.5 scanned 200 ports in 3 seconds, then connected to 10.0.0.9:4444."
 
 
@@ -265,3 +266,58 @@ def test_adapters_follow_their_base_through_a_new_version_and_its_rollback(
         wait_until(lambda: router.active.worker is old_worker, 60, "the old base back")
         assert [a.name for a in router.adapters] == ["slips-summary"], "the adapter did not come back"
         assert device.answer("slips-summary") == first
+
+
+def test_an_adapter_published_before_its_base_deploys_once_that_base_is_served(
+    tmp_path, mqtt_broker, fleet_keys, artifact_server, observer, smollm2_model, gemma3_model
+) -> None:
+    """An adapter for a base the device does not serve is refused (base-mismatch) but not forgotten:
+    once the device serves that base (a new model, or an operator's rollback to it), the retained
+    desired state is tried again and the adapter goes through its own checks and trial, with
+    nothing published again."""
+    options = ServingOptions(trial_s=0.0)
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
+    lora = write_lora(tmp_path / "lora-1.gguf", smollm2_model, 1)
+    with running_daemon(config) as daemon:
+        device = Device(observer, artifact_server, fleet_keys, options.base_url)
+        gemma = sign_manifest(
+            [fleet_keys.trainer], gemma3_model.read_bytes(), artifact_server.add_file(gemma3_model),
+            serial=1, name="gemma-base", runtime=GEMMA_RUNTIME,
+        )  # fmt: skip
+        observer.publish(TOPICS.desired_device("pi-1"), gemma)
+        assert observer.wait_terminal(1, timeout=180)[-1]["state"] == "committed"
+        base = _base_ref(smollm2_model, artifact_server)
+        end = device.deploy(lora, 1, **_adapter("slips-summary", "summary", base))
+        assert (end["state"], end["reason"].split(":")[0]) == ("rejected", "base-mismatch"), end
+
+        smol = sign_manifest(
+            [fleet_keys.trainer], smollm2_model.read_bytes(), base["urls"][0], serial=2,
+            name="smollm2-base", runtime=SMOL_RUNTIME,
+        )  # fmt: skip
+        observer.publish(TOPICS.desired_device("pi-1"), smol)
+        ends = observer.wait_terminal(4, timeout=180)
+        assert [(e["manifest_name"], e["state"]) for e in ends[2:]] == [
+            ("smollm2-base", "committed"),
+            ("slips-summary", "committed"),
+        ], ends
+        assert [a.name for a in daemon.data.router.adapters] == ["slips-summary"]
+        assert device.answer("slips-summary")
+
+        # An adapter for the Gemma base waits too, until the operator rolls the device back to it.
+        gemma_lora = write_lora(tmp_path / "lora-gemma.gguf", gemma3_model, 2)
+        gemma_base = _base_ref(gemma3_model, artifact_server) | {"name": "gemma-base"}
+        adapter = _adapter("gemma-summary", "gemma-summary", gemma_base, runtime=GEMMA_RUNTIME)
+        end = device.deploy(gemma_lora, 1, **adapter)
+        assert (end["state"], end["reason"].split(":")[0]) == ("rejected", "base-mismatch"), end
+        response = observer.command(sign_command([fleet_keys.operator], {"action": "rollback"}))
+        assert response["ok"] is True, response
+        wait_until(
+            lambda: (
+                ("gemma-summary", "committed")
+                in {(e["manifest_name"], e["state"]) for e in observer.terminal_events()}
+            ),
+            180,
+            "the Gemma adapter committed",
+        )
+        assert [a.name for a in daemon.data.router.adapters] == ["gemma-summary"]
+        assert device.answer("gemma-summary")

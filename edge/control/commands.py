@@ -166,6 +166,8 @@ class CommandHandler:
             outcome = Outcome(result=ResultCode.DONE, message=f"removed {len(removed)} file(s)")
         else:
             outcome = Outcome(result=ResultCode.DONE, message="status")
+        if isinstance(action, RolloutAction | RollbackAction):
+            self.reconciler.changed()  # an adapter refused for the base served before may fit now
         result: dict[str, ResultValue] = {
             "action": action.action,
             "result": outcome.result.value,

@@ -2,7 +2,9 @@
 and the device itself, in any order after a (re)connect. After it settles, the most specific level
 wins (device > group > fleet), for the model and for each adapter on its own: a base set for one
 device and the fleet's adapters all apply. What was already acted on is not acted on again; a
-transient failure is retried later; a pinned device waits."""
+transient failure is retried later; a pinned device waits. An adapter refused because the device
+serves another base is acted on again once the base changes: adapters may be published before the
+base they need reaches every device."""
 
 from __future__ import annotations
 
@@ -127,7 +129,9 @@ class Reconciler:
             # The model's key is the level alone, as before adapters had slots of their own.
             key = level if slot == MODEL_SLOT else f"{level}/{slot}"
             digest = envelope_digest(envelope)
-            if ledger.handled(key) == digest:
+            current = ledger.current()  # read per slot: the model may have changed in this pass
+            waiting = f"{digest} waits for a base other than {current.model_sha256 if current else 'none'}"
+            if ledger.handled(key) in (digest, waiting):
                 continue
             if ledger.pinned:
                 log.info("pinned: not acting on new desired state from %s", level)
@@ -139,5 +143,5 @@ class Reconciler:
                     self._retry_at = self._clock() + self.retry_failed_s
                 log.info("will retry the desired state from %s in %.0f s", level, self.retry_failed_s)
             else:
-                ledger.mark_handled(key, digest)
+                ledger.mark_handled(key, waiting if outcome.reason == "base-mismatch" else digest)
         return outcomes
