@@ -52,3 +52,27 @@ def test_each_message_kind_round_trips_through_the_tagged_union():
 def test_a_message_without_a_type_is_refused():
     with pytest.raises(ValueError, match="type"):
         WORKER_COMMAND.validate_json(b'{"cancel": "x"}')
+
+
+def test_a_request_sent_as_the_worker_dies_is_a_worker_error(smollm2_model, monkeypatch):
+    """Bug (seen in test_edge_serving under load): a worker killed between the liveness check and the
+    send raised BrokenPipeError out of generate(), a 500 instead of a retry on the restarted worker.
+    The window is held open by reporting the dead process alive at the check."""
+    from edge.runtime.handle import WorkerError
+
+    handle = WorkerHandle(LoadSpec(model_path=str(smollm2_model), n_ctx=512, n_threads=1), "doomed").start()
+    try:
+        handle._process.kill()
+        handle._process.join(10)
+        request = GenerateRequest(
+            id="late", messages=[ChatMessage(role="user", content="hello")], max_tokens=2, temperature=0
+        )
+        with monkeypatch.context() as race:
+            race.setattr(WorkerHandle, "alive", property(lambda self: True))
+            with pytest.raises(WorkerError, match="worker doomed is gone"):
+                _run(handle, request)
+            with pytest.raises(WorkerError, match="worker doomed is gone"):
+                handle.set_threads(1, 1)
+        assert not handle.alive
+    finally:
+        handle.stop()

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Worst case for one token on a throttled Pi; a worker silent for longer is treated as hung.
 TOKEN_TIMEOUT_S = 120.0
+#: How long a worker whose pipe broke gets to finish exiting (a killed process is gone in milliseconds).
+PIPE_BROKEN_EXIT_WAIT_S = 2.0
 
 
 class WorkerError(RuntimeError):
@@ -140,9 +142,7 @@ class WorkerHandle:
         if not self._lock.acquire(timeout=wait_s):
             raise RequestTimeoutError(f"request timed out waiting for worker {self.name}")
         try:
-            if self._conn is None or not self.alive:
-                raise WorkerError(f"worker {self.name} is not running")
-            self._conn.send_bytes(request.model_dump_json().encode())
+            self._send(request.model_dump_json().encode())
             finished = False
             try:
                 while True:
@@ -165,6 +165,19 @@ class WorkerHandle:
         finally:
             self._lock.release()
 
+    def _send(self, payload: bytes) -> None:
+        """Send one message (the lock held); WorkerError when the worker is not running, also when it
+        dies between the liveness check and the send (the pipe breaks). Waiting for its exit then
+        lets the caller see it dead and retry on the replacement."""
+        if self._conn is None or not self.alive:
+            raise WorkerError(f"worker {self.name} is not running")
+        try:
+            self._conn.send_bytes(payload)
+        except OSError as exc:
+            if self._process is not None:
+                self._process.join(PIPE_BROKEN_EXIT_WAIT_S)
+            raise WorkerError(f"worker {self.name} is gone ({exc})") from None
+
     def count_tokens(self, messages: list[ChatMessage], deadline: float) -> int:
         """Tokens ``messages`` take through the model's chat template (waits for the worker to be
         free; RequestTimeoutError once ``deadline`` passes)."""
@@ -185,9 +198,7 @@ class WorkerHandle:
         if not self._lock.acquire(timeout=wait_s):
             raise busy
         try:
-            if self._conn is None or not self.alive:
-                raise WorkerError(f"worker {self.name} is not running")
-            self._conn.send_bytes(command.model_dump_json().encode())
+            self._send(command.model_dump_json().encode())
             event = self._receive(TOKEN_TIMEOUT_S, doing)
             if event.type == "error":
                 raise _failure(event)
