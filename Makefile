@@ -94,7 +94,7 @@ bench: venv
 train-real: trainer-deps
 	$(PY) -m bench.real_finetune --out train-real-out
 
-## The task-adapter recipe (LoRA on q/v only, ~40 min + ~30 min eval): its adapter against its merged
+## The task-adapter recipe (LoRA on q/v only, about 1.5 hours): its adapter against its merged
 ## q4_k_m, then bench/adapters.py on it. Results in docs/benchmarks.md.
 train-adapter: trainer-deps
 	$(PY) -m bench.real_finetune --out train-adapter-out --lora-targets q_proj,v_proj --quants q4_k_m --skip-publish
