@@ -27,6 +27,8 @@ from trainer.dataset.records import read_records
 from trainer.errors import TrainerError
 from trainer.export import find_gguf
 from trainer.publish import PublishRequest, PublishSettings, StoreSettings, publish
+from trainer.records import ExportedFile, ExportReport
+from trainer.tokenizer_fidelity import FidelityReport
 
 SHARED_SLIPS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "slips"
 
@@ -155,6 +157,24 @@ def test_export_folder_without_gguf_is_named(tmp_path) -> None:
         find_gguf(tmp_path, Quantization.Q4_K_M)
     with pytest.raises(TrainerError, match="no such export folder"):
         find_gguf(tmp_path / "missing", Quantization.Q8_0)
+
+
+def test_export_folder_gguf_is_the_one_export_recorded(tmp_path) -> None:
+    """Bug: eval and publish took the first ``*.q4_k_m.gguf`` in the folder, which after
+    ``export --adapter-base q4_k_m`` was the requantized base (its name sorts first), not the
+    merged model: the recipe's "merged q4_k_m" scores were the base's."""
+    for name in ("run.f16.gguf", "run.q4_k_m.gguf", "SmolLM2-135M-Instruct.q4_k_m.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    files = [
+        ExportedFile(quant=quant, file=f"run.{quant.value}.gguf", size=4, sha256="0" * 64, tensor_types={})
+        for quant in (Quantization.F16, Quantization.Q4_K_M)
+    ]
+    ExportReport(files=files, tokenizer=FidelityReport(reference="base", samples=1, tokens=1)).write(
+        tmp_path / "export.json"
+    )
+    assert find_gguf(tmp_path, Quantization.Q4_K_M) == tmp_path / "run.q4_k_m.gguf"
+    with pytest.raises(TrainerError, match=r"export.json records no q8_0 GGUF \(it has f16, q4_k_m\)"):
+        find_gguf(tmp_path, Quantization.Q8_0)
 
 
 def _settings(tmp_path: Path, keys: list[Path], keyring: Path) -> PublishSettings:
