@@ -30,6 +30,7 @@ from tests.harness.load import LoadClients
 from tests.harness.lora_fixture import write_lora
 from tests.harness.models import smollm2_gguf
 from tests.harness.net import free_port
+from trainer.export import find_gguf
 from trainer.records import ExportedAdapter, ExportReport
 
 console = Console(width=140)
@@ -140,7 +141,8 @@ def main() -> None:
         exported = _run_adapter(args.run)
         base, first = Path(exported.base_path), args.run / "gguf" / exported.file
         second = write_lora(scratch / "lora-2.gguf", base, 2)  # a second task's adapter for RAM and swaps
-        merged, label = args.run / "gguf" / "run.q4_k_m.gguf", f"real adapter of {args.run} on {base.name}"
+        merged = find_gguf(args.run / "gguf", Quantization.Q4_K_M)  # the file export recorded
+        label = f"real adapter of {args.run} on {base.name}"
 
     shared = Plane(base, "base")
     try:

@@ -36,7 +36,8 @@ def export_adapter(
     run_dir: Path, toolchain: Toolchain, base_quant: Quantization | None = None
 ) -> ExportedAdapter:
     """Write ``<run>/gguf/<run-name>.adapter.gguf`` and check that llama-cpp-python runs it; bound to
-    the training base GGUF, or with ``base_quant`` to that base requantized (``gguf/base.<quant>.gguf``)."""
+    the training base GGUF, or with ``base_quant`` to that base requantized
+    (``gguf/<model>.<quant>.gguf``)."""
     layout = RunLayout(run_dir)
     run = RunRecord.read(layout.run_file, "run immune-train finetune first")
     spec = str(run.config["base_model"])

@@ -167,7 +167,7 @@ def export_command(
     adapter_base: Annotated[
         str | None,
         typer.Option(
-            help="Bind the adapter to the training base requantized to this type (gguf/base.<type>.gguf), "
+            help="Bind the adapter to the training base requantized to this type (gguf/<model>.<type>.gguf), "
             "the base the devices then hold: e.g. q4_k_m when the pretrained GGUF is a slower type."
         ),
     ] = None,
