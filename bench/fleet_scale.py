@@ -133,16 +133,27 @@ def _peak_rss_mb(process: subprocess.Popen[Any]) -> float:
 
 
 class _SysCounter:
-    """mosquitto's own count of messages received ($SYS, refreshed every sys_interval)."""
+    """mosquitto's own count of messages received ($SYS, refreshed every sys_interval), summed
+    across broker restarts: a restarted mosquitto counts from zero again."""
 
     def __init__(self, broker: Mosquitto) -> None:
-        self.value = 0
+        self._before_restarts = 0
+        self._last = 0
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_connect = lambda c, *a: c.subscribe("$SYS/broker/messages/received")
-        self.client.on_message = lambda c, u, m: setattr(self, "value", int(m.payload))
+        self.client.on_message = lambda c, u, m: self._update(int(m.payload))
         self.client.reconnect_delay_set(0.2, 1)
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
+
+    def _update(self, count: int) -> None:
+        if count < self._last:
+            self._before_restarts += self._last
+        self._last = count
+
+    @property
+    def value(self) -> int:
+        return self._before_restarts + self._last
 
     def close(self) -> None:
         self.client.disconnect()
@@ -296,9 +307,10 @@ def measure(
                  "--config", str(operator_config), *(["--rate", str(rate)] if rate else [])],
                 stdout=rollout_file.open("w"), stderr=(root / "rollout.log").open("w"),
             )  # fmt: skip
+            stopped_at: list[float] = []  # the first mosquitto's CPU seconds when it was restarted
             if faults:
                 threading.Thread(
-                    target=_restart_in_last_wave, args=(broker, state_file, result), daemon=True
+                    target=_restart_in_last_wave, args=(broker, state_file, result, stopped_at), daemon=True
                 ).start()
             result.rollout_rss_mb = _peak_rss_mb(rollout)
             rollout.wait()
@@ -306,7 +318,9 @@ def measure(
             result.rollout_s = round(time.monotonic() - begun, 1)
             time.sleep(2)  # one more $SYS refresh
             cpu_after = sum(psutil.Process(broker.pid).cpu_times()[:2])
-            result.mosquitto_cpu_s = round(cpu_after - cpu_before if not faults else cpu_after, 2)
+            # After a restart: what the first process used until it stopped, plus all the second's.
+            used = cpu_after - cpu_before if not stopped_at else stopped_at[0] - cpu_before + cpu_after
+            result.mosquitto_cpu_s = round(used, 2)
             result.messages_per_s = round((counter.value - messages_before) / (time.monotonic() - begun), 1)
             result.rollout_status = final["status"]
             states = [p["state"] for p in final["devices"].values()]
@@ -353,8 +367,11 @@ def measure(
     return result
 
 
-def _restart_in_last_wave(broker: Mosquitto, state_file: Path, result: Result) -> None:
-    """Restart the broker once the whole last wave was sent the command, before their answers."""
+def _restart_in_last_wave(
+    broker: Mosquitto, state_file: Path, result: Result, stopped_at: list[float]
+) -> None:
+    """Restart the broker once the whole last wave was sent the command, before their answers;
+    ``stopped_at`` receives the CPU seconds the first broker process had used."""
     while True:
         time.sleep(0.2)
         try:
@@ -365,6 +382,7 @@ def _restart_in_last_wave(broker: Mosquitto, state_file: Path, result: Result) -
         if state["next_wave"] == len(state["waves"]) - 1 and all(
             state["devices"].get(d, {}).get("state", "pending") != "pending" for d in last
         ):
+            stopped_at.append(sum(psutil.Process(broker.pid).cpu_times()[:2]))
             broker.restart()
             result.notes.append(f"broker restarted at wave {state['next_wave'] + 1} of {len(state['waves'])}")
             return

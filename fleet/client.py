@@ -98,10 +98,14 @@ class FleetClient:
         m = self.settings.mqtt
         try:
             # A session that outlives a dropped connection (or a broker restart): answers and events
-            # sent while this client reconnects wait for it instead of being lost mid-rollout.
+            # sent while this client reconnects wait for it instead of being lost mid-rollout. Never
+            # a clean start: a reconnect that was would discard what waits, and mosquitto saves no
+            # session whose connection started clean. The client id is new, so nothing old resumes.
             session = Properties(PacketTypes.CONNECT)
             session.SessionExpiryInterval = SESSION_EXPIRY_S
-            self.client.connect(m.host, m.port, keepalive=m.keepalive_s, clean_start=True, properties=session)
+            self.client.connect(
+                m.host, m.port, keepalive=m.keepalive_s, clean_start=False, properties=session
+            )
         except OSError as exc:
             raise FleetError(
                 "broker-unreachable", f"cannot reach the broker at {m.host}:{m.port}: {exc}"

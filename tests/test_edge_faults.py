@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,10 +17,14 @@ import pytest
 from edge.delivery.store import ContentStore
 from edge.state.db import StateDB
 from edge.state.outbox import Outbox
+from fleet.client import FleetClient
+from fleet.settings import FleetSettings
+from shared.signing import write_private_key
 from tests.harness.artifact_server import Fault
 from tests.harness.broker import Mosquitto
 from tests.harness.edge import (
     DEVICE,
+    FLEET,
     TOPICS,
     FleetObserver,
     ServingOptions,
@@ -343,3 +348,38 @@ def test_a_serial_interrupted_too_often_is_marked_bad_and_reported_as_known_bad(
         assert (refused["serial"], refused["state"]) == (2, "rejected"), refused
         assert refused["reason"].startswith("known-bad") and "restart-during-trial" in refused["reason"]
         assert daemon.control.ledger.current().serial == 1
+
+
+def test_an_answer_sent_while_the_operator_is_away_reaches_it_after_a_broker_restart(
+    tmp_path, artifact_server, fleet_keys
+) -> None:
+    """The operator's session outlives its connection: a device's answer that reached the broker
+    while the operator was disconnected is delivered when it reconnects, across a broker restart
+    (a rollout waited its whole wave timeout for such an answer, then failed a committed device)."""
+    data = model_blob("slow", size=4 * 1024 * 1024)
+    url = artifact_server.add("slow.gguf", data)
+    artifact_server.inject("slow.gguf", Fault("slow", rate_bps=2 * 1024 * 1024))
+    write_private_key(fleet_keys.operator, tmp_path / "op.key")
+    with Mosquitto(tmp_path / "broker", persistent=True) as broker:
+        operator = FleetSettings.model_validate(
+            {
+                "fleet": FLEET,
+                "operator": "op-1",
+                "operator_keys": [str(tmp_path / "op.key")],
+                "data_dir": str(tmp_path / "operator"),
+                "mqtt": {"host": broker.host, "port": broker.port},
+            }
+        )
+        config = write_edge_config(tmp_path / "device", broker, fleet_keys.keyring())
+        with running_daemon(config) as daemon, FleetClient(operator) as fleet:
+            assert fleet.wait_for(lambda: fleet.is_online(DEVICE), 30)
+            manifest = json.loads(sign_manifest([fleet_keys.trainer], data, url, serial=1))
+            correlation = fleet.send_command(DEVICE, {"action": "rollout", "manifest": manifest})
+            fleet.client.loop_stop()  # the operator's link goes quiet before the device can answer
+            _wait(lambda: daemon.control.ledger.current() is not None, 60, "the device to commit")
+            _wait(lambda: len(daemon.control.outbox) == 0, 30, "the answer to reach the broker")
+            broker.restart()
+            fleet.client.loop_start()  # reconnects to the restarted broker
+            response = fleet.response(correlation, 30)
+    assert response is not None, "the answer queued for the operator was lost"
+    assert response.ok and response.result["result"] == "committed", response
