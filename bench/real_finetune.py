@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -108,15 +109,49 @@ def measured(name: str, command: list[str], log: Path) -> StepResult:
     return result
 
 
-def train_subset(data: Path, count: int) -> int:
-    """The first ``count`` training records (prepare's order is seeded) as train-subset.jsonl."""
-    lines = (data / "train.jsonl").read_text().splitlines()[:count]
-    (data / "train-subset.jsonl").write_text("\n".join(lines) + "\n")
-    return len(lines)
+def train_subset(data: Path, count: int, reduction_share: float) -> int:
+    """``count`` training records as train-subset.jsonl: the first ones in prepare's order; with a
+    client profile, final requests of as many incidents as possible plus ``reduction_share`` of
+    reduction requests, shuffled with a fixed seed so that each optimizer step mixes both kinds."""
+    lines = (data / "train.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    if not any(r.get("meta", {}).get("profile") for r in records):
+        chosen = lines[:count]
+    else:
+        reductions = [
+            line for line, r in zip(lines, records, strict=True) if r["meta"]["request"] == "reduction"
+        ]
+        finals = [line for line, r in zip(lines, records, strict=True) if r["meta"]["request"] == "final"]
+        wanted = round(count * reduction_share)
+        chosen = finals[: count - min(wanted, len(reductions))] + reductions[:wanted]
+        random.Random(3407).shuffle(chosen)  # noqa: S311 - a reproducible mix, not a secret
+    (data / "train-subset.jsonl").write_text("\n".join(chosen) + "\n")
+    return len(chosen)
 
 
-def publish_and_ask(out: Path, export: Path, run: Path) -> dict[str, object]:
-    """Publish the q4_k_m to a daemon on a local broker; ask it what Slips asks (Ollama provider)."""
+def client_requests(data: Path) -> list[dict[str, object]]:
+    """Held-out requests as a Slips-style client sends them over Ollama's API: a final summary and a
+    reduction of the client profile (or the earlier fixed prompt when the data has no profile)."""
+    records = [json.loads(line) for line in (data / "eval.jsonl").read_text().splitlines() if line]
+    wanted = [
+        next((r for r in records if r.get("meta", {}).get("label") == "final"), None),
+        next((r for r in records if r.get("meta", {}).get("request") == "reduction"), None),
+    ]
+    chosen = [r for r in wanted if r is not None]
+    if not chosen:
+        from tests.harness.slips_prompts import incident_texts, summary_messages
+
+        return [{"messages": summary_messages(incident_texts(1)[0]), "max_tokens": 220, "meta": {}}]
+    return [
+        {"messages": r["messages"][:-1], "max_tokens": int(r["meta"]["max_tokens"]), "meta": r["meta"]}
+        for r in chosen
+    ]
+
+
+def publish_and_ask(out: Path, export: Path, run: Path, data: Path) -> dict[str, object]:
+    """Publish the q4_k_m to a daemon on a local broker (its n_ctx derived from the evaluated client
+    profile when there is one); ask it what Slips asks (Ollama provider) and check the answers
+    against the profile's contract."""
     from shared.signing import generate_key, write_private_key
     from shared.signing.keyring import Keyring, Role, Thresholds, TrustedKey
     from tests.harness.artifact_server import ArtifactServer
@@ -129,8 +164,9 @@ def publish_and_ask(out: Path, export: Path, run: Path) -> dict[str, object]:
         running_daemon,
         write_edge_config,
     )
-    from tests.harness.slips_prompts import incident_texts, summary_messages
     from tests.harness.training import immune_train, write_publish_config
+    from trainer.prompts import get_profile
+    from trainer.prompts.contract import AnswerContext, contract_scores
 
     keys = {role: generate_key() for role in (Role.ROOT, Role.TRAINER, Role.OPERATOR)}
     keyring = Keyring(
@@ -156,21 +192,34 @@ def publish_and_ask(out: Path, export: Path, run: Path) -> dict[str, object]:
         with running_daemon(device):
             immune_train(
                 "publish", export, "--config", config, "--name", "slips/smollm2-135m-slips:q4_k_m",
-                "--quant", "q4_k_m", "--arch", HOST_ARCH, "--run-dir", run, "--n-ctx", "2048",
+                "--quant", "q4_k_m", "--arch", HOST_ARCH, "--run-dir", run,
                 "--base-model", "SmolLM2-135M-Instruct",
             )  # fmt: skip
             end = observer.wait_terminal(1, timeout=600)[-1]
             if end["state"] != "committed":
                 raise SystemExit(f"the daemon did not commit the model: {end}")
-            incident = incident_texts(1)[0]
-            body = {
-                "model": "slips",
-                "messages": summary_messages(incident),
-                "stream": False,
-                "options": {"temperature": 0.2, "num_predict": 220},
-            }
-            reply = httpx.post(f"{serving.base_url}/api/chat", json=body, timeout=600).raise_for_status()
-            return {"deployment": end, "reply": reply.json()}
+            replies = []
+            for request in client_requests(data):
+                body = {
+                    "model": "slips",
+                    "messages": request["messages"],
+                    "stream": False,
+                    "options": {"temperature": 0.2, "num_predict": request["max_tokens"]},
+                }
+                reply = httpx.post(f"{serving.base_url}/api/chat", json=body, timeout=600)
+                answer = reply.json()
+                meta = request["meta"]
+                if reply.status_code == 200 and meta:
+                    text = answer["message"]["content"]
+                    kind = meta["request"]
+                    context = AnswerContext(meta["source_ip"], answer.get("done_reason") == "stop")
+                    answer["contract"] = contract_scores(
+                        text, get_profile(meta["profile"]).checks(kind), context
+                    )
+                replies.append(
+                    {"request": meta.get("label", "fixed"), "status": reply.status_code, "reply": answer}
+                )
+            return {"deployment": end, "replies": replies}
 
 
 def main() -> None:
@@ -183,7 +232,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--task-records", type=int, default=30)
     parser.add_argument("--ppl-records", type=int, default=30)
+    parser.add_argument(
+        "--prompt-profile",
+        default="alert-summary-v2",
+        help="train on this client's requests with contract answers; 'none': the raw incident "
+        "with --answer-part of the teacher's answer (the earlier recipe)",
+    )
+    parser.add_argument("--reduction-share", type=float, default=0.25, help="of the training records")
     parser.add_argument("--answer-part", default="behavior_analysis")
+    parser.add_argument("--imatrix", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--skip-publish", action="store_true")
     parser.add_argument(
         "--lora-targets",
@@ -194,7 +251,7 @@ def main() -> None:
     parser.add_argument(
         "--adapter-base",
         default="q4_k_m",
-        help="the type the base is requantized to for the adapter (what devices hold)",
+        help="the type the base is requantized to for the adapter (what devices hold); 'none': no adapter",
     )
     args = parser.parse_args()
     if not SHARED_SLIPS.is_dir():
@@ -208,6 +265,11 @@ def main() -> None:
     log = out / "steps.log"
     cli = [sys.executable, "-m", "trainer.cli"]
     data, run = out / "data", out / "run"
+    profiled = args.prompt_profile != "none"
+    if profiled:
+        data_options = ["--prompt-profile", args.prompt_profile]
+    else:
+        data_options = ["--answer-parts", f"slips-summary={args.answer_part}"]
     export = run / "gguf"
     steps = [
         measured(
@@ -216,6 +278,7 @@ def main() -> None:
                 *cli,
                 "prepare",
                 f"slips-summary={SHARED_SLIPS / 'summarization_dataset_v3.json.gz'}",
+                *([f"slips-risk={SHARED_SLIPS / 'risk_dataset.json.gz'}"] if profiled else []),
                 "--tokenizer",
                 str(base),
                 "--output",
@@ -224,20 +287,23 @@ def main() -> None:
                 str(args.max_tokens),
                 "--eval-fraction",
                 "0.1",
-                "--answer-parts",
-                f"slips-summary={args.answer_part}",
+                *data_options,
             ],
             log,
         ),
     ]
-    used = train_subset(data, args.train_records)
+    used = train_subset(data, args.train_records, args.reduction_share)
     targets = json.dumps(args.lora_targets.split(","))
     (out / "train.toml").write_text(
         TRAIN_TOML.format(base=base, max_tokens=args.max_tokens, lr=args.lr, targets=targets)
     )
     steps.append(measured("finetune", [*cli, "finetune", "--config", str(out / "train.toml")], log))
-    export_command = [*cli, "export", str(run), "--quant", args.quants, "--imatrix", "--adapter"]
-    steps.append(measured("export", [*export_command, "--adapter-base", args.adapter_base], log))
+    export_command = [*cli, "export", str(run), "--quant", args.quants]
+    if args.imatrix:
+        export_command.append("--imatrix")
+    if args.adapter_base != "none":
+        export_command += ["--adapter", "--adapter-base", args.adapter_base]
+    steps.append(measured("export", export_command, log))
     threads = str(os.cpu_count() or 2)
     steps.append(
         measured(
@@ -278,7 +344,7 @@ def main() -> None:
     if not args.skip_publish:
         started = time.monotonic()
         try:
-            results["served"] = publish_and_ask(out, export, run)
+            results["served"] = publish_and_ask(out, export, run, data)
         except AssertionError as refused:  # immune_train's failure, e.g. the gate's refusal
             results["served"] = {"refused": str(refused)[-2000:]}
         results["steps"].append(  # type: ignore[attr-defined]

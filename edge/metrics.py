@@ -12,13 +12,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from edge.runtime.protocol import WorkerEvent
-from shared.messages import Telemetry
+from shared.messages import MAX_PROMPT_VERSIONS, Telemetry
 from shared.throttle import THROTTLE_BITS
 
 #: Telemetry fields that are not figures (identity) or are exported with labels instead.
 _NOT_GAUGES = {"device_id", "fleet", "model_name", "ts"} | {
     f"{flag}_{when}" for flag in THROTTLE_BITS for when in ("now", "since_boot")
 }
+
+#: Where prompt versions beyond MAX_PROMPT_VERSIONS are counted.
+OTHER_VERSION = "other"
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -55,6 +58,8 @@ class Metrics:
         #: The same totals per served model name (an adapter's name for its requests).
         self._model_usage: dict[str, UsageTotals] = {}
         self._usage_lock = threading.Lock()
+        self._context_refusals = 0
+        self._prompt_versions: dict[str, int] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -85,6 +90,18 @@ class Metrics:
             "immune_edge_model_completion_tokens",
             "Tokens generated, by the model (or adapter) name that served them",
             ["model"],
+            registry=r,
+        )
+        self.context_refusals = Counter(
+            "immune_edge_context_refusals",
+            "Requests refused because their prompt does not fit the model's context, by model",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_versions = Counter(
+            "immune_edge_prompt_version_requests",
+            "Requests carrying a client prompt version line (Slips' 'Prompt version:'), by model and version",
+            ["model", "version"],
             registry=r,
         )
         self.prompt_tokens = Counter("immune_edge_prompt_tokens", "Prompt tokens evaluated", registry=r)
@@ -127,6 +144,26 @@ class Metrics:
             self.prompt_tokens.inc(done.prompt_tokens)
             self.completion_tokens.inc(done.completion_tokens)
             self.model_completion_tokens.labels(model=model).inc(done.completion_tokens)
+
+    def context_refused(self, model: str) -> None:
+        """A request refused because its prompt does not fit ``model``'s context."""
+        self.context_refusals.labels(model=model).inc()
+        with self._usage_lock:
+            self._context_refusals += 1
+
+    def prompt_version(self, model: str, version: str) -> None:
+        """A request to ``model`` carrying a client prompt version line; versions past the first
+        MAX_PROMPT_VERSIONS are counted as ``other`` (a client cannot grow the label set)."""
+        with self._usage_lock:
+            if version not in self._prompt_versions and len(self._prompt_versions) >= MAX_PROMPT_VERSIONS:
+                version = OTHER_VERSION
+            self._prompt_versions[version] = self._prompt_versions.get(version, 0) + 1
+        self.prompt_versions.labels(model=model, version=version).inc()
+
+    def client_totals(self) -> tuple[int, dict[str, int]]:
+        """Context refusals, and requests per client prompt version, since start."""
+        with self._usage_lock:
+            return self._context_refusals, dict(self._prompt_versions)
 
     def first_token(self, seconds: float) -> None:
         """Time from admission to a request's first token."""

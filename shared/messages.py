@@ -87,6 +87,9 @@ MAX_THERMAL_ZONES = 16
 ADAPTER_FIGURES = ("requests_total", "errors_total", "tokens_per_second")
 ADAPTER_KEY = re.compile(rf"adapter_([a-z0-9_]{{1,64}})_({'|'.join(ADAPTER_FIGURES)})")
 MAX_ADAPTERS = 16  # keeps a sample under MAX_BYTES
+#: Requests per client prompt version: ``prompt_version_<slug>_requests_total``.
+PROMPT_VERSION_KEY = re.compile(r"prompt_version_([a-z0-9_]{1,64})_requests_total")
+MAX_PROMPT_VERSIONS = 8
 
 
 def adapter_slug(name: str) -> str:
@@ -123,6 +126,9 @@ class Telemetry(Contract):
     errors_total: Count | None = None
     #: Inputs the device refused since start (its audit trail: manifests, commands, keyring, API auth).
     refusals_total: Count | None = None
+    #: Requests refused since start because their prompt did not fit the model's context (a model
+    #: published with too small an n_ctx for its client).
+    context_refusals_total: Count | None = None
     queue_depth: Count | None = None
     rss_mb: Mb | None = None
     worker_rss_mb: Mb | None = None
@@ -153,18 +159,22 @@ class Telemetry(Contract):
         extra = self.model_extra or {}
         zones = [key for key in extra if ZONE_TEMP_KEY.fullmatch(key)]
         adapters = [key for key in extra if ADAPTER_KEY.fullmatch(key)]
+        versions = [key for key in extra if PROMPT_VERSION_KEY.fullmatch(key)]
         if len(zones) > MAX_THERMAL_ZONES:
             raise ValueError(f"at most {MAX_THERMAL_ZONES} thermal zones")
         if len(adapters) > MAX_ADAPTERS * len(ADAPTER_FIGURES):
             raise ValueError(f"figures of at most {MAX_ADAPTERS} adapters")
+        if len(versions) > MAX_PROMPT_VERSIONS + 1:  # and "other"
+            raise ValueError(f"at most {MAX_PROMPT_VERSIONS} prompt versions")
         for key, value in extra.items():
-            if key not in zones and key not in adapters:
+            if key not in zones and key not in adapters and key not in versions:
                 raise ValueError(
-                    f"unknown field {key!r} (only temp_<zone>_c and adapter_<name>_<figure> may be added)"
+                    f"unknown field {key!r} (only temp_<zone>_c, adapter_<name>_<figure> and "
+                    "prompt_version_<version>_requests_total may be added)"
                 )
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{key} must be a number")
-            if key in adapters and value < 0:
+            if key not in zones and value < 0:
                 raise ValueError(f"{key} must not be negative")
         return self
 

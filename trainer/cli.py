@@ -15,9 +15,18 @@ from rich.table import Table
 from shared.cli_entry import run_cli, transfer_progress
 from shared.manifest import Quantization
 from trainer import toolchain as toolchain_module
-from trainer.dataset.prepare import PrepareOptions, Source, chat_token_counter, load_tokenizer, prepare
+from trainer.context import publish_context, request_fit_beside
+from trainer.dataset.prepare import (
+    PrepareOptions,
+    Source,
+    chat_token_counter,
+    load_tokenizer,
+    prepare,
+    text_token_counter,
+)
 from trainer.dataset.records import read_records
 from trainer.dataset.slips import DEFAULT_TEACHERS, SUMMARY_SYSTEM_PROMPT
+from trainer.prompts import get_profile
 from trainer.records import EvalReport
 
 app = typer.Typer(
@@ -86,6 +95,16 @@ def prepare_command(
             "slips-summary=behavior_analysis (default: all parts; repeatable)."
         ),
     ] = None,
+    prompt_profile: Annotated[
+        str | None,
+        typer.Option(
+            help="Render the Slips incidents as this client's requests (e.g. alert-summary-v2) with "
+            "offline answers that obey its output rules; give the summary and the risk dataset."
+        ),
+    ] = None,
+    practice: Annotated[
+        bool, typer.Option(help="With a profile: add reduction requests for incidents that need none.")
+    ] = True,
 ) -> None:
     """Import datasets into ChatML records, de-duplicate, fit the token budget and split train/eval."""
     parts: dict[str, tuple[str, ...]] = {}
@@ -93,11 +112,25 @@ def prepare_command(
         task, _, names = spec.partition("=")
         parts[task.strip()] = tuple(filter(None, (name.strip() for name in names.split(","))))
     options = PrepareOptions(
-        max_tokens, eval_fraction, seed, tuple(teacher or DEFAULT_TEACHERS), strict, parts
+        max_tokens,
+        eval_fraction,
+        seed,
+        tuple(teacher or DEFAULT_TEACHERS),
+        strict,
+        parts,
+        prompt_profile,
+        practice,
     )
+    if prompt_profile is not None:
+        get_profile(prompt_profile)  # an unknown name fails before the tokenizer loads
     with _spinner("preparing records"):
+        model_tokenizer = load_tokenizer(tokenizer)
         result = prepare(
-            [Source.parse(s) for s in sources], output, chat_token_counter(load_tokenizer(tokenizer)), options
+            [Source.parse(s) for s in sources],
+            output,
+            chat_token_counter(model_tokenizer),
+            options,
+            text_token_counter(model_tokenizer),
         )
     stats = result.stats
     table = Table(title=f"dataset -> {output}")
@@ -121,6 +154,13 @@ def prepare_command(
     )
     for problem in stats["problems"][:10]:
         err_console.print(f"skipped {problem}", highlight=False)
+    if (fit := stats.get("requests")) is not None:
+        console.print(
+            f"{fit['profile']}: {fit['requests']} requests; the longest is {fit['longest_prompt_tokens']} "
+            f"tokens ({fit['longest_request']}); real tokens run to {fit['max_ratio_to_estimate']}x the "
+            "client's estimate; "
+            f"with max_tokens {fit['max_tokens']} a model needs n_ctx >= {fit['context_needed']}"
+        )
 
 
 @app.command("finetune")
@@ -247,8 +287,11 @@ def eval_command(
 
     quants = [q for q in parse_quants(quant)]
     options = EvalOptions(max_ppl_rise, ppl_records, ppl_ctx, task_records, max_tokens, n_threads=threads)
+    fit = request_fit_beside(data)
     with _spinner("evaluating with llama-cpp-python"):
-        report = evaluate(export_dir, quants, list(read_records(data)), options, baseline, baseline_label)
+        report = evaluate(
+            export_dir, quants, list(read_records(data)), options, baseline, baseline_label, fit
+        )
     table = Table(title=f"evaluation ({report.records['perplexity']} records; bound +{max_ppl_rise:.0%})")
     task_names = sorted({name for r in report.quants.values() for name in r.tasks})
     for column in ("quant", "perplexity", "vs F16", "no imatrix", "publish", *task_names):
@@ -275,6 +318,12 @@ def eval_command(
     console.print(table)
     for name in report.quants:
         _print_comparison(report, name)
+    if (requests := report.requests) is not None:
+        console.print(
+            f"{requests.profile}: longest request {requests.longest_prompt_tokens} tokens "
+            f"({requests.longest_request}) + max_tokens {requests.max_tokens}: "
+            f"publish with n_ctx >= {requests.context_needed}"
+        )
 
 
 def _print_comparison(report: EvalReport, quant: Quantization) -> None:
@@ -308,7 +357,13 @@ def publish_command(
     ] = None,
     task: str = "slips-summary",
     base_model: str = "unknown",
-    n_ctx: int = 4096,
+    n_ctx: Annotated[
+        int | None,
+        typer.Option(
+            help="Default: what the evaluated client profile's longest request needs (eval.json), else 4096; "
+            "a context smaller than that need is refused."
+        ),
+    ] = None,
     arch: Annotated[list[str] | None, typer.Option(help="aarch64 and/or x86_64 (default aarch64).")] = None,
     min_ram_mb: Annotated[
         int | None,
@@ -332,7 +387,9 @@ def publish_command(
     from trainer.records import RunRecord
 
     settings = load_publish_settings(config)
-    _print_comparison(load_eval(export_dir), quant)
+    evaluation = load_eval(export_dir)
+    _print_comparison(evaluation, quant)
+    n_ctx = publish_context(evaluation, n_ctx)
     provenance = None
     if run_dir is not None and RunLayout(run_dir).run_file.is_file():
         run = RunRecord.read(RunLayout(run_dir).run_file, "run immune-train finetune first")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,14 @@ from trainer.dataset.records import ChatRecord
 from trainer.errors import TrainerError
 from trainer.export import find_gguf
 from trainer.layout import ExportLayout
-from trainer.records import AdapterScores, BaselineComparison, EvalReport, ExportReport, QuantScores
+from trainer.records import (
+    AdapterScores,
+    BaselineComparison,
+    EvalReport,
+    ExportReport,
+    QuantScores,
+    RequestFit,
+)
 from trainer.task_checks import task_scores
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,12 @@ class EvalOptions:
     task_records: int = 8
     max_tokens: int = 220
     n_threads: int | None = None
+    #: The context task answers are generated in (default: twice ppl_ctx); a profile's fit sets it.
+    task_ctx: int | None = None
+
+
+#: Per answer, the prompt's real size (taken out of the scores into _Measured.prompt_tokens).
+PROMPT_TOKENS = "prompt_tokens"
 
 
 def _open(
@@ -129,24 +142,27 @@ def run_tasks(
     def rouge(reference: str, prediction: str) -> float:
         return float(scorer.score(reference, prediction)["rougeL"].fmeasure)
 
-    model = _open(path, options.ppl_ctx * 2, options.n_threads, adapter=adapter)
+    model = _open(path, options.task_ctx or options.ppl_ctx * 2, options.n_threads, adapter=adapter)
     rows: list[dict[str, float]] = []
     try:
         for record in records:
             reply = model.create_chat_completion(
                 messages=record.prompt,  # type: ignore[arg-type]
-                max_tokens=options.max_tokens,
+                max_tokens=int(record.meta.get("max_tokens", options.max_tokens)),  # the client's own limit
                 temperature=0.0,
             )
             choice = reply["choices"][0]  # type: ignore[index]
             answer = choice["message"]["content"] or ""
-            rows.append(task_scores(record, answer, choice["finish_reason"] == "stop", rouge))
+            scores = task_scores(record, answer, choice["finish_reason"] == "stop", rouge)
+            scores[PROMPT_TOKENS] = float(reply["usage"]["prompt_tokens"])  # type: ignore[index]
+            rows.append(scores)
     finally:
         model.close()
     return rows
 
 
 def mean_scores(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the rows that have it."""
     names = sorted({name for row in rows for name in row})
     return {n: sum(r[n] for r in rows if n in r) / sum(1 for r in rows if n in r) for n in names}
 
@@ -158,6 +174,8 @@ class _Measured:
     path: Path
     nlls: list[tuple[float, int]]
     tasks: list[dict[str, float]]
+    #: The real prompt size of each task record, in the same order.
+    prompt_tokens: list[int]
 
 
 def _measure(
@@ -169,7 +187,8 @@ def _measure(
 ) -> _Measured:
     nlls = record_nlls(path, ppl_set, options, adapter)
     tasks = run_tasks(path, task_set, options, adapter) if task_set else []
-    return _Measured(path, nlls, tasks)
+    prompt_tokens = [int(row.pop(PROMPT_TOKENS)) for row in tasks]
+    return _Measured(path, nlls, tasks, prompt_tokens)
 
 
 def check_baseline(path: Path) -> Path:
@@ -190,15 +209,25 @@ def evaluate(
     options: EvalOptions,
     baseline: Path | None = None,
     baseline_label: str = "base",
+    request_fit: RequestFit | None = None,
 ) -> EvalReport:
     """Score F16 and each of ``quants`` (and ``baseline`` when given, on the same incidents); write
-    ``eval.json`` in ``export_dir`` and return it."""
+    ``eval.json`` in ``export_dir`` and return it. ``request_fit`` (prepare's measure of a client
+    profile's requests) sets the context answers are generated in and is reported with the
+    longest held-out request seen."""
     if baseline is not None:
         check_baseline(baseline)
     if not records:
         raise TrainerError("empty-dataset", "the held-out set is empty: nothing to evaluate on")
     ppl_set = list(records[: options.ppl_records])
-    task_set = [r for r in records if r.task.startswith("slips-")][: options.task_records]
+    task_set = task_records(records, options.task_records)
+    if request_fit is None and any(r.meta.get("profile") for r in task_set):
+        log.info(
+            "no request fit from prepare: task answers run at n_ctx %d",
+            options.task_ctx or options.ppl_ctx * 2,
+        )
+    if request_fit is not None:
+        options = replace(options, task_ctx=max(request_fit.context_needed, options.task_ctx or 0))
     exported = _exported_files(export_dir)
     order = [Quantization.F16, *[q for q in quants if q is not Quantization.F16]]
     measured = {q: _measure(find_gguf(export_dir, q), ppl_set, task_set, options) for q in order}
@@ -249,9 +278,38 @@ def evaluate(
         quants=results,
         comparison=comparison,
         adapter=_score_adapter(export_dir, measured[Quantization.F16], ppl_set, task_set, options),
+        requests=_request_fit(request_fit, measured[Quantization.F16], task_set),
     )
     report.write(ExportLayout(export_dir).eval_file)
     return report
+
+
+def task_records(records: Sequence[ChatRecord], count: int) -> list[ChatRecord]:
+    """The held-out records answers are generated for: ``count`` Slips records; of a client profile,
+    ``count`` final requests (the client's own, not practice ones) and a third as many reductions."""
+    slips = [r for r in records if r.task.startswith("slips-")]
+    if not any(r.meta.get("profile") for r in slips):
+        return slips[:count]
+    finals = [
+        r for r in slips if r.meta.get("request") == "final" and not r.meta["label"].startswith("practice-")
+    ]
+    reductions = [r for r in slips if r.meta.get("request") == "reduction"]
+    return finals[:count] + reductions[: max(1, count // 3)]
+
+
+def _request_fit(fit: RequestFit | None, f16: _Measured, task_set: Sequence[ChatRecord]) -> RequestFit | None:
+    """prepare's fit over every incident, or else one measured on the held-out answers of F16."""
+    if fit is not None:
+        return fit
+    sizes = [
+        (record.id, tokens, int(record.meta.get("estimated_tokens", 0)) or 1)
+        for record, tokens in zip(task_set, f16.prompt_tokens, strict=True)
+        if record.meta.get("profile")
+    ]
+    if not sizes:
+        return None
+    profile = task_set[0].meta["profile"]
+    return RequestFit.of(profile, max(int(r.meta.get("max_tokens", 0)) for r in task_set), sizes)
 
 
 def _score_adapter(

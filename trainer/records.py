@@ -124,6 +124,44 @@ class AdapterScores(_Record):
     vs_f16: dict[str, MetricComparison]
 
 
+#: The context a model is published with is a multiple of this (llama.cpp allocates its KV cache so).
+CONTEXT_STEP = 256
+
+
+class RequestFit(_Record):
+    """How big a client profile's requests are in the model's own tokens, and the context they need."""
+
+    profile: str
+    requests: int
+    #: The longest prompt (chat template applied) and which request it is.
+    longest_prompt_tokens: int
+    longest_request: str
+    #: Its size in the client's own estimate (Slips: characters / 4) and the real/estimate ratio.
+    longest_estimated_tokens: int
+    max_ratio_to_estimate: float
+    max_tokens: int
+    #: Longest prompt plus the client's max_tokens, rounded up to CONTEXT_STEP.
+    context_needed: int
+
+    @classmethod
+    def of(cls, profile: str, max_tokens: int, sizes: list[tuple[str, int, int]]) -> RequestFit:
+        """From (request id, real prompt tokens, estimated tokens) of every request rendered."""
+        if not sizes:
+            raise TrainerError("empty-dataset", f"profile {profile} rendered no request to measure")
+        ident, real, estimated = max(sizes, key=lambda size: size[1])
+        needed = real + max_tokens
+        return cls(
+            profile=profile,
+            requests=len(sizes),
+            longest_prompt_tokens=real,
+            longest_request=ident,
+            longest_estimated_tokens=estimated,
+            max_ratio_to_estimate=round(max(r / e for _, r, e in sizes if e > 0), 3),
+            max_tokens=max_tokens,
+            context_needed=-(-needed // CONTEXT_STEP) * CONTEXT_STEP,
+        )
+
+
 class EvalReport(_Record):
     """``eval.json``: the publish gate."""
 
@@ -133,6 +171,9 @@ class EvalReport(_Record):
     quants: dict[Quantization, QuantScores]
     comparison: BaselineComparison | None = None
     adapter: AdapterScores | None = None
+    #: With a client profile: its requests measured in the model's tokens (prepare's figure over
+    #: every incident when it is known, else the held-out requests), and the context eval ran at.
+    requests: RequestFit | None = None
 
 
 class PublishedRecord(_Record):

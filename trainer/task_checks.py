@@ -1,5 +1,6 @@
-"""The Slips task checks: what one generated answer is scored on, measured against what the reference
-(teacher) answers look like rather than against a fixed idea of a good answer.
+"""The Slips task checks: what one generated answer is scored on. Records of a client profile
+(``prepare --prompt-profile``) are scored by that client's output contract (trainer.prompts.contract);
+older records against what the reference (teacher) answers look like.
 
 Every check is 1.0 (pass) or 0.0 (fail), except ROUGE-L (F1 against the reference)."""
 
@@ -9,6 +10,8 @@ import re
 from collections.abc import Callable
 
 from trainer.dataset.records import ChatRecord
+from trainer.prompts import get_profile
+from trainer.prompts.contract import AnswerContext, contract_scores
 
 _VERDICT = {
     "slips-risk": re.compile(r"risk\s*level\W{0,6}\s*(low|medium|high|critical)", re.IGNORECASE),
@@ -57,8 +60,24 @@ def no_prompt_echo(record: ChatRecord, answer: str) -> bool:
     return copied_share(prompt, answer) <= copied_share(prompt, record.answer) + ECHO_SLACK
 
 
+def profile_scores(record: ChatRecord, answer: str, finished: bool, rouge: Rouge) -> dict[str, float]:
+    """Scores of an answer to a client profile's request: the profile's contract checks for that
+    request kind (reductions prefixed ``reduction_``), ROUGE-L and the echo check."""
+    kind = record.meta.get("request", "final")
+    profile = get_profile(record.meta["profile"])
+    context = AnswerContext(record.meta.get("source_ip"), finished)
+    scores = {
+        **contract_scores(answer, profile.checks(kind), context),  # type: ignore[arg-type]
+        "rouge_l": rouge(record.answer, answer),
+        "no_prompt_echo": float(no_prompt_echo(record, answer)),
+    }
+    return scores if kind == "final" else {f"reduction_{name}": value for name, value in scores.items()}
+
+
 def task_scores(record: ChatRecord, answer: str, finished: bool, rouge: Rouge) -> dict[str, float]:
     """Scores of one generated ``answer``; ``finished`` says it ended before the token budget."""
+    if record.meta.get("profile"):
+        return profile_scores(record, answer, finished, rouge)
     scores = {
         "rouge_l": rouge(record.answer, answer),
         "non_empty": float(bool(answer.strip())),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import anyio
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
+from edge.api.prompt_version import client_prompt_version
 from edge.api.request_id import request_id
 from edge.logs import fields
 from edge.metrics import Metrics
@@ -169,10 +170,15 @@ def server_failure(code: str, cause: object) -> ApiError:
     return ApiError(503, FAILURE_MESSAGES[code], code)
 
 
-def _rejected(exc: RequestRejectedError, model: ServedModel) -> ApiError:
+def _rejected(exc: RequestRejectedError, model: ServedModel, metrics: Metrics) -> ApiError:
     if exc.code == "context_length_exceeded":
         log.info("request %s: %s", request_id(), exc, extra=fields(request=request_id(), reason=exc.code))
-        message = f"prompt is longer than the context window ({model.n_ctx} tokens)"
+        metrics.context_refused(model.name)
+        size = f"{exc.prompt_tokens} tokens" if exc.prompt_tokens else "longer than the context"
+        message = (
+            f"the prompt is {size}, more than fits this model's context of {model.n_ctx} tokens "
+            "(shorten the request or publish the model with a larger n_ctx)"
+        )
         return ApiError(400, message, exc.code, "messages")
     return ApiError(400, str(exc), exc.code)  # the worker's own messages about the request
 
@@ -192,7 +198,7 @@ async def count_tokens(serving: Serving, model_name: str | None, messages: list[
             model.worker.count_tokens, with_system_prompt(model, messages), deadline
         )
     except RequestRejectedError as exc:
-        raise _rejected(exc, model) from None
+        raise _rejected(exc, model, serving.metrics) from None
     except RequestTimeoutError as exc:
         raise ApiError(504, str(exc), "timeout") from None
     except WorkerError as exc:
@@ -248,6 +254,8 @@ class Generation:
             serving.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
             code = "model_not_found" if status == 404 else "no_model"
             raise ApiError(status, str(exc), code, "model" if status == 404 else None) from None
+        if version := client_prompt_version(messages, prompt):
+            serving.metrics.prompt_version(model.name, version)
         try:
             request = _request(model, sampling, messages, prompt)
         except ApiError as exc:
@@ -310,7 +318,7 @@ class Generation:
             ) from None
         except RequestRejectedError as exc:
             status = 400
-            raise _rejected(exc, self.model) from None
+            raise _rejected(exc, self.model, self._serving.metrics) from None
         except WorkerError as exc:
             status = 503
             raise server_failure("worker_failed", exc) from None

@@ -42,14 +42,18 @@ class RequestTimeoutError(WorkerError):
 class RequestRejectedError(WorkerError):
     """The worker refused the request itself (it stays healthy); ``code`` says why."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, prompt_tokens: int = 0) -> None:
         super().__init__(message)
         self.code = code
+        #: The prompt's size when that is why it was refused (0: not known).
+        self.prompt_tokens = prompt_tokens
 
 
 def _failure(event: WorkerEvent) -> WorkerError:
     message = event.error or "worker error"
-    return RequestRejectedError(event.error_code, message) if event.error_code else WorkerError(message)
+    if event.error_code:
+        return RequestRejectedError(event.error_code, message, event.prompt_tokens)
+    return WorkerError(message)
 
 
 class WorkerHandle:

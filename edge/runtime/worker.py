@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from functools import lru_cache
@@ -30,6 +31,8 @@ from edge.runtime.protocol import (
 from edge.runtime.stops import StopScanner
 
 log = logging.getLogger(__name__)
+#: llama-cpp-python's refusal of a prompt longer than the context: "Requested tokens (N) exceed ...".
+_OVER_CONTEXT = re.compile(r"Requested tokens \((\d+)\) exceed context window")
 
 
 def _send(conn: Connection, event: WorkerEvent) -> None:
@@ -386,5 +389,10 @@ def worker_main(conn: Connection, spec_json: str) -> None:
         except RequestFaultError as exc:
             _send(conn, WorkerEvent(type="error", id=ident, error=str(exc), error_code=exc.code))
         except Exception as exc:  # a bad request must not kill a healthy model
-            code = "context_length_exceeded" if "exceed context window" in str(exc) else None
-            _send(conn, WorkerEvent(type="error", id=ident, error=str(exc), error_code=code))
+            over = _OVER_CONTEXT.search(str(exc))
+            code = "context_length_exceeded" if over else None
+            tokens = int(over[1]) if over else 0
+            _send(
+                conn,
+                WorkerEvent(type="error", id=ident, error=str(exc), error_code=code, prompt_tokens=tokens),
+            )

@@ -116,6 +116,11 @@ class TelemetrySampler:
                 ttft = (usage.ttft_s - last.ttft_s) / (usage.ttft_count - last.ttft_count)
                 values["ttft_ms"] = round(ttft * 1000, 1)
             values.update(self._adapters(self.metrics))
+            refused, versions = self.metrics.client_totals()
+            values["context_refusals_total"] = refused
+            values.update(
+                {f"prompt_version_{adapter_slug(v)}_requests_total": n for v, n in versions.items()}
+            )
         return values
 
     def _adapters(self, metrics: Metrics) -> dict[str, object]:

@@ -14,9 +14,12 @@ from typing import Any
 
 from trainer.dataset.chat_jsonl import import_chat_jsonl
 from trainer.dataset.problems import Problems
+from trainer.dataset.profiled import ProfiledImport, request_fit
 from trainer.dataset.records import ChatMessage, ChatRecord, file_sha256, write_records
 from trainer.dataset.slips import DEFAULT_TEACHERS, SlipsTask, answer_parts, import_slips
 from trainer.errors import TrainerError
+from trainer.prompts import get_profile
+from trainer.prompts.compose import OfflineComposer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,11 @@ class PrepareOptions:
     fatal_errors: bool = False
     #: Per Slips task, which parts of the teacher's answer to learn (default: all of them).
     answer_parts: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    #: Render the Slips incidents as this client profile's requests (trainer.prompts), with
+    #: offline contract answers; records over ``max_tokens`` are then dropped, never cut.
+    prompt_profile: str | None = None
+    #: With a profile: also its practice requests (reductions for incidents small enough not to need them).
+    practice: bool = True
 
 
 @dataclass
@@ -57,6 +65,15 @@ class PrepareResult:
     train: Path
     eval: Path
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+def text_token_counter(tokenizer: Any) -> Callable[[str], int]:
+    """Count the tokens of a plain text (an answer) with the model's tokenizer."""
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
 
 
 def chat_token_counter(tokenizer: Any) -> TokenCounter:
@@ -146,16 +163,45 @@ def _length_stats(lengths: list[int]) -> dict[str, int]:
     }
 
 
+def _profiled_import(
+    sources: Sequence[Source],
+    options: PrepareOptions,
+    problems: Problems,
+    answer_count: Callable[[str], int] | None,
+) -> ProfiledImport:
+    profile = get_profile(options.prompt_profile or "")
+    chat = [str(source.path) for source in sources if not source.slips]
+    if chat:
+        raise TrainerError(
+            "bad-input", f"a prompt profile renders Slips incidents; {chat[0]} is not a Slips dataset"
+        )
+    if answer_count is None:
+        raise TrainerError("bad-input", "a prompt profile needs the model's tokenizer to fit its answers")
+    composer = OfflineComposer(answer_count)
+    return ProfiledImport(profile, options.teachers, composer, problems, options.practice)
+
+
 def prepare(
-    sources: Iterable[Source], output_dir: Path, count: TokenCounter, options: PrepareOptions
+    sources: Iterable[Source],
+    output_dir: Path,
+    count: TokenCounter,
+    options: PrepareOptions,
+    answer_count: Callable[[str], int] | None = None,
 ) -> PrepareResult:
-    """Build ``train.jsonl``, ``eval.jsonl`` and ``stats.json`` in ``output_dir`` from ``sources``."""
+    """Build ``train.jsonl``, ``eval.jsonl`` and ``stats.json`` in ``output_dir`` from ``sources``
+    (``answer_count``: tokens of a plain text, which a prompt profile's answers are fitted with)."""
     for task, parts in options.answer_parts.items():
         if task not in ("slips-summary", "slips-risk"):
             raise TrainerError("bad-answer-parts", f"answer parts are for Slips tasks, not {task!r}")
         answer_parts(task, parts)  # type: ignore[arg-type] - checked just above
     problems = Problems(fatal=options.fatal_errors)
     imported: list[ChatRecord] = []
+    sources = list(sources)
+    profiled = None
+    if options.prompt_profile is not None:
+        profiled = _profiled_import(sources, options, problems, answer_count)
+        imported.extend(profiled.records([source.path for source in sources]))
+        sources = []
     for source in sources:
         if source.slips:
             task: SlipsTask = "slips-summary" if source.task == "slips-summary" else "slips-risk"
@@ -176,10 +222,14 @@ def prepare(
     lengths: dict[str, int] = {}
     too_long = 0
     for record in unique:
-        fitted = fit_budget(record, count, options.max_tokens)
+        if profiled is not None:  # a client's request is trained on as sent, or not at all
+            tokens = count([m.model_dump() for m in record.messages])
+            fitted = (record, tokens) if tokens <= options.max_tokens else None
+        else:
+            fitted = fit_budget(record, count, options.max_tokens)
         if fitted is None:
             too_long += 1
-            log.warning("dropped %s: its answer alone exceeds %d tokens", record.id, options.max_tokens)
+            log.warning("dropped %s: it exceeds %d tokens", record.id, options.max_tokens)
             continue
         kept.append(fitted[0])
         lengths[record.id] = fitted[1]
@@ -222,6 +272,9 @@ def prepare(
         },
         "sha256": file_sha256(result.train, result.eval),
     }
+    if profiled is not None:
+        result.stats["requests"] = request_fit(profiled, count).model_dump(mode="json")
+        result.stats["options"]["prompt_profile"] = options.prompt_profile
     (output_dir / "stats.json").write_text(json.dumps(result.stats, indent=2) + "\n")
     log.info("prepared %d train and %d eval records in %s", len(train), len(evaluation), output_dir)
     return result

@@ -55,6 +55,10 @@ class SlipsIncident(BaseModel):
     source_ip: str = Field(min_length=1, max_length=64)
     dag_analysis: str = Field(min_length=1)
     category: str | None = None
+    timewindow: str | int | None = None
+    timeline: str | None = None
+    threat_level: float | None = None
+    event_count: int | None = None
 
 
 def load_slips_file(path: Path) -> list[Any]:
@@ -100,10 +104,11 @@ def answer_parts(task: SlipsTask, chosen: Sequence[str] | None = None) -> tuple[
     return tuple(part for part in known if part in chosen)
 
 
-def pick_answer(
+def pick_parts(
     raw: dict[str, Any], task: SlipsTask, teachers: Sequence[str], parts: Sequence[str] | None = None
-) -> tuple[str, str] | None:
-    """The first teacher in preference order whose chosen answer parts are all usable: (teacher, text)."""
+) -> tuple[str, list[str]] | None:
+    """The first teacher in preference order whose chosen answer parts are all usable, and those
+    parts' texts in order."""
     key_pattern = _ANSWERS[task][0]
     parts = answer_parts(task, parts)
     for teacher in teachers:
@@ -112,8 +117,16 @@ def pick_answer(
             continue
         texts = [clean_answer(answer.get(part)) for part in parts]
         if all(texts):
-            return teacher, "\n\n".join(t for t in texts if t)
+            return teacher, [t for t in texts if t]
     return None
+
+
+def pick_answer(
+    raw: dict[str, Any], task: SlipsTask, teachers: Sequence[str], parts: Sequence[str] | None = None
+) -> tuple[str, str] | None:
+    """The first teacher in preference order whose chosen answer parts are all usable: (teacher, text)."""
+    picked = pick_parts(raw, task, teachers, parts)
+    return (picked[0], "\n\n".join(picked[1])) if picked else None
 
 
 def incident_messages(task: SlipsTask, incident: str) -> list[ChatMessage]:
