@@ -4,6 +4,7 @@ over TCP and over the Unix socket, plus hostile HTTP input."""
 from __future__ import annotations
 
 import json
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -199,10 +200,38 @@ def test_huge_body_and_long_prompt(server) -> None:
         timeout=30,
     )
     assert response.status_code == 413 and "exceeds" in response.text
+    refused = 'immune_edge_context_refusals_total{model="slips-summary-smol"}'
+    before = _metric(server.base, refused)
     long_prompt = {"messages": [{"role": "user", "content": "port scan " * 800}], "max_tokens": 8}
     response = httpx.post(f"{server.base}/v1/chat/completions", json=long_prompt, timeout=120)
-    assert response.status_code == 400 and "context window" in response.text, response.text
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    # Both numbers, as llama-server gives them: the prompt's real size and the model's context.
+    prompt_tokens = int(re.search(r"the prompt is (\d+) tokens", message)[1])  # type: ignore[index]
+    assert prompt_tokens > 512 and "context of 512 tokens" in message, message
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert _metric(server.base, refused) == before + 1  # counted per model, for the operator
     assert httpx.get(f"{server.base}/ready").status_code == 200
+
+
+def test_client_prompt_versions_are_counted_per_model(server) -> None:
+    counted = (
+        'immune_edge_prompt_version_requests_total{model="slips-summary-smol",version="alert-summary-v2"}'
+    )
+    before = _metric(server.base, counted)
+    prompt = "Summarise host 10.0.0.5.\n\nOUTPUT RULES:\n- One paragraph.\n- Prompt version: alert-summary-v2"
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+    assert httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=120).status_code == 200
+    assert _metric(server.base, counted) == before + 1
+    # A line that is not a short version name is not counted, so clients cannot grow the label set.
+    junk = {"messages": [{"role": "user", "content": "- Prompt version: " + "x y " * 50}], "max_tokens": 2}
+    assert httpx.post(f"{server.base}/v1/chat/completions", json=junk, timeout=120).status_code == 200
+    versions = [
+        line
+        for line in httpx.get(f"{server.base}/metrics", timeout=10).text.splitlines()
+        if line.startswith("immune_edge_prompt_version_requests_total{")
+    ]
+    assert versions == [f"{counted} {before + 1}"], versions
 
 
 def test_more_connections_than_the_queue_get_429_and_the_server_recovers(server) -> None:

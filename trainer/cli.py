@@ -163,6 +163,51 @@ def prepare_command(
         )
 
 
+@app.command("distill")
+def distill_command(
+    data: Annotated[
+        Path, typer.Argument(exists=True, file_okay=False, help="A folder prepare --prompt-profile wrote.")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the distilled files.")],
+    teacher: Annotated[
+        str, typer.Option(help="The teacher's OpenAI-compatible URL (server root, /v1 or the endpoint).")
+    ],
+    teacher_model: Annotated[str, typer.Option(help="The model name the teacher serves.")],
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="A file holding the teacher's API key (Bearer)."),
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Requests in flight at once.")] = 4,
+    timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait for one answer.")] = 300.0,
+) -> None:
+    """Have a teacher model answer the profile's requests; answers that break the contract are left out.
+    Rerun the same command to resume an interrupted run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+
+    from trainer.distill import Teacher, distill, pending_count
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the progress bar
+    key = api_key_file.read_text().strip() if api_key_file else None
+    settings = Teacher(teacher, teacher_model, key, concurrency, timeout)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err_console,
+    )  # fmt: skip
+    with progress:
+        task_id = progress.add_task(f"asking {teacher_model}", total=pending_count(data, output))
+        reports = distill(data, output, settings, on_outcome=lambda _: progress.advance(task_id))
+    table = Table(title=f"distilled by {teacher_model} -> {output}")
+    for column in ("file", "records", "resumed", "written", "left out"):
+        table.add_column(column)
+    for name, report in reports.items():
+        left_out = ", ".join(f"{why} {n}" for why, n in sorted(report.left_out.items())) or "0"
+        table.add_row(name, str(report.records), str(report.resumed), str(report.written), left_out)
+    console.print(table)
+    for report in reports.values():
+        for record_id, reason in report.examples[:5]:
+            err_console.print(f"left out {record_id}: {reason}", highlight=False)
+
+
 @app.command("finetune")
 def finetune_command(
     config: Annotated[Path, typer.Option("--config", "-c", exists=True, dir_okay=False, help="train.toml")],

@@ -185,7 +185,7 @@ class AlertSummaryProfile:
         chunks: list[list[int]] = [[]]
         used = 0
         for index, line in enumerate(lines):
-            size = (len(line) + 3) // 4  # "- " and the newline, in the same estimate
+            size = -(-(len(line) + 3) // 4)  # with "- " and the newline, rounded up: never under
             if chunks[-1] and used + size > room:
                 chunks.append([])
                 used = 0

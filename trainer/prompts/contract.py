@@ -67,8 +67,8 @@ def no_verdict(answer: str, _: AnswerContext) -> bool:
 
 
 def states_risk(answer: str, _: AnswerContext) -> bool:
-    """States a risk or urgency level."""
-    return bool(RISK.search(answer))
+    """States a risk or urgency level (looking through Markdown emphasis: ``**Risk Level:** High``)."""
+    return bool(RISK.search(re.sub(r"[*_]+", "", answer)))
 
 
 def names_source_ip(answer: str, context: AnswerContext) -> bool:
