@@ -1,25 +1,26 @@
 """The real trainer recipe, one command (``make train-real``): SmolLM2-135M-Instruct from its GGUF ->
-LoRA on the real Slips summary data -> GGUF export (f16, q8_0, q4_k_m with and without an importance
-matrix) -> evaluation against the base model on held-out incidents -> signed publish to a local
-daemon, which answers a Slips-style request with the new model.
+LoRA on the requests Slips' alert-summary module sends (``prepare --prompt-profile alert-summary-v2``,
+final and reduction requests, answers composed offline to obey its output rules) -> GGUF export ->
+evaluation against the base model on held-out incidents *through the profile's prompts* with the
+client's max_tokens -> signed publish to a local daemon with the n_ctx the longest request needs ->
+a Slips-style client asks it for a final summary and a reduction over the Ollama API.
 
 Each step runs the ``immune-train`` CLI as a user would; the wall time and peak RSS of each step
 (the process and its children) are measured, and everything lands in OUT/results.json and a
 Markdown table (OUT/results.md) for docs/benchmarks.md.
 
 Why these choices (see docs/benchmarks.md for the figures):
-- answer part: ``behavior_analysis`` only. Slips asks for an alert summary with max_tokens 220; the
-  teachers' two parts together run to ~500 tokens (cut off on the device), the behaviour analysis
-  alone fits (source, activity, flows, a one-line verdict), while the ``summary`` part mostly
-  restates the incident's own header and event list;
-- budget: 768 tokens per conversation (incident cut with a visible marker, answer kept whole): one
-  record costs about 10 s of forward and backward pass on 2 CPU cores (13 s at 1024), so 304 records
-  train in under an hour; only incidents whose answer alone exceeds the budget are dropped;
-- steps: one epoch over ``--train-records`` records, 8 per optimizer step;
-- the LoRA is also exported alone (``export --adapter``), bound to the base requantized to q4_k_m
-  (``--adapter-base``), and scored next to the merged F16. ``make train-adapter`` is the adapter
-  recipe: LoRA on the query and value projections only (``--lora-targets q_proj,v_proj``), which
-  is what keeps an adapter small and cheap to apply (docs/benchmarks.md)."""
+- answers: offline composition, not ``distill``: a teacher good enough to be worth asking (GPT-4o
+  class) is not reachable from the machines this runs on, and the dataset's own teacher parts hold
+  what the contract needs (activity, conclusion, risk level); ``distill`` is the way when one is;
+- budget: ``--max-tokens 1536`` per conversation. A client request is trained on whole or not at
+  all (never cut: the model must learn the request Slips sends), so the budget decides which
+  requests are kept: at 1536 about 83 % of them (median 1,070 tokens), at ~20 s of forward and
+  backward pass per record on 2 CPU cores;
+- mix: ``--reduction-share`` of the records are reduction requests, the rest finals, so the model
+  learns both request kinds; one epoch over ``--train-records`` records, 8 per optimizer step;
+- ``--prompt-profile none`` is the earlier recipe (raw incident text, ``--answer-part`` of the
+  teacher's Markdown), kept for the adapter recipe (``make train-adapter``) and for comparison."""
 
 from __future__ import annotations
 

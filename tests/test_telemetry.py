@@ -99,6 +99,39 @@ def test_telemetry_contract_is_flat_and_strict() -> None:
         Telemetry.from_json(json.dumps({"device_id": "pi-1", "fleet": "lab", "ts": 1.0, **too_many}).encode())
 
 
+def test_client_prompt_versions_and_context_refusals_are_checked() -> None:
+    head = {"device_id": "pi-1", "fleet": "lab", "ts": 1.0}
+    keys = {"context_refusals_total": 2, "prompt_version_alert_summary_v2_requests_total": 40}
+    sample = Telemetry.from_json(json.dumps(head | keys).encode())
+    assert sample.context_refusals_total == 2
+    for bad in (
+        {"context_refusals_total": -1},
+        {"prompt_version_alert_summary_v2_requests_total": -3},
+        {"prompt_version_alert_summary_v2_requests_total": "40"},
+        {"prompt_version_Alert_requests_total": 1},  # not a slug
+    ):
+        with pytest.raises(SchemaError):
+            Telemetry.from_json(json.dumps(head | bad).encode())
+    too_many = {f"prompt_version_v{i}_requests_total": 1 for i in range(10)}  # 8 names and "other" at most
+    with pytest.raises(SchemaError, match="at most 8 prompt versions"):
+        Telemetry.from_json(json.dumps(head | too_many).encode())
+
+
+def test_a_client_cannot_grow_the_prompt_version_set() -> None:
+    from edge.metrics import Metrics
+    from shared.messages import adapter_slug
+
+    metrics = Metrics()
+    for index in range(12):
+        metrics.prompt_version("slips", f"alert-summary-v{index}")
+    metrics.context_refused("slips")
+    refused, versions = metrics.client_totals()
+    assert refused == 1 and len(versions) == 9 and versions["other"] == 4
+    keys = {f"prompt_version_{adapter_slug(v)}_requests_total": n for v, n in versions.items()}
+    head = {"device_id": "pi-1", "fleet": "lab", "ts": 1.0, "context_refusals_total": refused}
+    assert Telemetry.from_json(json.dumps(head | keys).encode()).context_refusals_total == 1
+
+
 def test_adapter_figures_are_flat_keys_and_checked() -> None:
     head = {"device_id": "pi-1", "fleet": "lab", "ts": 1.0}
     keys = {"adapter_slips_risk_requests_total": 3, "adapter_slips_risk_tokens_per_second": 9.5}

@@ -279,3 +279,48 @@ def test_published_model_is_verified_and_served_by_a_daemon(
     assert comparison is not None and comparison.baseline == "zeroed"
     assert comparison.margins == {"perplexity": 0.0, "rouge_l": 0.0}
     assert comparison.metrics["perplexity"].verdict == "better"
+
+
+def test_profile_eval_scores_the_contract_and_publish_takes_its_context(
+    trained: TinyRun, tmp_path: Path, mqtt_broker, artifact_server, fleet_keys
+) -> None:
+    """The trained export evaluated through alert-summary-v2's own requests: the contract checks are
+    metrics, the longest request is reported, and publish gives the manifest the context it needs
+    (a smaller --n-ctx is refused before anything is uploaded)."""
+    data = tmp_path / "profiled"
+    immune_train(
+        "prepare", f"slips-summary={trained.summary_data}", f"slips-risk={trained.risk_data}",
+        "--tokenizer", trained.base, "--output", data, "--max-tokens", "4096", "--eval-fraction", "0.25",
+        "--prompt-profile", "alert-summary-v2",
+    )  # fmt: skip
+    fit = json.loads((data / "stats.json").read_text())["requests"]
+    export = tmp_path / "gguf"
+    shutil.copytree(trained.gguf_dir, export)
+    (export / "eval.json").unlink(missing_ok=True)
+    result = immune_train(
+        "eval", export, "--data", data / "eval.jsonl", "--quant", "q4_k_m", "--max-ppl-rise", "0.5",
+        "--ppl-records", "2", "--task-records", "3", "--threads", "1",
+    )  # fmt: skip
+    report = json.loads((export / "eval.json").read_text())
+    tasks = report["quants"]["q4_k_m"]["tasks"]
+    assert {"one_paragraph", "plain_text", "gives_verdict", "states_risk", "within_budget"} <= set(tasks)
+    assert all(0.0 <= tasks[name] <= 1.0 for name in ("one_paragraph", "plain_text", "gives_verdict"))
+    assert report["requests"]["context_needed"] == fit["context_needed"]
+    assert f"publish with n_ctx >= {fit['context_needed']}" in result.stdout
+    keyring = tmp_path / "keyring.json"
+    keyring.write_bytes(fleet_keys.keyring().to_json())
+    key = tmp_path / "trainer.key"
+    write_private_key(fleet_keys.trainer, key)
+    config = write_publish_config(
+        tmp_path / "publish.toml", FLEET, [key], keyring, mqtt_broker.host, mqtt_broker.port,
+        artifact_server.root, artifact_server.base_url,
+    )  # fmt: skip
+    args = ("publish", export, "--config", config, "--name", "slips/profiled", "--quant", "q4_k_m")
+    small = immune_train(*args, "--serial", "3", "--n-ctx", "256", check=False)
+    assert small.returncode == 1 and "REJECTED (context-too-small)" in small.stderr, small.stderr
+    assert not (artifact_server.root / "slips_profiled").exists()
+    immune_train(*args, "--serial", "4", "--arch", HOST_ARCH)
+    manifest = verify_manifest(
+        Envelope.from_json((export / "manifest-4.json").read_bytes()), fleet_keys.keyring()
+    )
+    assert manifest.runtime.n_ctx == fit["context_needed"]
