@@ -306,7 +306,7 @@ def test_profile_eval_scores_the_contract_and_publish_takes_its_context(
     assert {"one_paragraph", "plain_text", "gives_verdict", "states_risk", "within_budget"} <= set(tasks)
     assert all(0.0 <= tasks[name] <= 1.0 for name in ("one_paragraph", "plain_text", "gives_verdict"))
     assert report["requests"]["context_needed"] == fit["context_needed"]
-    assert f"publish with n_ctx >= {fit['context_needed']}" in result.stdout
+    assert f"publish with n_ctx >= {fit['context_needed']}" in " ".join(result.stdout.split())
     keyring = tmp_path / "keyring.json"
     keyring.write_bytes(fleet_keys.keyring().to_json())
     key = tmp_path / "trainer.key"
