@@ -149,10 +149,16 @@ def client_requests(data: Path) -> list[dict[str, object]]:
     ]
 
 
-def publish_and_ask(out: Path, export: Path, run: Path, data: Path) -> dict[str, object]:
+#: The champion/challenger gate the recipe publishes through (metric: allowed margin below the base).
+GATE = {"names_source_ip": 0.0, "rouge_l": 0.0}
+
+
+def publish_and_ask(
+    out: Path, export: Path, run: Path, data: Path, gate: dict[str, float] | None = None
+) -> dict[str, object]:
     """Publish the q4_k_m to a daemon on a local broker (its n_ctx derived from the evaluated client
-    profile when there is one); ask it what Slips asks (Ollama provider) and check the answers
-    against the profile's contract."""
+    profile when there is one) through ``gate`` (default GATE; ``{}``: none); ask it what Slips asks
+    (Ollama provider) and check the answers against the profile's contract."""
     from shared.signing import generate_key, write_private_key
     from shared.signing.keyring import Keyring, Role, Thresholds, TrustedKey
     from tests.harness.artifact_server import ArtifactServer
@@ -185,7 +191,7 @@ def publish_and_ask(out: Path, export: Path, run: Path, data: Path) -> dict[str,
     with Mosquitto(out / "broker") as broker, ArtifactServer(out / "artifacts") as server:
         config = write_publish_config(
             out / "publish.toml", FLEET, [trainer_key], keyring_file, broker.host, broker.port,
-            server.root, server.base_url, gate={"names_source_ip": 0.0, "rouge_l": 0.0},
+            server.root, server.base_url, gate=GATE if gate is None else gate,
         )  # fmt: skip
         serving = ServingOptions(trial_s=5.0, request_timeout_s=600.0)
         device = write_edge_config(out / "device", broker, keyring, serving=serving)
