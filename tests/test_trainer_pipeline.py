@@ -226,6 +226,20 @@ def test_finetune_resumes_from_its_checkpoint(trained: TinyRun, tmp_path: Path) 
     assert run["resumed"] is True and (copy.run_dir / "adapter").is_dir()
 
 
+def _loopback_publish_config(  # type: ignore[no-untyped-def]
+    tmp_path: Path, fleet_keys, broker, store, gate: dict[str, float] | None = None
+) -> Path:
+    """publish.toml for the test broker and artifact server, with a trainer key of the fleet's keyring."""
+    keyring = tmp_path / "keyring.json"
+    keyring.write_bytes(fleet_keys.keyring().to_json())
+    key = tmp_path / "trainer.key"
+    write_private_key(fleet_keys.trainer, key)
+    return write_publish_config(
+        tmp_path / "publish.toml", FLEET, [key], keyring, broker.host, broker.port,
+        store.root, store.base_url, gate=gate,
+    )  # fmt: skip
+
+
 def test_published_model_is_verified_and_served_by_a_daemon(
     trained: TinyRun,
     compared: subprocess.CompletedProcess[str],
@@ -235,14 +249,9 @@ def test_published_model_is_verified_and_served_by_a_daemon(
     fleet_keys,
     observer,
 ) -> None:
-    keyring = tmp_path / "keyring.json"
-    keyring.write_bytes(fleet_keys.keyring().to_json())
-    key = tmp_path / "trainer.key"
-    write_private_key(fleet_keys.trainer, key)
-    config = write_publish_config(
-        tmp_path / "publish.toml", FLEET, [key], keyring, mqtt_broker.host, mqtt_broker.port,
-        artifact_server.root, artifact_server.base_url, gate={"perplexity": 0.0, "rouge_l": 0.0},
-    )  # fmt: skip
+    config = _loopback_publish_config(
+        tmp_path, fleet_keys, mqtt_broker, artifact_server, gate={"perplexity": 0.0, "rouge_l": 0.0}
+    )
     options = ServingOptions()
     device = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), serving=options)
     with running_daemon(device):
@@ -307,14 +316,7 @@ def test_profile_eval_scores_the_contract_and_publish_takes_its_context(
     assert all(0.0 <= tasks[name] <= 1.0 for name in ("one_paragraph", "plain_text", "gives_verdict"))
     assert report["requests"]["context_needed"] == fit["context_needed"]
     assert f"publish with n_ctx >= {fit['context_needed']}" in " ".join(result.stdout.split())
-    keyring = tmp_path / "keyring.json"
-    keyring.write_bytes(fleet_keys.keyring().to_json())
-    key = tmp_path / "trainer.key"
-    write_private_key(fleet_keys.trainer, key)
-    config = write_publish_config(
-        tmp_path / "publish.toml", FLEET, [key], keyring, mqtt_broker.host, mqtt_broker.port,
-        artifact_server.root, artifact_server.base_url,
-    )  # fmt: skip
+    config = _loopback_publish_config(tmp_path, fleet_keys, mqtt_broker, artifact_server)
     args = ("publish", export, "--config", config, "--name", "slips/profiled", "--quant", "q4_k_m")
     small = immune_train(*args, "--serial", "3", "--n-ctx", "256", check=False)
     assert small.returncode == 1 and "REJECTED (context-too-small)" in small.stderr, small.stderr
