@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -230,9 +231,9 @@ def test_prepare_renders_the_profile_with_answers_that_obey_it(slips_data, tmp_p
         assert int(record.meta["max_tokens"]) in (220, 180)
         prompt = [m.model_dump() for m in record.messages[:-1]]
         assert int(record.meta["estimated_tokens"]) == estimate_tokens(prompt)
-    # The offline composition: one plain paragraph that ends with the verdict and the risk.
-    assert all(r.answer.startswith(f"The alert for {r.meta['source_ip']} shows ") for r in finals)
-    assert all("On this evidence the alert is a " in r.answer for r in finals)
+    # The offline composition: one plain paragraph that opens with the verdict, the risk and the source.
+    opening = re.compile(r"^(Likely true positive|Likely false positive|Uncertain), \w+ risk: (\S+) shows ")
+    assert all((m := opening.match(r.answer)) and m[2] == r.meta["source_ip"] for r in finals)
     # The record without evidence lines is reported by id, not rendered.
     problems = result.stats["problems"]
     assert any("incident no-evidence has no evidence lines" in p for p in problems), problems

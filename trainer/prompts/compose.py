@@ -1,9 +1,10 @@
 """Offline answers that obey a profile's contract, composed from the dataset's own teacher parts
 instead of asking a teacher model (``immune-train distill`` is the other way).
 
-- ``alert-summary-v2`` final: one plain paragraph from the behaviour analysis (activity, summary),
-  the cause analysis' conclusion (which gives the verdict) and the risk assessment (level,
-  justification), cut sentence by sentence to fit the client's ``max_tokens``;
+- ``alert-summary-v2`` final: one plain paragraph that opens with the verdict (from the cause
+  analysis' conclusion), the risk level and the source's behaviour, then supporting sentences of
+  the behaviour summary, the conclusion and the risk justification, as many as fit the client's
+  ``max_tokens``;
 - its reductions: an extractive paragraph over the chunk's digest items (counts, severities, time
   spans, sample indicators), largest groups first, within the reduction's ``max_tokens``;
 - ``risk-v1``: the cause analysis and risk assessment as the tooling's teachers wrote them."""
@@ -103,14 +104,16 @@ class OfflineComposer:
         conclusion = field(cause, "Conclusion") or ""
         justification = field(risk, "Justification") or ""
         verdict = verdict_of(conclusion, level)
-        opening = f"The alert for {incident.source_ip} shows {_lower_first(activity.rstrip('.'))}."
-        judged = f"On this evidence the alert is a {verdict}, and the risk is {level}."
+        # Verdict, risk and source first: they survive an answer cut at the limit, and the first
+        # tokens are what a short fine-tune learns first. Not "The alert ...": the prompt ends in
+        # "alert-summary-v2", and a small model continues "alert" with the version string.
+        opening = (
+            f"{verdict.capitalize()}, {level} risk: {incident.source_ip} shows "
+            f"{_lower_first(activity.rstrip('.'))}."
+        )
         extra = [*sentences(summary)[:2], *sentences(conclusion)[:1], *sentences(justification)[:2]]
-        if fit([opening, judged], [], max_tokens - MARGIN_TOKENS, self.count) is None:
-            return None
-        # Supporting sentences go between the opening and the verdict, as an analyst would write it.
-        body = fit([opening], extra, max_tokens - MARGIN_TOKENS - self.count(judged) - 1, self.count)
-        return f"{body[0] if body else opening} {judged}"
+        body = fit([opening], extra, max_tokens - MARGIN_TOKENS, self.count)
+        return body[0] if body else None
 
     def risk_final(self, cause: str, risk: str, max_tokens: int) -> str | None:
         """The risk framing's answer: the cause analysis, then the risk assessment, within the limit."""
