@@ -14,8 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from edge.control.crash_points import KILL_AT_ENV
 from edge.delivery.store import ContentStore
 from edge.state.db import StateDB
+from edge.state.ledger import Ledger
 from edge.state.outbox import Outbox
 from fleet.client import FleetClient
 from fleet.settings import FleetSettings
@@ -30,10 +32,11 @@ from tests.harness.edge import (
     ServingOptions,
     digest,
     running_daemon,
+    sign_command,
     sign_manifest,
     write_edge_config,
 )
-from tests.test_edge_daemon import FORWARD, model_blob
+from tests.test_edge_daemon import FORWARD, Deployments, model_blob
 
 
 def _daemon_process(config: Path) -> subprocess.Popen[bytes]:
@@ -383,3 +386,62 @@ def test_an_answer_sent_while_the_operator_is_away_reaches_it_after_a_broker_res
             response = fleet.response(correlation, 30)
     assert response is not None, "the answer queued for the operator was lost"
     assert response.ok and response.result["result"] == "committed", response
+
+
+@pytest.mark.parametrize(
+    ("action", "killed_at"),
+    [
+        ("rollback", "queued"),
+        ("rollback", "verifying"),
+        ("rollback", "activating"),
+        ("pin", "verifying"),
+        ("pin", "activating"),
+    ],
+)
+def test_an_operator_change_killed_mid_way_is_finished_after_the_restart(
+    tmp_path, mqtt_broker, observer, artifact_server, fleet_keys, action, killed_at
+) -> None:
+    """Bug: recovery treated every interrupted row as a new model. A rollback (or pin) stopped while
+    queued or verifying was redone as a deployment and refused as serial-not-newer; one stopped while
+    activating got a trial and ended committed (and a failed trial would have marked the rollback
+    target bad). The device must end on the target, reporting the operator change's own result."""
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring())
+    deployments = Deployments(observer, artifact_server, fleet_keys)
+    with running_daemon(config):
+        for tag, serial in (("one", 1), ("two", 2)):
+            assert deployments.publish(deployments.envelope(tag, serial)[1])["state"] == "committed"
+    environment = {**os.environ, KILL_AT_ENV: f"{action}:{killed_at}"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        observer.wait_for(lambda: observer.statuses and observer.statuses[-1]["online"], 30, "online")
+        observer.send_command(sign_command([fleet_keys.operator], {"action": action, "serial": 1}))
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        process.kill()
+        process.wait()
+    db = StateDB(config.parent / "state" / "state.db")
+    try:
+        row = Ledger(db).last_deployment()
+    finally:
+        db.close()
+    assert row is not None and (row.kind, row.state, row.serial) == (action, killed_at, 1), row
+    deployment = row.id
+    final = "rolled_back" if action == "rollback" else "committed"
+    with running_daemon(config) as daemon:
+        end = observer.wait_for(
+            lambda: next((e for e in observer.terminal_events() if e["deployment_id"] == deployment), None),
+            timeout=60,
+            what="the interrupted change's end",
+        )
+        assert (end["serial"], end["state"]) == (1, final), end
+        ledger = daemon.control.ledger
+        assert ledger.current().serial == 1 and ledger.previous().serial == 2
+        assert ledger.last_serial("stable") == 2 and ledger.bad_serials() == {}
+        assert ledger.pinned is (action == "pin")
+        states = observer.states(deployment)
+        assert "trial" not in states and "rejected" not in states, states

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge.audit import Audit, RefusalKind
@@ -26,7 +27,7 @@ from edge.control.reporting import Reporter
 from edge.control.trust import TrustStore
 from edge.delivery.downloader import Downloader, ProgressCallback
 from edge.delivery.store import ContentStore
-from edge.state.ledger import Deployment, InstalledModel, Ledger, slot_of
+from edge.state.ledger import ChangeKind, Deployment, InstalledModel, Ledger, slot_of
 from shared.admission import DeviceProfile, admit_files, admit_for_device, verify_manifest
 from shared.artifacts import read_file_facts
 from shared.errors import ArtifactError, ContractError, TransientError
@@ -36,6 +37,37 @@ from shared.messages import DeploymentState
 from shared.outcome import Outcome, ResultCode
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GoLive:
+    """How one kind of change goes live."""
+
+    #: Raise the channel's anti-rollback floor to the serial (never for an operator's way back).
+    raises_floor: bool
+    #: Try the model in the trial window before committing (a new version only).
+    trial: bool
+    #: The run's terminal state and the reason it reports.
+    end: DeploymentState
+    reason: str
+    #: Pin the device to the model once it is live.
+    pins: bool = False
+
+
+GO_LIVE: dict[ChangeKind, GoLive] = {
+    ChangeKind.MODEL: GoLive(
+        raises_floor=True, trial=True, end=DeploymentState.COMMITTED, reason="committed"
+    ),
+    ChangeKind.ADAPTER: GoLive(
+        raises_floor=True, trial=True, end=DeploymentState.COMMITTED, reason="committed"
+    ),
+    ChangeKind.ROLLBACK: GoLive(
+        raises_floor=False, trial=False, end=DeploymentState.ROLLED_BACK, reason="rollback"
+    ),
+    ChangeKind.PIN: GoLive(
+        raises_floor=False, trial=False, end=DeploymentState.COMMITTED, reason="pin", pins=True
+    ),
+}
 
 
 class Deployer:
@@ -132,9 +164,10 @@ class Deployer:
             return Outcome(result=ResultCode.ALREADY_INSTALLED, message=message, serial=manifest.serial)
 
         deployment = resume or self.ledger.new_deployment(source, envelope)
-        self.ledger.describe_deployment(deployment.id, manifest.name, manifest.channel, manifest.serial)
+        kind = ChangeKind.ADAPTER if manifest.is_adapter else ChangeKind.MODEL
+        self.ledger.describe_deployment(deployment.id, manifest.name, manifest.channel, manifest.serial, kind)
         run = DeploymentRun(self.reporter, deployment, resumed=resume is not None)
-        run.name, run.serial = manifest.name, manifest.serial
+        run.name, run.serial, run.kind = manifest.name, manifest.serial, kind
         run.advance(DeploymentState.QUEUED)
         try:
             floor = self.ledger.last_serial(manifest.channel)
@@ -244,29 +277,52 @@ class Deployer:
                 self.activator.restore(adapter, slot)
 
     def go_live(self, run: DeploymentRun, model: InstalledModel) -> Outcome:
-        """activating -> trial -> committed, or back to what ran before. A failed trial is a model
-        fault: that serial is marked bad on this device."""
+        """The one way a model goes live, for every kind of change: activate, move the pointers,
+        try it (a new version), commit, end the run. A failed trial is a model fault: that serial is
+        marked bad on this device and what ran before serves again."""
+        live = GO_LIVE[run.kind]
         before, before_previous = self.ledger.current(model.slot), self.ledger.previous(model.slot)
         if (failed := self.activate(run, model, before)) is not None:
             return failed
-        self.ledger.switch_to(model, accept_serial=True)
-        run.advance(DeploymentState.TRIAL)
-        try:
-            if before is not None:  # with nothing to go back to, an unhealthy model beats none
-                self.activator.trial(model)
-        except TransientError as exc:
-            return _interrupted(run, exc)
-        except ActivationError as exc:
-            self.restore_pointers(before, before_previous, model.slot)
-            self._restore(before, model.slot)
-            self.ledger.mark_bad(model.channel, model.serial, f"{exc.reason}: {exc}")
-            return run.fail(DeploymentState.ROLLED_BACK, exc)
+        self.ledger.switch_to(model, accept_serial=live.raises_floor)
+        if live.trial:
+            run.advance(DeploymentState.TRIAL)
+            try:
+                if before is not None:  # with nothing to go back to, an unhealthy model beats none
+                    self.activator.trial(model)
+            except TransientError as exc:
+                return _interrupted(run, exc)
+            except ActivationError as exc:
+                self.restore_pointers(before, before_previous, model.slot)
+                self._restore(before, model.slot)
+                self.ledger.mark_bad(model.channel, model.serial, f"{exc.reason}: {exc}")
+                return run.fail(DeploymentState.ROLLED_BACK, exc)
         self.activator.commit(model)
-        outcome = run.end(
-            DeploymentState.COMMITTED, "committed", f"{model.name} serial {model.serial} is the current model"
+        if live.pins:
+            self.ledger.set_pinned(True)
+        was = f"serial {before.serial}" if before is not None and before.key != model.key else "no model"
+        message = (
+            f"{model.name} serial {model.serial} is the current model"
+            if live.end is DeploymentState.COMMITTED and not live.pins
+            else f"{live.reason}: {was} -> {model.name} serial {model.serial}"
         )
+        outcome = run.end(live.end, live.reason, message)
         self.gc.collect()
         return outcome
+
+    def check_cached(self, run: DeploymentRun, model: InstalledModel) -> None:
+        """An operator's target, verified once, is checked again where it lies in the store before it
+        goes live: every blob present with its declared size, and the model's GGUF header."""
+        run.advance(DeploymentState.VERIFYING)
+        facts = {}
+        for entry in model.manifest.files:
+            path = self.store.blob_path(entry.sha256)
+            if not path.is_file():
+                raise ArtifactError("not-cached", f"{run.kind.value}: blob {entry.sha256[:12]} is missing")
+            facts[entry.name] = read_file_facts(
+                path, entry.role, self.device.allowed_architectures, sha256=entry.sha256
+            )
+        admit_files(model.manifest, facts, self.device.allowed_architectures)
 
     def restore_pointers(
         self, current: InstalledModel | None, previous: InstalledModel | None, slot: str = ""

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from edge.control.deployer import Deployer
 from edge.control.progress import DeploymentRun
-from edge.state.ledger import InstalledModel
-from shared.admission import admit_files
-from shared.artifacts import read_file_facts
-from shared.errors import ArtifactError, ContractError
+from edge.state.ledger import ChangeKind, InstalledModel
+from shared.errors import ContractError
 from shared.messages import DeploymentState
 from shared.outcome import Outcome, ResultCode
 
@@ -29,7 +27,7 @@ class OperatorActions:
             if target is None:
                 what = "no previous version" if serial is None else f"serial {serial} is not cached"
                 return _refused(f"rollback refused{_of(adapter)}: {what}", "not-cached")
-            return self._switch(target, source, DeploymentState.ROLLED_BACK, "rollback")
+            return self._switch(target, source, ChangeKind.ROLLBACK)
 
     def pin(self, serial: int | None, source: str, adapter: str | None = None) -> Outcome:
         """Stay on the current (or a cached) model; desired state is ignored until unpinned. With
@@ -43,7 +41,7 @@ class OperatorActions:
                     return _refused(f"pin refused{_of(adapter)}: serial {serial} is not cached", "not-cached")
                 current = self.ledger.current(slot)
                 if current is None or current.serial != serial:
-                    switched = self._switch(target, source, DeploymentState.COMMITTED, "pin")
+                    switched = self._switch(target, source, ChangeKind.PIN)
                     if not switched.ok:
                         return switched
                     message, deployment_id = switched.message, switched.deployment_id
@@ -62,33 +60,25 @@ class OperatorActions:
             self.deployer.reporter.status(note="unpinned")
             return Outcome(result=ResultCode.DONE, message="unpinned; desired state applies again")
 
-    def _switch(self, target: InstalledModel, source: str, final: DeploymentState, verb: str) -> Outcome:
+    def _switch(self, target: InstalledModel, source: str, kind: ChangeKind) -> Outcome:
         """Make a cached, previously verified model current again (its blobs are checked again)."""
-        deployer = self.deployer
-        current = self.ledger.current(target.slot)
-        run = DeploymentRun(deployer.reporter, self.ledger.new_deployment(source, target.envelope))
+        deployment = self.ledger.new_deployment(source, target.envelope, kind)
+        self.ledger.describe_deployment(deployment.id, target.name, target.channel, target.serial, kind)
+        run = DeploymentRun(self.deployer.reporter, deployment)
         run.name, run.serial = target.name, target.serial
-        self.ledger.describe_deployment(run.deployment.id, target.name, target.channel, target.serial)
         run.advance(DeploymentState.QUEUED)
-        run.advance(DeploymentState.VERIFYING)
+        return self.switch_again(run, target)
+
+    def switch_again(self, run: DeploymentRun, target: InstalledModel) -> Outcome:
+        """The rest of an operator change (also for one a restart interrupted): the target checked
+        in the store, then the deployer's one go-live. Call with the deployer's lock held."""
         try:
-            facts = {}
-            for entry in target.manifest.files:
-                path = deployer.store.blob_path(entry.sha256)
-                if not path.is_file():
-                    raise ArtifactError("not-cached", f"{verb}: blob {entry.sha256[:12]} is missing")
-                facts[entry.name] = read_file_facts(
-                    path, entry.role, deployer.device.allowed_architectures, sha256=entry.sha256
-                )
-            admit_files(target.manifest, facts, deployer.device.allowed_architectures)
+            self.deployer.check_cached(run, target)
         except ContractError as exc:
             return run.fail(DeploymentState.FAILED, exc)
-        if (failed := deployer.activate(run, target, current)) is not None:
-            return failed
-        self.ledger.switch_to(target, accept_serial=False)
-        deployer.activator.commit(target)
-        frm = f"serial {current.serial}" if current else "no model"
-        ended = run.end(final, verb, f"{verb}: {frm} -> {target.name} serial {target.serial}")
+        ended = self.deployer.go_live(run, target)
+        if ended.result is ResultCode.FAILED:  # could not activate (or interrupted): not carried out
+            return ended
         return Outcome(
             result=ResultCode.DONE,
             message=ended.message,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 
+from edge.control.crash_points import crash_point
 from edge.control.reporting import Reporter
+from edge.control.transitions import check_transition
 from edge.logs import fields
 from edge.state.ledger import Deployment
 from shared.errors import ContractError, TransientError
@@ -43,18 +45,23 @@ class DeploymentRun:
         self.reached: DeploymentState | None = deployment.state if resumed else None
         self.name: str | None = deployment.name
         self.serial: int | None = deployment.serial
+        self.kind = deployment.kind
 
     def advance(self, state: DeploymentState, note: str | None = None) -> None:
         """Report ``state`` unless this run already reached it or a later one."""
         if self.reached is not None and FORWARD.index(state) <= FORWARD.index(self.reached):
             return
+        if self.reached is not None or state is not DeploymentState.QUEUED:
+            check_transition(self.kind, self.reached or DeploymentState.QUEUED, state)
         self.reporter.transition(
             self.deployment.id, state, note, self.name, self.serial, self.deployment.source
         )
         self.reached = state
+        crash_point(self.kind, state)
 
     def end(self, state: DeploymentState, reason: str, message: str) -> Outcome:
         """Report the terminal ``state`` and return the run's Outcome."""
+        check_transition(self.kind, self.reached or DeploymentState.QUEUED, state)
         self.reporter.transition(
             self.deployment.id, state, message, self.name, self.serial, self.deployment.source
         )

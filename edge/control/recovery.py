@@ -1,45 +1,19 @@
-"""What a restart does to a deployment it interrupted: one explicit table, state by state.
-
-A Pi loses power. A deployment interrupted before its model went live is simply run again
-(downloads continue from their partial files). One interrupted while its model was activating or on
-trial is retried like a boot counter retries a new slot (RAUC, SWUpdate, U-Boot's bootcount): the
-previous model serves again, then the new one is activated and tried once more, up to
-``deploy.activation_retries`` times; after that the serial is marked bad and reported as
-``known-bad`` with this reason whenever its desired state is seen again.
-"""
+"""What a restart does to the deployments it interrupted: the ``on_restart`` column of the one
+transition table (edge.control.transitions), applied oldest first."""
 
 from __future__ import annotations
 
 import logging
-from enum import StrEnum
 
 from edge.control.deployer import Deployer
+from edge.control.operator import OperatorActions
 from edge.control.progress import DeploymentRun
-from edge.state.ledger import Deployment
+from edge.control.transitions import Resume, on_restart
+from edge.state.ledger import Deployment, InstalledModel
 from shared.messages import DeploymentState
 from shared.outcome import Outcome
 
 log = logging.getLogger(__name__)
-
-
-class Resume(StrEnum):
-    """How an interrupted deployment continues after a restart."""
-
-    #: Run it again from its signed envelope: admission again, downloads resumed by Range.
-    REDO = "redo"
-    #: Serve the previous model, then activate and try the new one again (bounded by a counter).
-    RETRY_ACTIVATION = "retry-activation"
-
-
-#: Stopped in state X resumes as Y. Terminal states are never resumed.
-RECOVERY: dict[DeploymentState, Resume] = {
-    DeploymentState.QUEUED: Resume.REDO,
-    DeploymentState.DOWNLOADING: Resume.REDO,
-    DeploymentState.VERIFYING: Resume.REDO,
-    DeploymentState.STAGED: Resume.REDO,
-    DeploymentState.ACTIVATING: Resume.RETRY_ACTIVATION,
-    DeploymentState.TRIAL: Resume.RETRY_ACTIVATION,
-}
 
 
 class Recovery:
@@ -52,40 +26,74 @@ class Recovery:
     def resume_unfinished(self) -> list[Outcome]:
         outcomes = []
         for deployment in self.deployer.ledger.unfinished():
-            how = RECOVERY[deployment.state]
-            log.info("resuming deployment %s (%s): %s", deployment.id, deployment.state.value, how.value)
+            how = on_restart(deployment.kind, deployment.state)
+            log.info(
+                "resuming %s deployment %s (%s): %s",
+                deployment.kind.value,
+                deployment.id,
+                deployment.state.value,
+                how.value,
+            )
             if how is Resume.RETRY_ACTIVATION:
                 outcomes.append(self._retry_activation(deployment))
+            elif how is Resume.SWITCH_AGAIN:
+                outcomes.append(self._switch_again(deployment))
             elif deployment.envelope is not None:
                 outcomes.append(
                     self.deployer.deploy(deployment.envelope, deployment.source, resume=deployment)
                 )
         return outcomes
 
+    def _target(self, deployment: Deployment) -> InstalledModel | None:
+        ledger = self.deployer.ledger
+        if deployment.channel is None or deployment.serial is None:
+            return None
+        return ledger.model(deployment.channel, deployment.serial)
+
+    def _unwind(self, model: InstalledModel) -> None:
+        """The pointer had moved to ``model`` before the stop: the previous one is what runs
+        meanwhile, and the go-live moves it again."""
+        ledger = self.deployer.ledger
+        current, previous = ledger.current(model.slot), ledger.previous(model.slot)
+        if current is not None and current.key == model.key and previous is not None:
+            ledger.switch_to(previous, accept_serial=False)
+
+    def _switch_again(self, deployment: Deployment) -> Outcome:
+        """An operator rollback or pin the stop interrupted: the same switch to its target again,
+        never admission (the target is below the serial floor by design), no trial, no bad mark."""
+        deployer = self.deployer
+        with deployer.exclusive():
+            run = DeploymentRun(deployer.reporter, deployment, resumed=True)
+            interruptions = deployer.ledger.count_interruption(deployment.id)
+            target = self._target(deployment)
+            if target is None:
+                return run.end(
+                    DeploymentState.FAILED,
+                    "not-cached",
+                    f"not-cached: the {deployment.kind.value} target is no longer in the store",
+                )
+            self._unwind(target)
+            if interruptions > self.activation_retries:
+                deployer.activator.restore(deployer.ledger.current(target.slot), target.slot)
+                reason = (
+                    f"restart-during-activation: the daemon stopped {interruptions} times during this "
+                    f"{deployment.kind.value} to serial {target.serial}"
+                )
+                return run.end(DeploymentState.FAILED, "restart-during-activation", reason)
+            return OperatorActions(deployer).switch_again(run, target)
+
     def _retry_activation(self, deployment: Deployment) -> Outcome:
         deployer, ledger = self.deployer, self.deployer.ledger
         with deployer.exclusive():
             run = DeploymentRun(deployer.reporter, deployment, resumed=True)
             interruptions = ledger.count_interruption(deployment.id)
-            model = (
-                ledger.model(deployment.channel, deployment.serial)
-                if deployment.channel is not None and deployment.serial is not None
-                else None
-            )
-            slot = model.slot if model is not None else ""  # an adapter has its own pointers
-            current, previous = ledger.current(slot), ledger.previous(slot)
-            if (
-                model is not None
-                and current is not None
-                and current.key == model.key
-                and previous is not None
-            ):
-                # The pointer had moved to the new model: the previous one is what runs meanwhile.
-                ledger.switch_to(previous, accept_serial=False)
+            model = self._target(deployment)
             if model is None:
                 return run.end(
                     DeploymentState.FAILED, "interrupted", "interrupted: the daemon stopped during activation"
                 )
+            slot = model.slot  # an adapter has its own pointers
+            self._unwind(model)
             if interruptions > self.activation_retries:
                 reason = (
                     f"restart-during-trial: the daemon stopped {interruptions} times while serial "

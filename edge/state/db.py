@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     state TEXT NOT NULL,
     reason TEXT,
     updated_at REAL NOT NULL,
-    interruptions INTEGER NOT NULL DEFAULT 0
+    interruptions INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'model'
 );
 CREATE TABLE IF NOT EXISTS bad_serials (
     channel TEXT NOT NULL,
@@ -84,6 +85,8 @@ class StateDB:
         columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(deployments)")}
         if "interruptions" not in columns:  # version 1: activations interrupted by a restart not counted
             self._conn.execute("ALTER TABLE deployments ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0")
+        if "kind" not in columns:  # version 2: every row was a new model or adapter (operator changes too)
+            self._conn.execute("ALTER TABLE deployments ADD COLUMN kind TEXT NOT NULL DEFAULT 'model'")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -9,6 +9,7 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 
 from edge.state.db import StateDB
 from shared.admission import read_manifest_unverified
@@ -20,6 +21,19 @@ from shared.messages import DeploymentState
 def slot_of(manifest: Manifest) -> str:
     """The pointer slot of a manifest: "" for a model, its name for an adapter."""
     return manifest.name if manifest.is_adapter else ""
+
+
+class ChangeKind(StrEnum):
+    """What a deployment row changes: which go-live it gets and how a restart resumes it."""
+
+    #: A new base model version from a signed manifest: raises the serial floor, gets a trial.
+    MODEL = "model"
+    #: A new version of a LoRA adapter (its own pointers): raises the floor, gets a trial.
+    ADAPTER = "adapter"
+    #: An operator rollback to a cached version: the floor stays, no trial, ends rolled_back.
+    ROLLBACK = "rollback"
+    #: An operator pin to a cached serial: as a rollback, but ends committed and sets the pin.
+    PIN = "pin"
 
 
 _POINTERS = ("current", "previous")
@@ -93,6 +107,7 @@ class Deployment:
     reason: str | None
     #: How many times a restart interrupted this deployment's activation or trial.
     interruptions: int = 0
+    kind: ChangeKind = ChangeKind.MODEL
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Deployment:
@@ -106,6 +121,7 @@ class Deployment:
             DeploymentState(row["state"]),
             row["reason"],
             row["interruptions"],
+            ChangeKind(row["kind"]),
         )
 
 
@@ -264,22 +280,28 @@ class Ledger:
             self._set(conn, f"handled:{level}", digest)
 
     # -- deployments --------------------------------------------------------------------------
-    def new_deployment(self, source: str, envelope: bytes | None) -> Deployment:
+    def new_deployment(
+        self, source: str, envelope: bytes | None, kind: ChangeKind = ChangeKind.MODEL
+    ) -> Deployment:
         deployment = Deployment(
-            uuid.uuid4().hex, source, None, None, None, envelope, DeploymentState.QUEUED, None
+            uuid.uuid4().hex, source, None, None, None, envelope, DeploymentState.QUEUED, None, kind=kind
         )
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO deployments (id, source, envelope, state, updated_at) VALUES (?, ?, ?, ?, ?)",
-                (deployment.id, source, envelope, deployment.state.value, time.time()),
+                "INSERT INTO deployments (id, source, envelope, state, updated_at, kind) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (deployment.id, source, envelope, deployment.state.value, time.time(), kind.value),
             )
         return deployment
 
-    def describe_deployment(self, deployment_id: str, name: str, channel: str, serial: int) -> None:
+    def describe_deployment(
+        self, deployment_id: str, name: str, channel: str, serial: int, kind: ChangeKind
+    ) -> None:
+        """What the row changes, once the manifest is verified (a rejected one stays undescribed)."""
         with self.db.transaction() as conn:
             conn.execute(
-                "UPDATE deployments SET name = ?, channel = ?, serial = ? WHERE id = ?",
-                (name, channel, serial, deployment_id),
+                "UPDATE deployments SET name = ?, channel = ?, serial = ?, kind = ? WHERE id = ?",
+                (name, channel, serial, kind.value, deployment_id),
             )
 
     def set_state(self, deployment_id: str, state: DeploymentState, reason: str | None) -> None:

@@ -306,8 +306,8 @@ class FleetObserver:
     def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
 
-    def command(self, envelope: bytes, device: str = DEVICE, timeout: float = 60.0) -> dict[str, Any]:
-        """Send a command as an MQTT v5 request and return the response it gets."""
+    def send_command(self, envelope: bytes, device: str = DEVICE) -> bytes:
+        """Send a command as an MQTT v5 request; returns its correlation data."""
         correlation = secrets.token_bytes(8)
         properties = Properties(PacketTypes.PUBLISH)
         properties.ResponseTopic = self.response_topic
@@ -315,6 +315,11 @@ class FleetObserver:
         self.client.publish(TOPICS.command(device), envelope, qos=1, properties=properties).wait_for_publish(
             10
         )
+        return correlation
+
+    def command(self, envelope: bytes, device: str = DEVICE, timeout: float = 60.0) -> dict[str, Any]:
+        """Send a command as an MQTT v5 request and return the response it gets."""
+        correlation = self.send_command(envelope, device)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
