@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from edge.assembly import ControlPlane, device_profile, software_version
+from edge.assembly import ControlPlane, software_version
 from edge.config import DEFAULT_CONFIG_FILE, ApiSettings, EdgeConfig, RuntimeSettings, ThermalSettings
 from edge.logs import LogFormat, setup_logging
 from shared.admission import AdmissionInput, read_manifest_unverified, run_admission, verify_manifest
@@ -146,26 +146,20 @@ def verify(
     if config is not None:
         node = ControlPlane.open(load_config(config, EdgeConfig))
         try:
-            device = device_profile(node.config)
-            given = AdmissionInput(
-                envelope,
-                node.trust.keyring,
-                datetime.now(UTC),
-                serial_floor=node.ledger.last_serial(claimed.channel) if claimed else 0,
-                device=device,
-                known_bad=node.ledger.bad_serials(),
-            )
+            trusted = node.trust.keyring
+            given = node.deployer.device_state(claimed.channel if claimed else "")
         finally:
             node.close()
-        allowed = device.allowed_architectures
+        allowed = node.deployer.device.allowed_architectures
     elif keyring is not None:
-        given = AdmissionInput(envelope, Keyring.from_json(keyring.read_bytes()), datetime.now(UTC))
+        trusted, given = Keyring.from_json(keyring.read_bytes()), AdmissionInput()
         allowed = DEFAULT_ARCHITECTURES
     else:
         raise ContractError("usage", "give --config (device state) or --keyring")
     name = claimed.model_file.name if claimed else artifact.name
     facts = {name: read_file_facts(artifact, FileRole.MODEL, allowed)}
-    steps = run_admission(replace(given, files=facts, allowed_architectures=allowed))
+    given = replace(given, files=facts, all_files=False, allowed_architectures=allowed)
+    steps = run_admission(envelope, trusted, datetime.now(UTC), given)
     table = Table(title=f"{manifest.name} + {artifact.name}")
     for column in ("check", "result", "detail"):
         table.add_column(column)

@@ -5,8 +5,11 @@ set): the caller reads the bytes (envelope, file facts, GGUF header) and hands t
 is a named check that raises a ContractError with a stable reason code. The device's deployer,
 ``immune-edge verify``, ``immune-fleet verify`` and ``immune-train publish`` all run these steps.
 
-Order: signature threshold -> schema -> expiry -> serial floor -> compatibility -> size and hash ->
-GGUF header. Nothing unsigned is parsed as a manifest; nothing unverified reaches llama.cpp.
+Order: signature threshold -> schema -> expiry (phase 1) -> known bad -> serial floor ->
+compatibility -> an adapter's served base (phase 2, ``DEVICE_STEPS``) -> size and sha256 -> GGUF
+header and adapter binding (phase 3, ``FILE_STEPS``). The step tables exist once: the device's
+phases run every step and refuse one whose input is missing; ``run_admission`` reports each.
+Nothing unsigned is parsed as a manifest; nothing unverified reaches llama.cpp.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from shared.errors import ArtifactError, ContractError, SchemaError
 from shared.gguf import GgufHeader
@@ -145,15 +149,122 @@ def check_adapter_binding(manifest: Manifest, header: GgufHeader) -> None:
             f"{name} is a GGUF {header.kind!r} ({header.adapter_type or 'no adapter type'}), "
             "but the manifest describes a LoRA adapter",
         )
-    if header.base_sha256 != manifest.base.sha256:
+    check_recorded_base(name, header, manifest.base.name, manifest.base.sha256)
+
+
+def check_recorded_base(file_name: str, header: GgufHeader, base_name: str, base_sha256: str) -> None:
+    """The adapter file records (``immune_edge.base_sha256``) exactly the base it is said to run on."""
+    if header.base_sha256 != base_sha256:
         raise ArtifactError(
             "base-mismatch",
-            f"{name} was exported against base sha256 {header.base_sha256 or '(not recorded)'}, "
-            f"the manifest names {manifest.base.name} with sha256 {manifest.base.sha256}",
+            f"{file_name} was exported against base sha256 {header.base_sha256 or '(not recorded)'}, "
+            f"not {base_name} (sha256 {base_sha256})",
         )
 
 
-# -- the pipeline, in three phases ---------------------------------------------------------------------
+def check_base_served(manifest: Manifest, served_base_sha256: str | None) -> None:
+    """An adapter runs only on the base file it was trained against: the device's current model."""
+    if manifest.base is None:
+        return
+    if served_base_sha256 != manifest.base.sha256:
+        serving = f"sha256 {served_base_sha256}" if served_base_sha256 else "no base model"
+        raise AdmissionError(
+            "base-mismatch",
+            f"adapter {manifest.name} needs base {manifest.base.name} (sha256 {manifest.base.sha256}); "
+            f"this device serves {serving}",
+        )
+
+
+# -- what the steps look at ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdmissionInput:
+    """What the steps after the signature look at. ``None`` leaves a step out, which only ``run_admission``
+    allows (reported as not checked): the device's phases refuse to run a step without its input.
+    ``serial_floor``, ``device``, ``known_bad`` and ``served_base_sha256`` come from the device's
+    state, ``files`` from the artifact."""
+
+    serial_floor: int | None = None
+    device: DeviceProfile | None = None
+    known_bad: Mapping[tuple[str, int], str] | None = None
+    #: sha256 of the base model the device serves; "" when it serves none (None: not known).
+    served_base_sha256: str | None = None
+    files: Mapping[str, FileFacts] | None = None
+    #: False when ``files`` holds only the model file (``immune-edge verify`` checks one artifact).
+    all_files: bool = True
+    allowed_architectures: Collection[str] | None = None
+
+
+def _allowed(given: AdmissionInput) -> Collection[str] | None:
+    if given.allowed_architectures is not None:
+        return given.allowed_architectures
+    return given.device.allowed_architectures if given.device is not None else None
+
+
+def _known_bad(manifest: Manifest, given: AdmissionInput) -> str:
+    check_known_bad(manifest, given.known_bad or {})
+    return "not bad"
+
+
+def _serial(manifest: Manifest, given: AdmissionInput) -> str:
+    check_serial(manifest, given.serial_floor or 0)
+    return f"> {given.serial_floor}"
+
+
+def _compatibility(manifest: Manifest, given: AdmissionInput) -> str:
+    check_compatibility(manifest, cast(DeviceProfile, given.device))  # applies() said it is there
+    return "arch, RAM and groups match this device"
+
+
+def _base(manifest: Manifest, given: AdmissionInput) -> str:
+    check_base_served(manifest, given.served_base_sha256)
+    return f"made for the served base {manifest.base.name}" if manifest.base else "not an adapter"
+
+
+def _files(manifest: Manifest, given: AdmissionInput) -> str:
+    files = given.files or {}
+    for entry in manifest.files:
+        if given.all_files or entry.name in files or entry.role is FileRole.MODEL:
+            check_file(entry, files.get(entry.name))
+    return f"{manifest.model_file.size} bytes"
+
+
+def _header(manifest: Manifest, given: AdmissionInput) -> GgufHeader:
+    facts = (given.files or {}).get(manifest.model_file.name)
+    return check_model_header(manifest, facts, _allowed(given) or ())
+
+
+@dataclass(frozen=True)
+class Step:
+    """One named check after the signature: whether its input was given, and the check (it raises a
+    ContractError, or returns what passed: a line for the operator, or the parsed header)."""
+
+    name: str
+    applies: Callable[[AdmissionInput], bool]
+    check: Callable[[Manifest, AdmissionInput], object]
+    #: What the step needs, named when it cannot run.
+    needs: str
+
+
+#: Phase 2, before any download.
+DEVICE_STEPS: tuple[Step, ...] = (
+    Step("known bad", lambda g: g.known_bad is not None, _known_bad, "the device's bad serials"),
+    Step("serial (anti-rollback)", lambda g: g.serial_floor is not None, _serial, "the serial floor"),
+    Step("compatibility", lambda g: g.device is not None, _compatibility, "the device profile"),
+    Step("base (adapters)", lambda g: g.served_base_sha256 is not None, _base, "the served base model"),
+)
+#: Phase 3, before llama.cpp sees a byte.
+FILE_STEPS: tuple[Step, ...] = (
+    Step("size and sha256", lambda g: g.files is not None, _files, "the artifact files"),
+    Step(
+        "GGUF header",
+        lambda g: g.files is not None and _allowed(g) is not None,
+        _header,
+        "the artifact and the allowed architectures",
+    ),
+)
+
+
+# -- the pipeline, in three phases -------------------------------------------------------------------
 def verify_manifest(envelope: Envelope | bytes, keyring: Keyring, now: datetime | None = None) -> Manifest:
     """Phase 1, before anything else is read: signature, schema, expiry. Returns the verified
     manifest, the only one later phases (and the device) work with."""
@@ -173,43 +284,28 @@ def check_known_bad(manifest: Manifest, known_bad: Mapping[tuple[str, int], str]
         )
 
 
-def admit_for_device(
-    manifest: Manifest,
-    serial_floor: int,
-    device: DeviceProfile,
-    known_bad: Mapping[tuple[str, int], str] | None = None,
-) -> None:
-    """Phase 2, before any download: known bad, serial floor, compatibility."""
-    check_known_bad(manifest, known_bad or {})
-    check_serial(manifest, serial_floor)
-    check_compatibility(manifest, device)
+def _run_all(steps: tuple[Step, ...], manifest: Manifest, given: AdmissionInput) -> object:
+    """Every step, in order, failing closed (a step without its input is an error, never a pass);
+    returns what the last one gave."""
+    passed: object = None
+    for step in steps:
+        if not step.applies(given):
+            raise ValueError(f"admission step {step.name!r} needs {step.needs}")
+        passed = step.check(manifest, given)
+    return passed
 
 
-def admit_files(
-    manifest: Manifest, files: Mapping[str, FileFacts], allowed_architectures: Collection[str]
-) -> GgufHeader:
+def admit_for_device(manifest: Manifest, given: AdmissionInput) -> None:
+    """Phase 2, before any download: known bad, serial floor, compatibility, an adapter's base."""
+    _run_all(DEVICE_STEPS, manifest, given)
+
+
+def admit_files(manifest: Manifest, given: AdmissionInput) -> GgufHeader:
     """Phase 3, before llama.cpp sees a byte: every file's size and sha256, then the model's header."""
-    for entry in manifest.files:
-        check_file(entry, files.get(entry.name))
-    return check_model_header(manifest, files.get(manifest.model_file.name), allowed_architectures)
+    return cast(GgufHeader, _run_all(FILE_STEPS, manifest, given))  # the last file step is the header
 
 
 # -- the same steps, each reported (immune-edge verify) --------------------------------------------------
-@dataclass(frozen=True)
-class AdmissionInput:
-    """Everything admission looks at. ``None`` leaves a step out (reported as not checked):
-    ``serial_floor`` and ``device`` without device state, ``files`` without the artifact."""
-
-    envelope: bytes
-    keyring: Keyring
-    now: datetime
-    serial_floor: int | None = None
-    device: DeviceProfile | None = None
-    known_bad: Mapping[tuple[str, int], str] | None = None
-    files: Mapping[str, FileFacts] | None = None
-    allowed_architectures: Collection[str] | None = None
-
-
 @dataclass(frozen=True)
 class StepResult:
     """One named check: passed (True), failed (False) or not checked (None), and why."""
@@ -219,13 +315,15 @@ class StepResult:
     detail: str
 
 
-def run_admission(given: AdmissionInput) -> list[StepResult]:
+def run_admission(
+    envelope: bytes, keyring: Keyring, now: datetime, given: AdmissionInput
+) -> list[StepResult]:
     """Every step in pipeline order, each reported, so an operator sees all problems at once.
     Signature, schema and expiry stop the run when they fail (nothing can be read from an untrusted
     manifest); the GGUF header is read only when everything before it passed."""
     results: list[StepResult] = []
     try:
-        manifest = verify_manifest(given.envelope, given.keyring, given.now)
+        manifest = verify_manifest(envelope, keyring, now)
     except ContractError as exc:
         results.append(StepResult("signature, schema, expiry", False, f"{exc.reason}: {exc}"))
         results.append(StepResult("the rest", None, "not checked: the manifest is not trusted"))
@@ -237,60 +335,25 @@ def run_admission(given: AdmissionInput) -> list[StepResult]:
             f"{manifest.name} serial {manifest.serial}, expires {manifest.expires_at.isoformat()}",
         )
     )
-    device, floor, files = given.device, given.serial_floor, given.files
-    known_bad = given.known_bad
-    steps: list[tuple[str, bool, Callable[[], object], str]] = [
-        ("known bad", known_bad is not None, lambda: check_known_bad(manifest, known_bad or {}), "not bad"),
-        (
-            "serial (anti-rollback)",
-            floor is not None,
-            lambda: check_serial(manifest, floor or 0),
-            f"> {floor}",
-        ),
-        (
-            "compatibility",
-            device is not None,
-            lambda: device and check_compatibility(manifest, device),
-            "arch, RAM and groups match this device",
-        ),
-        (
-            "size and sha256",
-            files is not None,
-            # The files handed in (``immune-edge verify`` checks one artifact); the model file always.
-            lambda: [
-                check_file(entry, (files or {}).get(entry.name))
-                for entry in manifest.files
-                if entry.name in (files or {}) or entry.role is FileRole.MODEL
-            ],
-            f"{manifest.model_file.size} bytes",
-        ),
-    ]
-    for name, applicable, check, detail in steps:
-        if not applicable:
-            results.append(StepResult(name, None, "not checked: give --config for this device's state"))
-            continue
-        try:
-            check()
-        except ContractError as exc:
-            results.append(StepResult(name, False, f"{exc.reason}: {exc}"))
+    for step in (*DEVICE_STEPS, *FILE_STEPS):
+        if not step.applies(given):
+            results.append(StepResult(step.name, None, f"not checked: needs {step.needs} (give --config)"))
+        elif step is FILE_STEPS[-1] and any(r.passed is False for r in results):
+            results.append(StepResult(step.name, None, "not checked: an earlier check failed"))
         else:
-            results.append(StepResult(name, True, detail))
-    results.append(_header_step(manifest, given, results))
+            try:
+                passed = step.check(manifest, given)
+            except ContractError as exc:
+                results.append(StepResult(step.name, False, f"{exc.reason}: {exc}"))
+            else:
+                results.append(StepResult(step.name, True, _shown(passed)))
     return results
 
 
-def _header_step(manifest: Manifest, given: AdmissionInput, earlier: list[StepResult]) -> StepResult:
-    """The GGUF header, read only when every earlier step passed."""
-    device, files = given.device, given.files
-    allowed = given.allowed_architectures or (device.allowed_architectures if device else None)
-    if files is None or allowed is None or any(r.passed is False for r in earlier):
-        return StepResult("GGUF header", None, "not checked: an earlier check failed")
-    try:
-        header = check_model_header(manifest, files.get(manifest.model_file.name), allowed)
-    except ContractError as exc:
-        return StepResult("GGUF header", False, f"{exc.reason}: {exc}")
-    detail = f"v{header.version} {header.architecture}, {header.tensor_count} tensors"
-    return StepResult("GGUF header", True, detail)
+def _shown(passed: object) -> str:
+    if isinstance(passed, GgufHeader):
+        return f"v{passed.version} {passed.architecture}, {passed.tensor_count} tensors"
+    return str(passed)
 
 
 def read_manifest_unverified(envelope: bytes) -> Manifest | None:

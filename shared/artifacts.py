@@ -62,16 +62,10 @@ def verify_artifact_file(path: Path, entry: ArtifactFile) -> None:
 
 
 def read_file_facts(
-    path: Path,
-    role: FileRole,
-    allowed_architectures: Collection[str] = DEFAULT_ARCHITECTURES,
-    sha256: str | None = None,
+    path: Path, role: FileRole, allowed_architectures: Collection[str] = DEFAULT_ARCHITECTURES
 ) -> FileFacts:
-    """Size, sha256 and (for a model) the GGUF header of a file, for admission. ``sha256`` skips the
-    hashing of a blob the content store already verified on entry (its name is its digest)."""
-    size = path.stat().st_size
-    if sha256 is None:
-        size, sha256 = sha256_file(path)
+    """Size, sha256 (every byte read) and, for a model, the GGUF header of a file, for admission."""
+    size, sha256 = sha256_file(path)
     header = None
     if role is FileRole.MODEL:
         try:

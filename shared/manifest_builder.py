@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from shared.admission import check_recorded_base
 from shared.artifacts import describe_artifact
 from shared.errors import ArtifactError
 from shared.gguf import GgufHeader, minimum_ram_mb, read_gguf_header
@@ -45,12 +46,7 @@ class ManifestSpec:
 def _check_adapter(gguf: Path, header: GgufHeader, base: BaseModelRef | None) -> None:
     if base is None:
         raise ArtifactError("missing-base", f"{gguf.name} is a LoRA adapter: say which base GGUF it runs on")
-    if header.base_sha256 != base.sha256:
-        raise ArtifactError(
-            "base-mismatch",
-            f"{gguf.name} was exported against base sha256 {header.base_sha256 or '(not recorded)'}, "
-            f"not {base.name} ({base.sha256})",
-        )
+    check_recorded_base(gguf.name, header, base.name, base.sha256)
 
 
 def file_quantization(gguf: Path, header: GgufHeader, claimed: Quantization | None) -> Quantization:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shared.admission import FileFacts, admit_files
+from shared.admission import AdmissionInput, FileFacts, admit_files
 from shared.errors import ArtifactError
 from shared.gguf import BASE_SHA256_KEY, DEFAULT_ARCHITECTURES, read_gguf_header
 from tests.factories import gguf_bytes, manifest
@@ -41,7 +41,8 @@ def _admit(path: Path, **overrides: object) -> None:
     facts = FileFacts(
         len(data), hashlib.sha256(data).hexdigest(), read_gguf_header(path, DEFAULT_ARCHITECTURES)
     )
-    admit_files(described, {"model.gguf": facts}, DEFAULT_ARCHITECTURES)
+    given = AdmissionInput(files={"model.gguf": facts}, allowed_architectures=DEFAULT_ARCHITECTURES)
+    admit_files(described, given)
 
 
 def test_an_adapter_bound_to_its_base_is_admitted(tmp_path: Path) -> None:

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from shared.gguf import BASE_SHA256_KEY
+from tests.factories import gguf_bytes
 from tests.harness.broker import Mosquitto
 from tests.harness.edge import OTHER_ARCH, digest, sign_manifest, write_edge_config
+from tests.test_adapter_contract import _string
 from tests.test_edge_daemon import _tampered, model_blob
 
 
@@ -156,3 +159,55 @@ def test_bad_config_is_named(tmp_path) -> None:
     result = immune_edge("status", "--config", config)
     assert result.returncode == 1
     assert "device.colour" in result.stderr
+
+
+def test_verify_applies_the_base_binding_the_device_applies(setup, tmp_path, fleet_keys) -> None:
+    """Bug: ``verify --config`` passed an adapter whose base this device does not serve (the
+    deployer refuses it as base-mismatch): the check order was written twice and verify's copy
+    lacked the step."""
+    config, model, manifest, data = setup
+    assert immune_edge("install", manifest, "--artifact", model, "--config", config).returncode == 0
+    other_base = "b" * 64
+    kvs = [
+        ("general.architecture", 8, _string("llama")),
+        ("general.type", 8, _string("adapter")),
+        ("adapter.type", 8, _string("lora")),
+        (BASE_SHA256_KEY, 8, _string(other_base)),
+    ]
+    adapter_bytes = gguf_bytes(kvs=kvs, padding=64)
+    adapter = tmp_path / "adapter.gguf"
+    adapter.write_bytes(adapter_bytes)
+    base = {"name": "another-base", "sha256": other_base, "size": 1000, "urls": ["http://127.0.0.1:9/b.gguf"]}
+    signed = tmp_path / "adapter.dsse.json"
+    signed.write_bytes(
+        sign_manifest(
+            [fleet_keys.trainer],
+            adapter_bytes,
+            "http://127.0.0.1:9/a.gguf",
+            serial=4,
+            base=base,
+            name="summary-lora",
+        )
+    )
+    result = immune_edge("verify", signed, adapter, "--config", config)
+    assert result.returncode == 1, result.stdout
+    assert "base-mismatch" in result.stdout and digest(data) in result.stdout
+    installed = immune_edge("install", signed, "--artifact", adapter, "--config", config)
+    assert installed.returncode == 2 and "base-mismatch" in installed.stdout
+
+    # The same adapter made for the base this device serves passes verify.
+    kvs[-1] = (BASE_SHA256_KEY, 8, _string(digest(data)))
+    adapter.write_bytes(fitting := gguf_bytes(kvs=kvs, padding=64))
+    base = {**base, "name": "usb", "sha256": digest(data), "size": len(data)}
+    signed.write_bytes(
+        sign_manifest(
+            [fleet_keys.trainer],
+            fitting,
+            "http://127.0.0.1:9/a.gguf",
+            serial=4,
+            base=base,
+            name="summary-lora",
+        )
+    )
+    result = immune_edge("verify", signed, adapter, "--config", config)
+    assert result.returncode == 0, result.stdout

@@ -457,3 +457,51 @@ def test_daemon_over_tls_with_client_certificate_and_acl(
         watcher.wait_for(lambda: watcher.statuses and watcher.statuses[-1]["online"] is False, what="offline")
     finally:
         watcher.close()
+
+
+def _rot(blob: Path) -> None:
+    """Flip one byte in a stored blob's padding, keeping its size (bit rot on an SD card)."""
+    data = bytearray(blob.read_bytes())
+    data[-100] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+
+
+def test_stored_bytes_are_checked_against_the_manifest_before_they_go_live(
+    config_file, deployments, observer, fleet_keys
+) -> None:
+    """Bug: phase 3 compared the manifest's sha256 with itself (the blob's digest was taken from the
+    manifest, not read), so a blob whose bytes changed in the store went live on a rollback, and was
+    reused as is by a new manifest naming the same file."""
+    with running_daemon(config_file) as daemon:
+        ledger, store = daemon.control.ledger, daemon.control.store
+        data1, env1 = deployments.envelope("one", serial=1)
+        _, env2 = deployments.envelope("two", serial=2)
+        assert deployments.publish(env1)["state"] == "committed"
+        assert deployments.publish(env2)["state"] == "committed"
+        _rot(store.blob_path(digest(data1)))
+
+        response = observer.command(sign_command([fleet_keys.operator], {"action": "rollback"}))
+        assert not response["ok"] and response["result"]["reason"] == "store-corrupt", response
+        assert digest(data1) in response["result"]["message"]
+        assert ledger.current().serial == 2
+        assert not store.has(digest(data1))  # a blob that changed can never be used: dropped
+
+        # Serial 3 names the same file: fetched again (the changed blob is gone) and committed.
+        url = deployments.server.add("one-again.gguf", data1)
+        env3 = sign_manifest([fleet_keys.trainer], data1, url, serial=3)
+        assert deployments.publish(env3)["state"] == "committed"
+        assert store.blob_path(digest(data1)).read_bytes() == data1
+
+        # Serial 4 names it too while the stored copy has changed: not reused as is. The attempt
+        # fails (the device's fault, not the manifest's), drops the blob; the retry fetches it again.
+        _rot(store.blob_path(digest(data1)))
+        ends = len(observer.terminal_events())
+        observer.publish(
+            TOPICS.desired_device(DEVICE), sign_manifest([fleet_keys.trainer], data1, url, serial=4)
+        )
+        failed, committed = observer.wait_terminal(ends + 2)[ends:]
+        assert (failed["serial"], failed["state"]) == (4, "failed"), failed
+        assert failed["reason"].startswith("store-corrupt"), failed
+        assert (committed["serial"], committed["state"]) == (4, "committed"), committed
+        assert store.blob_path(digest(data1)).read_bytes() == data1

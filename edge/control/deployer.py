@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge.audit import Audit, RefusalKind
@@ -28,7 +28,14 @@ from edge.control.trust import TrustStore
 from edge.delivery.downloader import Downloader, ProgressCallback
 from edge.delivery.store import ContentStore
 from edge.state.ledger import ChangeKind, Deployment, InstalledModel, Ledger, slot_of
-from shared.admission import DeviceProfile, admit_files, admit_for_device, verify_manifest
+from shared.admission import (
+    AdmissionInput,
+    DeviceProfile,
+    FileFacts,
+    admit_files,
+    admit_for_device,
+    verify_manifest,
+)
 from shared.artifacts import read_file_facts
 from shared.errors import ArtifactError, ContractError, TransientError
 from shared.gguf import GgufHeader
@@ -169,10 +176,9 @@ class Deployer:
         run = DeploymentRun(self.reporter, deployment, resumed=resume is not None)
         run.name, run.serial, run.kind = manifest.name, manifest.serial, kind
         run.advance(DeploymentState.QUEUED)
+        device_state = self.device_state(manifest.channel)
         try:
-            floor = self.ledger.last_serial(manifest.channel)
-            admit_for_device(manifest, floor, self.device, self.ledger.bad_serials())
-            self._check_base(manifest)
+            admit_for_device(manifest, device_state)
         except ContractError as exc:
             return run.fail(DeploymentState.REJECTED, exc)
 
@@ -186,7 +192,9 @@ class Deployer:
 
         run.advance(DeploymentState.VERIFYING)
         try:
-            header = self._admit_stored(manifest, paths)
+            header = self._admit_stored(device_state, manifest, paths)
+        except TransientError as exc:
+            return run.fail(DeploymentState.FAILED, exc)
         except ContractError as exc:
             # A blob with the right hash but a bad header came from a bad manifest: drop it now.
             self._discard_unused(manifest)
@@ -196,18 +204,16 @@ class Deployer:
         run.advance(DeploymentState.STAGED, f"GGUF v{header.version} {header.architecture}")
         return self.go_live(run, model)
 
-    def _check_base(self, manifest: Manifest) -> None:
-        """An adapter runs only on the base it was trained against: the device's current model."""
-        if manifest.base is None:
-            return
+    def device_state(self, channel: str) -> AdmissionInput:
+        """What phase 2 compares a manifest on ``channel`` against: this device and its state
+        database (the daemon, ``install`` and ``verify`` alike)."""
         base = self.ledger.current()
-        if base is None or base.model_sha256 != manifest.base.sha256:
-            serving = f"{base.name} (sha256 {base.model_sha256})" if base else "no base model"
-            raise ArtifactError(
-                "base-mismatch",
-                f"adapter {manifest.name} needs base {manifest.base.name} (sha256 {manifest.base.sha256}); "
-                f"this device serves {serving}",
-            )
+        return AdmissionInput(
+            serial_floor=self.ledger.last_serial(channel),
+            device=self.device,
+            known_bad=self.ledger.bad_serials(),
+            served_base_sha256=base.model_sha256 if base is not None else "",
+        )
 
     def _fetch(
         self, manifest: Manifest, local_files: Mapping[str, Path], on_progress: ProgressCallback | None
@@ -222,16 +228,30 @@ class Deployer:
                 paths[entry.name] = self.downloader.fetch(entry, on_progress)
         return paths
 
-    def _admit_stored(self, manifest: Manifest, paths: Mapping[str, Path]) -> GgufHeader:
-        """Phase 3 of admission on blobs in the store. Their sha256 was checked on the way in (the
-        downloader and import hash every byte; a blob's name is its digest), so it is not read again."""
-        facts = {
-            entry.name: read_file_facts(
-                paths[entry.name], entry.role, self.device.allowed_architectures, sha256=entry.sha256
-            )
-            for entry in manifest.files
-        }
-        return admit_files(manifest, facts, self.device.allowed_architectures)
+    def _admit_stored(
+        self, given: AdmissionInput, manifest: Manifest, paths: Mapping[str, Path]
+    ) -> GgufHeader:
+        """Phase 3 of admission on the blobs in the store, read again."""
+        return admit_files(manifest, replace(given, files=self._stored_facts(manifest, paths)))
+
+    def _stored_facts(self, manifest: Manifest, paths: Mapping[str, Path]) -> dict[str, FileFacts]:
+        """Size, sha256 and header of each stored blob, read from its bytes: a blob was hashed on
+        its way in, but it may have changed since (an SD card's bit rot, a long-cached rollback
+        target). A blob is named by its digest, so a mismatch is the store's fault, never the
+        manifest's: the blob is dropped and the attempt fails as transient (the retry fetches it)."""
+        facts = {}
+        for entry in manifest.files:
+            path = paths[entry.name]
+            read = read_file_facts(path, entry.role, self.device.allowed_architectures)
+            if (read.size, read.sha256) != (entry.size, entry.sha256):
+                path.unlink(missing_ok=True)
+                raise TransientError(
+                    "store-corrupt",
+                    f"stored blob {entry.sha256} ({entry.name}) changed after it was verified: now "
+                    f"{read.size} bytes with sha256 {read.sha256}; dropped, to be fetched again",
+                )
+            facts[entry.name] = read
+        return facts
 
     def _discard_unused(self, manifest: Manifest) -> None:
         protected = self.ledger.in_use() | {d for m in self.ledger.models() for d in m.digests}
@@ -312,17 +332,13 @@ class Deployer:
 
     def check_cached(self, run: DeploymentRun, model: InstalledModel) -> None:
         """An operator's target, verified once, is checked again where it lies in the store before it
-        goes live: every blob present with its declared size, and the model's GGUF header."""
+        goes live: every blob present, its bytes against the manifest, the model's GGUF header."""
         run.advance(DeploymentState.VERIFYING)
-        facts = {}
+        paths = {entry.name: self.store.blob_path(entry.sha256) for entry in model.manifest.files}
         for entry in model.manifest.files:
-            path = self.store.blob_path(entry.sha256)
-            if not path.is_file():
+            if not paths[entry.name].is_file():
                 raise ArtifactError("not-cached", f"{run.kind.value}: blob {entry.sha256[:12]} is missing")
-            facts[entry.name] = read_file_facts(
-                path, entry.role, self.device.allowed_architectures, sha256=entry.sha256
-            )
-        admit_files(model.manifest, facts, self.device.allowed_architectures)
+        self._admit_stored(self.device_state(model.channel), model.manifest, paths)
 
     def restore_pointers(
         self, current: InstalledModel | None, previous: InstalledModel | None, slot: str = ""

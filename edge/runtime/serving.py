@@ -25,6 +25,8 @@ from edge.runtime.health import GateCriteria, GateError, run_health_gate
 from edge.runtime.protocol import LoadSpec
 from edge.runtime.router import ModelRouter, ServedModel
 from edge.state.ledger import InstalledModel
+from shared.admission import check_base_served
+from shared.errors import ContractError
 from shared.manifest import FileRole, Manifest, RuntimeProfile
 
 log = logging.getLogger(__name__)
@@ -315,13 +317,11 @@ class ServingRuntime:
     def _bring_up_adapter(self, model: InstalledModel, gate: bool) -> None:
         """An installed adapter manifest served on the current base, which must be the file it was
         trained against."""
-        manifest = model.manifest
-        base = self.router.active
-        if manifest.base is None or base is None or base.sha256 != manifest.base.sha256:
-            serving = f"{base.name} (sha256 {base.sha256})" if base else "no model"
-            raise ActivationError(
-                "base-mismatch", f"adapter {model.name} needs another base; serving {serving}"
-            )
+        manifest, base = model.manifest, self.router.active
+        try:  # admitted on this base; the base may have changed since
+            check_base_served(manifest, base.sha256 if base is not None else "")
+        except ContractError as exc:
+            raise ActivationError(exc.reason, str(exc)) from None
         plan = self._plan(model)
         self.serve_adapter(
             model.name,
