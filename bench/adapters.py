@@ -30,8 +30,8 @@ from tests.harness.load import LoadClients
 from tests.harness.lora_fixture import write_lora
 from tests.harness.models import smollm2_gguf
 from tests.harness.net import free_port
-from trainer.export import find_gguf
-from trainer.records import ExportedAdapter, ExportReport
+from trainer.export_folder import find_gguf, read_export_report
+from trainer.records import ExportedAdapter
 
 console = Console(width=140)
 PROFILE = RuntimeProfile(chat_format="chatml", n_ctx=1024)
@@ -113,9 +113,9 @@ def _run_adapter(run: Path) -> ExportedAdapter:
     requantized to q4_k_m (the recipe's choice)."""
     from trainer.layout import RunLayout
 
-    report = RunLayout(run).export.export_file
-    if report.is_file() and (exported := ExportReport.read(report, "export.json").adapter) is not None:
-        return exported
+    report = read_export_report(RunLayout(run).export.root)
+    if report is not None and report.adapter is not None:
+        return report.adapter
     from trainer.adapter_export import export_adapter
     from trainer.toolchain import prepare_toolchain
 

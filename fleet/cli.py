@@ -18,7 +18,15 @@ from shared.artifacts import describe_artifact, verify_artifact_file
 from shared.cli_entry import run_cli, transfer_progress
 from shared.errors import ArtifactError, ContractError
 from shared.manifest import MANIFEST_PAYLOAD_TYPE, BaseModelRef, Manifest, Quantization, RuntimeProfile
-from shared.manifest_builder import ManifestSpec, build_manifest
+from shared.manifest_builder import (
+    DEFAULT_CHANNEL,
+    DEFAULT_CPU_ARCH,
+    DEFAULT_LIFETIME_DAYS,
+    DEFAULT_N_CTX,
+    DEFAULT_TASK,
+    ManifestSpec,
+    build_manifest,
+)
 from shared.messages import COMMAND_PAYLOAD_TYPE, Command
 from shared.schema import Contract
 from shared.signing import (
@@ -159,10 +167,10 @@ def manifest_create(
     serial: Annotated[int, typer.Option(help="Monotonic per channel; devices refuse a serial <= theirs.")],
     url: Annotated[list[str], typer.Option(help="Download URL(s) of the GGUF (mirrors).")],
     output: Annotated[Path, typer.Option("-o", "--output")],
-    channel: str = "stable",
+    channel: str = DEFAULT_CHANNEL,
     version: Annotated[str | None, typer.Option(help="Human version (default: the serial).")] = None,
     base_model: Annotated[str, typer.Option(help="The model this one was fine-tuned from.")] = "unknown",
-    task: str = "slips-summary",
+    task: str = DEFAULT_TASK,
     quantization: Annotated[
         Quantization | None,
         typer.Option(help="Default: read from the file's header; refused if it contradicts the header."),
@@ -172,7 +180,7 @@ def manifest_create(
     ] = None,
     chat_template_file: Annotated[Path | None, typer.Option(help="Jinja chat template to embed.")] = None,
     system_prompt_file: Annotated[Path | None, typer.Option()] = None,
-    n_ctx: int = 4096,
+    n_ctx: int = DEFAULT_N_CTX,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     arch: Annotated[list[str] | None, typer.Option(help="aarch64 and/or x86_64 (default aarch64).")] = None,
     min_ram_mb: Annotated[
@@ -180,7 +188,7 @@ def manifest_create(
         typer.Option(help="Default: the file, its KV cache at --n-ctx and the runtime's overhead."),
     ] = None,
     group: Annotated[list[str] | None, typer.Option(help="Restrict to device group (repeatable).")] = None,
-    expires_in_days: Annotated[int, typer.Option(min=1, max=3650)] = 90,
+    expires_in_days: Annotated[int, typer.Option(min=1, max=3650)] = DEFAULT_LIFETIME_DAYS,
     base_file: Annotated[
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="For a LoRA adapter: the base GGUF it runs on."),
@@ -211,7 +219,7 @@ def manifest_create(
         base_model=base_model,
         task=task,
         quantization=quantization,
-        cpu_arch=arch or ["aarch64"],
+        cpu_arch=arch or DEFAULT_CPU_ARCH,
         min_ram_mb=min_ram_mb,
         device_groups=group or [],
         expires_in_days=expires_in_days,

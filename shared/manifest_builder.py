@@ -16,6 +16,13 @@ from shared.errors import ArtifactError
 from shared.gguf import GgufHeader, minimum_ram_mb, read_gguf_header
 from shared.manifest import BaseModelRef, HealthGate, Manifest, Quantization, RuntimeProfile
 
+#: The manifest defaults every publisher shares (``immune-train publish``, ``immune-fleet manifest create``).
+DEFAULT_CHANNEL = "stable"
+DEFAULT_TASK = "slips-summary"
+DEFAULT_N_CTX = 4096
+DEFAULT_CPU_ARCH: tuple[str, ...] = ("aarch64",)  # the Raspberry Pi 5
+DEFAULT_LIFETIME_DAYS = 90
+
 
 @dataclass
 class ManifestSpec:
@@ -25,17 +32,17 @@ class ManifestSpec:
     serial: int
     urls: Sequence[str]
     runtime: RuntimeProfile
-    channel: str = "stable"
+    channel: str = DEFAULT_CHANNEL
     version: str | None = None
     base_model: str = "unknown"
-    task: str = "slips-summary"
+    task: str = DEFAULT_TASK
     #: None: taken from the file's header; given: must agree with it.
     quantization: Quantization | None = None
-    cpu_arch: Sequence[str] = ("aarch64",)
+    cpu_arch: Sequence[str] = DEFAULT_CPU_ARCH
     #: None: weights + KV cache at ``runtime.n_ctx`` + runtime overhead.
     min_ram_mb: int | None = None
     device_groups: Sequence[str] = ()
-    expires_in_days: int = 90
+    expires_in_days: int = DEFAULT_LIFETIME_DAYS
     provenance: dict[str, Any] = field(default_factory=dict)
     #: For a LoRA adapter GGUF: the base it was exported against (it must be the one recorded in it).
     base: BaseModelRef | None = None

@@ -14,12 +14,12 @@ import pytest
 from tests.harness.slips_fixture import corpus_of, write_slips_fixture
 from tests.harness.tiny_llama import build_tiny_llama
 from tests.harness.training import immune_train
+from trainer.base_model import load_tokenizer
 from trainer.context import publish_context
 from trainer.dataset.prepare import (
     PrepareOptions,
     Source,
     chat_token_counter,
-    load_tokenizer,
     prepare,
     text_token_counter,
 )

@@ -15,17 +15,17 @@ from shared.signing import write_private_key
 from tests.harness.slips_fixture import corpus_of, write_slips_fixture
 from tests.harness.tiny_llama import build_tiny_llama
 from tests.harness.training import immune_train
+from trainer.base_model import load_tokenizer
 from trainer.dataset.prepare import (
     PrepareOptions,
     Source,
     chat_token_counter,
     fit_budget,
-    load_tokenizer,
     prepare,
 )
 from trainer.dataset.records import read_records
 from trainer.errors import TrainerError
-from trainer.export import find_gguf
+from trainer.export_folder import find_gguf
 from trainer.publish import PublishRequest, PublishSettings, StoreSettings, publish
 from trainer.records import ExportedFile, ExportReport
 from trainer.tokenizer_fidelity import FidelityReport

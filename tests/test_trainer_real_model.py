@@ -31,8 +31,7 @@ from tests.harness.edge import (
 from tests.harness.load import LoadClients
 from tests.harness.slips_fixture import write_slips_fixture
 from tests.harness.training import immune_train, write_publish_config
-from trainer.base_model import PARITY_TOLERANCE, parity_check, require_parity, resolve_base
-from trainer.dataset.prepare import load_tokenizer
+from trainer.base_model import PARITY_TOLERANCE, load_tokenizer, parity_check, require_parity, resolve_base
 from trainer.dataset.records import read_records
 from trainer.errors import TrainerError
 from trainer.tokenizer_fidelity import PROBES, check_fidelity, gguf_reference

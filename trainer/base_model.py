@@ -27,6 +27,7 @@ from shared.artifacts import sha256_file
 from shared.errors import ArtifactError
 from shared.gguf import read_gguf_header
 from trainer.errors import TrainerError
+from trainer.nll import llama_nll, token_nll
 from trainer.tokenizer_fidelity import FidelityReport, compare_tokenizers, gguf_reference, hf_reference
 from trainer.toolchain import DEFAULT_CACHE
 
@@ -283,8 +284,6 @@ def parity_check(model: Any, gguf: Path, texts: Sequence[str]) -> ParityCheck:
     import torch
     from llama_cpp import Llama
 
-    from trainer.evaluate import llama_nll, token_nll
-
     llama = Llama(model_path=str(gguf), n_ctx=PARITY_TOKENS, logits_all=True, verbose=False)
     nll_converted = nll_llama = 0.0
     tokens_seen = 0
@@ -319,3 +318,16 @@ def describe(source: BaseSource) -> dict[str, Any]:
         "converted_to": source.load_path,
         **json.loads(source.converted.model_dump_json()),
     }
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The base model's tokenizer, from a GGUF file, a local folder or the local Hugging Face cache
+    (never downloaded)."""
+    from transformers import AutoTokenizer
+
+    if is_gguf(name_or_path):
+        return load_gguf_tokenizer(Path(name_or_path))
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TrainerError("bad-tokenizer", f"cannot load a tokenizer from {name_or_path}: {exc}") from exc

@@ -14,13 +14,14 @@ from rich.table import Table
 
 from shared.cli_entry import run_cli, transfer_progress
 from shared.manifest import Quantization
+from shared.manifest_builder import DEFAULT_CHANNEL, DEFAULT_CPU_ARCH, DEFAULT_TASK
 from trainer import toolchain as toolchain_module
+from trainer.base_model import load_tokenizer
 from trainer.context import publish_context, request_fit_beside
 from trainer.dataset.prepare import (
     PrepareOptions,
     Source,
     chat_token_counter,
-    load_tokenizer,
     prepare,
     text_token_counter,
 )
@@ -396,11 +397,11 @@ def publish_command(
     serial: Annotated[
         int | None, typer.Option(help="Default: the current Unix time (always increasing).")
     ] = None,
-    channel: str = "stable",
+    channel: str = DEFAULT_CHANNEL,
     group: Annotated[
         str | None, typer.Option(help="Publish to this device group instead of the whole fleet.")
     ] = None,
-    task: str = "slips-summary",
+    task: str = DEFAULT_TASK,
     base_model: str = "unknown",
     n_ctx: Annotated[
         int | None,
@@ -454,8 +455,8 @@ def publish_command(
         task=task,
         base_model=base_model,
         n_ctx=n_ctx,
-        system_prompt=SUMMARY_SYSTEM_PROMPT if task == "slips-summary" else None,
-        cpu_arch=tuple(arch or ["aarch64"]),
+        system_prompt=SUMMARY_SYSTEM_PROMPT if task == DEFAULT_TASK else None,
+        cpu_arch=tuple(arch or DEFAULT_CPU_ARCH),
         min_ram_mb=min_ram_mb,
         provenance=provenance,
         adapter=adapter,

@@ -9,11 +9,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from shared.manifest_builder import DEFAULT_N_CTX
 from trainer.errors import TrainerError
 from trainer.records import EvalReport, RequestFit
-
-#: The context published when no client profile was evaluated.
-DEFAULT_N_CTX = 4096
 
 
 def request_fit_beside(data: Path) -> RequestFit | None:

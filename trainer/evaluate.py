@@ -22,13 +22,13 @@ from shared.manifest import Quantization
 from trainer.comparison import compare_perplexity, compare_scores
 from trainer.dataset.records import ChatRecord
 from trainer.errors import TrainerError
-from trainer.export import find_gguf
+from trainer.export_folder import find_gguf, read_export_report
 from trainer.layout import ExportLayout
+from trainer.nll import llama_nll
 from trainer.records import (
     AdapterScores,
     BaselineComparison,
     EvalReport,
-    ExportReport,
     QuantScores,
     RequestFit,
 )
@@ -79,24 +79,6 @@ def _render(model: Any, messages: list[dict[str, str]]) -> str:
     bos = model.detokenize([model.token_bos()], special=True).decode("utf-8", "replace")
     formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, add_generation_prompt=False)
     return formatter(messages=messages).prompt
-
-
-def token_nll(logits: Any, targets: Sequence[int]) -> Any:
-    """Negative log-likelihood of each target token under its row of ``logits`` (numpy, float64)."""
-    import numpy as np
-
-    rows = np.asarray(logits, dtype=np.float64)
-    peak = rows.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(rows - peak).sum(axis=1)) + peak[:, 0]
-    picked = np.asarray(targets)
-    return log_norm - rows[np.arange(len(picked)), picked]
-
-
-def llama_nll(model: Any, tokens: Sequence[int]) -> Any:
-    """Per-token NLL of ``tokens[1:]`` under a llama-cpp-python model opened with ``logits_all``."""
-    model.reset()
-    model.eval(tokens)
-    return token_nll(model.scores[: len(tokens) - 1], tokens[1:])
 
 
 def record_nlls(
@@ -320,8 +302,8 @@ def _score_adapter(
     options: EvalOptions,
 ) -> AdapterScores | None:
     """The adapter export wrote (if any) applied to its base, measured like the merged files."""
-    path = ExportLayout(export_dir).export_file
-    exported = ExportReport.read(path, "run immune-train export first").adapter if path.is_file() else None
+    report = read_export_report(export_dir)
+    exported = report.adapter if report is not None else None
     if exported is None:
         return None
     base = Path(exported.base_path)
@@ -345,10 +327,9 @@ def _score_adapter(
 
 def _exported_files(export_dir: Path) -> dict[str, str]:
     """File name -> its plain (no importance matrix) sibling, from export.json when there is one."""
-    path = ExportLayout(export_dir).export_file
-    if not path.is_file():
+    report = read_export_report(export_dir)
+    if report is None:
         return {}
-    report = ExportReport.read(path, "run immune-train export first")
     return {item.file: item.without_imatrix for item in report.files if item.without_imatrix}
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 from shared.artifacts import sha256_file
 from shared.manifest import Quantization
 from trainer.adapter_export import export_adapter
-from trainer.base_model import is_gguf
+from trainer.base_model import is_gguf, load_tokenizer
 from trainer.dataset.records import ChatRecord, read_records
 from trainer.errors import TrainerError
 from trainer.gguf_check import check_tensor_types, smoke_generate
 from trainer.gguf_metadata import transplant_tokenizer
-from trainer.layout import ExportLayout, RunLayout
+from trainer.layout import RunLayout
 from trainer.quantize import (
     CHUNK_TOKENS,
     DEFAULT_CHUNKS,
@@ -195,32 +195,4 @@ def base_tokenizer_reference(spec: str) -> Reference:
     """The tokenizer an export must match: the base GGUF's, or the base folder's own."""
     if is_gguf(spec):
         return gguf_reference(Path(spec))
-    from trainer.dataset.prepare import load_tokenizer
-
     return hf_reference(load_tokenizer(spec), spec)
-
-
-def find_gguf(export_dir: Path, quant: Quantization) -> Path:
-    """The GGUF of ``quant`` in an export folder, or a clear error naming what is there. The file
-    export.json records when there is one: other GGUFs of that type may lie beside it (the base
-    ``--adapter-base`` requantized), so a file name pattern alone cannot tell."""
-    if not export_dir.is_dir():
-        raise TrainerError("missing-export", f"{export_dir}: no such export folder")
-    report_file = ExportLayout(export_dir).export_file
-    if report_file.is_file():
-        files = ExportReport.read(report_file, "run immune-train export").files
-        recorded = next((item.file for item in files if item.quant is quant), None)
-        if recorded is None:
-            present = ", ".join(item.quant.value for item in files)
-            raise TrainerError(
-                "missing-gguf", f"{report_file}: export.json records no {quant.value} GGUF (it has {present})"
-            )
-        return export_dir / recorded
-    candidates = sorted(export_dir.glob(f"*.{quant.value}.gguf"))
-    if not candidates:
-        present = sorted(p.name for p in export_dir.glob("*.gguf")) or ["no GGUF at all"]
-        raise TrainerError(
-            "missing-gguf",
-            f"{export_dir}: no {quant.value} GGUF (found: {', '.join(present)}); run immune-train export",
-        )
-    return candidates[0]

@@ -26,7 +26,15 @@ from shared.manifest import (
     Quantization,
     RuntimeProfile,
 )
-from shared.manifest_builder import ManifestSpec, build_manifest
+from shared.manifest_builder import (
+    DEFAULT_CHANNEL,
+    DEFAULT_CPU_ARCH,
+    DEFAULT_LIFETIME_DAYS,
+    DEFAULT_N_CTX,
+    DEFAULT_TASK,
+    ManifestSpec,
+    build_manifest,
+)
 from shared.mqtt import mqtt_client
 from shared.schema import Identifier
 from shared.signing import Envelope, Keyring, Role, SigningKey, sign_envelope
@@ -34,11 +42,11 @@ from shared.signing.keys import load_private_key
 from shared.topics import Topics
 from trainer.errors import TrainerError
 from trainer.evaluate import load_eval
-from trainer.export import find_gguf
+from trainer.export_folder import find_gguf, read_export_report
 from trainer.gate import GateSettings, apply_gate
 from trainer.gguf_check import chat_template_of
 from trainer.layout import ExportLayout
-from trainer.records import EvalReport, ExportedAdapter, ExportReport, PublishedRecord, QuantScores
+from trainer.records import EvalReport, ExportedAdapter, PublishedRecord, QuantScores
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +94,16 @@ class PublishRequest:
     quant: Quantization
     name: str
     serial: int
-    channel: str = "stable"
+    channel: str = DEFAULT_CHANNEL
     group: str | None = None
-    task: str = "slips-summary"
+    task: str = DEFAULT_TASK
     base_model: str = "unknown"
-    n_ctx: int = 4096
+    n_ctx: int = DEFAULT_N_CTX
     system_prompt: str | None = None
-    cpu_arch: tuple[str, ...] = ("aarch64",)
+    cpu_arch: tuple[str, ...] = DEFAULT_CPU_ARCH
     #: None: derived from the file and the KV cache at n_ctx (shared.gguf.minimum_ram_mb).
     min_ram_mb: int | None = None
-    expires_in_days: int = 90
+    expires_in_days: int = DEFAULT_LIFETIME_DAYS
     provenance: dict[str, Any] | None = None
     #: Publish the LoRA adapter ``export --adapter`` wrote (bound to its base) instead of a merged file.
     adapter: bool = False
@@ -224,9 +232,8 @@ def build_publish_manifest(
 def _adapter_scores(report: EvalReport, request: PublishRequest) -> tuple[QuantScores, ExportedAdapter]:
     """The adapter's evaluation, as the gate reads scores, and what export recorded of it."""
     lora = report.adapter
-    exported = ExportReport.read(
-        ExportLayout(request.export_dir).export_file, "run immune-train export"
-    ).adapter
+    export = read_export_report(request.export_dir)
+    exported = export.adapter if export is not None else None
     if lora is None or exported is None or lora.file != exported.file:
         raise TrainerError("not-evaluated", "no evaluated adapter (run export --adapter, then eval)")
     scores = QuantScores(

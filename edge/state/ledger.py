@@ -4,6 +4,7 @@ pointer switch is atomic and survives power loss."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -82,15 +83,30 @@ class InstalledModel:
         name for a LoRA adapter (each adapter name has its own)."""
         return slot_of(self.manifest)
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> InstalledModel:
-        # The envelope was verified before the row was written, and the state directory is trusted.
-        manifest = read_manifest_unverified(row["envelope"])
+
+class _Manifests:
+    """Each stored envelope's manifest, parsed once per process: the verified one when the model was
+    added, else (after a restart) its row's, read once. The envelope was verified before its row
+    was written, and the state directory is the service's own."""
+
+    def __init__(self) -> None:
+        self._by_digest: dict[str, Manifest] = {}
+
+    def remember(self, model: InstalledModel) -> None:
+        self._by_digest[hashlib.sha256(model.envelope).hexdigest()] = model.manifest
+
+    def model(self, row: sqlite3.Row) -> InstalledModel:
+        envelope: bytes = row["envelope"]
+        digest = hashlib.sha256(envelope).hexdigest()
+        manifest = self._by_digest.get(digest)
         if manifest is None:
-            raise SchemaError(
-                "state-corrupt", f"state.db: the stored manifest of serial {row['serial']} is unreadable"
-            )
-        return cls(manifest, row["envelope"], row["installed_at"])
+            manifest = read_manifest_unverified(envelope)
+            if manifest is None:
+                raise SchemaError(
+                    "state-corrupt", f"state.db: the stored manifest of serial {row['serial']} is unreadable"
+                )
+            self._by_digest[digest] = manifest
+        return InstalledModel(manifest, envelope, row["installed_at"])
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,7 @@ class Ledger:
 
     def __init__(self, db: StateDB) -> None:
         self.db = db
+        self._manifests = _Manifests()
 
     # -- settings ---------------------------------------------------------------------------
     def _get(self, key: str) -> str | None:
@@ -148,6 +165,7 @@ class Ledger:
 
     # -- models -----------------------------------------------------------------------------
     def add_model(self, model: InstalledModel) -> None:
+        self._manifests.remember(model)
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -165,17 +183,17 @@ class Ledger:
     def models(self) -> list[InstalledModel]:
         """Cached models, newest install first."""
         rows = self.db.query("SELECT * FROM models ORDER BY installed_at DESC, serial DESC")
-        return [InstalledModel.from_row(row) for row in rows]
+        return [self._manifests.model(row) for row in rows]
 
     def model(self, channel: str, serial: int) -> InstalledModel | None:
         rows = self.db.query("SELECT * FROM models WHERE channel = ? AND serial = ?", (channel, serial))
-        return InstalledModel.from_row(rows[0]) if rows else None
+        return self._manifests.model(rows[0]) if rows else None
 
     def find_serial(self, serial: int, slot: str = "") -> InstalledModel | None:
         """A cached model (or, with ``slot``, a version of that adapter) with this serial: the most
         recently installed, should channels share serials."""
         rows = self.db.query("SELECT * FROM models WHERE serial = ? ORDER BY installed_at DESC", (serial,))
-        return next((m for m in map(InstalledModel.from_row, rows) if m.slot == slot), None)
+        return next((m for m in map(self._manifests.model, rows) if m.slot == slot), None)
 
     def forget_models(self, keys: list[tuple[str, int]]) -> None:
         with self.db.transaction() as conn:

@@ -92,21 +92,6 @@ def chat_token_counter(tokenizer: Any) -> TokenCounter:
     return count
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """The base model's tokenizer, from a GGUF file, a local folder or the local Hugging Face cache
-    (never downloaded)."""
-    from transformers import AutoTokenizer
-
-    from trainer.base_model import is_gguf, load_gguf_tokenizer
-
-    if is_gguf(name_or_path):
-        return load_gguf_tokenizer(Path(name_or_path))
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise TrainerError("bad-tokenizer", f"cannot load a tokenizer from {name_or_path}: {exc}") from exc
-
-
 def fit_budget(record: ChatRecord, count: TokenCounter, budget: int) -> tuple[ChatRecord, int] | None:
     """The record with its longest prompt message cut (head kept, visible marker) to fit ``budget``
     tokens, and its token count; None when even an empty prompt would not fit."""
