@@ -313,7 +313,7 @@ class Deployer:
             except TransientError as exc:
                 return _interrupted(run, exc)
             except ActivationError as exc:
-                self.restore_pointers(before, before_previous, model.slot)
+                self.ledger.set_pointers(model.slot, before, before_previous)  # as before the go-live
                 self._restore(before, model.slot)
                 self.ledger.mark_bad(model.channel, model.serial, f"{exc.reason}: {exc}")
                 return run.fail(DeploymentState.ROLLED_BACK, exc)
@@ -339,18 +339,6 @@ class Deployer:
             if not paths[entry.name].is_file():
                 raise ArtifactError("not-cached", f"{run.kind.value}: blob {entry.sha256[:12]} is missing")
         self._admit_stored(self.device_state(model.channel), model.manifest, paths)
-
-    def restore_pointers(
-        self, current: InstalledModel | None, previous: InstalledModel | None, slot: str = ""
-    ) -> None:
-        """Put the current/previous pointers of ``slot`` back as they were before a failed go-live."""
-        if current is None:
-            if slot:
-                self.ledger.clear_slot(slot)  # a first adapter version: nothing was served before
-            return
-        if previous is not None:
-            self.ledger.switch_to(previous, accept_serial=False)
-        self.ledger.switch_to(current, accept_serial=False)
 
     def collect_garbage(self, wanted_envelopes: Sequence[bytes] = ()) -> list[str]:
         """Garbage-collect the store between deployments (edge.control.gc)."""

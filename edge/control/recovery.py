@@ -101,7 +101,7 @@ class Recovery:
                 )
                 ledger.mark_bad(model.channel, model.serial, reason)
                 if slot and ledger.current(slot) is not None and ledger.current(slot).key == model.key:
-                    ledger.clear_slot(slot)  # a first adapter version: nothing to go back to
+                    ledger.set_pointers(slot, None, None)  # a first adapter version: nothing to go back to
                 deployer.activator.restore(ledger.current(slot), slot)
                 if ledger.current(slot) is None or ledger.current(slot).key == model.key:
                     return run.end(DeploymentState.FAILED, "restart-during-trial", reason)

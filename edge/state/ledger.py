@@ -236,11 +236,15 @@ class Ledger:
                 self._set(conn, f"last_serial:{model.channel}", str(model.serial))
         return old
 
-    def clear_slot(self, slot: str) -> None:
-        """Forget an adapter slot's pointers (its first version failed: nothing to go back to)."""
+    def set_pointers(
+        self, slot: str, current: InstalledModel | None, previous: InstalledModel | None
+    ) -> None:
+        """Put both pointers of ``slot`` exactly as given, in one transaction (after a failed go-live:
+        what they were before it; None clears one)."""
         with self.db.transaction() as conn:
-            self._set(conn, _pointer_key("current", slot), None)
-            self._set(conn, _pointer_key("previous", slot), None)
+            for which, model in (("current", current), ("previous", previous)):
+                value = json.dumps([model.channel, model.serial]) if model is not None else None
+                self._set(conn, _pointer_key(which, slot), value)
 
     def pointed(self) -> list[InstalledModel]:
         """Every model a current or previous pointer of any slot refers to."""
