@@ -8,6 +8,8 @@ import os
 import stat
 import threading
 import time
+from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -193,6 +195,24 @@ def _telemetry_listener(broker: Mosquitto) -> tuple[mqtt.Client, list[dict[str, 
     return client, received
 
 
+def _status_listener(broker: Mosquitto) -> tuple[mqtt.Client, list[dict[str, object]]]:
+    """A client receiving every device status published from now on."""
+    received: list[dict[str, object]] = []
+    ready = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_connect = lambda c, *a: c.subscribe(f"{TOPICS.base}/device/+/status", 1)
+    client.on_subscribe = lambda *a: ready.set()
+    client.on_message = lambda c, u, m: m.payload and received.append(json.loads(m.payload))
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    assert ready.wait(10)
+    return client, received
+
+
+def _epoch(iso: object) -> float:
+    return datetime.fromisoformat(str(iso)).timestamp()
+
+
 def _device_with_batch_alias(
     tmp_path: Path,
     broker: Mosquitto,
@@ -359,7 +379,7 @@ def test_telemetry_while_the_broker_is_down_keeps_only_the_newest(
     tmp_path: Path, mqtt_broker: Mosquitto, fleet_keys: FleetKeys
 ) -> None:
     """QoS 0 telemetry is not stored: while offline only the newest `offline_backlog` samples wait,
-    and sending resumes after the reconnect."""
+    they arrive in order once the broker is back, and sending resumes after the reconnect."""
     backlog = 4
     telemetry = f"[telemetry]\ninterval_s = 1\noffline_backlog = {backlog}\n"
     config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring(), extra=telemetry)
@@ -371,18 +391,24 @@ def test_telemetry_while_the_broker_is_down_keeps_only_the_newest(
         outage_started = time.time()
         time.sleep(backlog + 4)  # more samples than the backlog holds
         mqtt_broker.start()
-        restarted_at = time.time()
         listener, after = _telemetry_listener(mqtt_broker)  # subscribed before the daemon's reconnect
-        reconnected = wait_until(lambda: [s for s in after if float(s["ts"]) > outage_started], 60, "backlog")
-        wait_until(
-            lambda: len([s for s in after if float(s["ts"]) > outage_started]) > backlog, 60, "resumed"
+        status_client, statuses = _status_listener(mqtt_broker)
+        # The daemon's own word for when it was back: its online status, stamped on reconnect.
+        back = wait_until(
+            lambda: next((s for s in statuses if s["online"] and _epoch(s["at"]) > outage_started), None),
+            90,
+            "the device online again",
         )
-        listener.loop_stop()
-        listener.disconnect()
-    from_outage = [float(s["ts"]) for s in after if float(s["ts"]) > outage_started]
-    assert reconnected
-    # Samples taken while offline: at most the backlog's worth, and the newest ones (the oldest were
-    # dropped): the first delivered was taken well after the outage began.
-    assert from_outage == sorted(from_outage)
-    assert from_outage[0] > outage_started + 3
-    assert len([ts for ts in from_outage if ts < restarted_at]) <= backlog
+        reconnected_at = _epoch(back["at"])
+        wait_until(lambda: [s for s in after if float(s["ts"]) > reconnected_at + 1], 60, "resumed")
+        for client in (listener, status_client):
+            client.loop_stop()
+            client.disconnect()
+    taken_offline = [float(s["ts"]) for s in after if outage_started < float(s["ts"]) < reconnected_at]
+    # The newest `backlog` samples taken offline all arrive (one more may have been taken in the
+    # moment between the reconnect and its status), in order, one interval apart: none lost between.
+    assert backlog <= len(taken_offline) <= backlog + 1, (taken_offline, reconnected_at)
+    assert taken_offline == sorted(taken_offline)
+    assert all(0.5 < later - earlier < 1.6 for earlier, later in pairwise(taken_offline)), taken_offline
+    # The oldest were dropped: the first delivered was taken well after the outage began.
+    assert taken_offline[0] > outage_started + 3
