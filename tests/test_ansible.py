@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,7 +246,13 @@ def test_role_broker_serves_a_role_configured_device(
                 own = pi2.client.publish(TOPICS.events("pi-2"), b"{}", qos=1)
                 wait_until(lambda: {forged.mid, own.mid} <= set(pi2.acks), timeout=10, what="PUBACKs")
                 assert pi2.acks[forged.mid] == 0x87 and pi2.acks[own.mid] == 0
-                time.sleep(1)
+                # pi-2's own event, published after the forgery, is the signal: one client's messages
+                # arrive in order, so a forged status let through would be here before it.
+                wait_until(
+                    lambda: (TOPICS.events("pi-2"), b"{}") in operator.messages,
+                    timeout=10,
+                    what="pi-2's event",
+                )
                 assert not any(b"forged" in p for _t, p in operator.messages)
     finally:
         operator.close()

@@ -7,7 +7,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from shared.gguf import read_gguf_header
 from shared.manifest import ArtifactFile
 from tests.factories import gguf_bytes
 from tests.harness.artifact_server import ArtifactServer, Fault
+from tests.harness.waiting import wait_until
 
 # Fast retries; a stall timeout no busy 2-core machine reaches between two chunks of a healthy
 # download, so the tests' exact request lists hold. The stall test sets its own, shorter one.
@@ -147,9 +147,9 @@ def test_process_killed_mid_download_resumes_with_little_extra(tmp_path, artifac
     root = tmp_path / "store"
     child = subprocess.Popen([sys.executable, "-c", _KILLED_DOWNLOAD, str(root), entry.model_dump_json()])
     partial = ContentStore(root).partial_path(entry.sha256)
-    deadline = time.monotonic() + 20
-    while (not partial.exists() or partial.stat().st_size < len(data) // 3) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: partial.exists() and partial.stat().st_size >= len(data) // 3, 20, "a third downloaded"
+    )
     child.kill()
     child.wait()
     kept = partial.stat().st_size

@@ -93,7 +93,8 @@ def test_a_healthy_device_passes_every_check(healthy: Healthy) -> None:
         "model": "pass",
         "api": "pass",
         "sensors": "pass",
-        "systemd": verdicts["systemd"],  # skip here; pass on a Pi running the unit
+        # Skipped without systemd; under systemd on a test machine the unit is not active (a warning).
+        "systemd": "warn" if shutil.which("systemctl") and Path("/run/systemd/system").is_dir() else "skip",
     }
     assert "sha256 verified" in checks["model"]["detail"]
     assert f"serving on 127.0.0.1:{healthy.serving.port}" in checks["api"]["detail"]

@@ -66,11 +66,13 @@ def test_the_same_serial_signed_again_with_other_contents_is_refused(setup, flee
     assert "serial-reused" in again.stdout and "serial 3" in again.stdout
 
 
-def test_install_downloads_when_no_artifact_is_given(setup) -> None:
-    config, _, manifest, _ = setup
+def test_install_downloads_when_no_artifact_is_given(setup, artifact_server) -> None:
+    config, _, manifest, data = setup
     result = immune_edge("install", manifest, "--config", config)
     assert result.returncode == 0, result.stderr
     assert "committed" in result.stdout
+    assert [(r.name, r.status) for r in artifact_server.requests if r.method == "GET"] == [("usb.gguf", 200)]
+    assert artifact_server.bytes_sent("usb.gguf") == len(data)
 
 
 def test_install_refuses_a_file_that_does_not_match(setup, tmp_path) -> None:

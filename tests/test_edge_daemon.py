@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.harness.edge import (
     sign_manifest,
     write_edge_config,
 )
+from tests.harness.logwatch import watching
 
 FORWARD = ["queued", "downloading", "verifying", "staged", "activating", "trial", "committed"]
 
@@ -239,15 +239,25 @@ def test_garbage_on_every_subscribed_topic_is_survived(config_file, deployments,
         TOPICS.keyring(),
         TOPICS.command(DEVICE),
     ]
-    with running_daemon(config_file):
+    with running_daemon(config_file) as daemon:
         for topic in topics:
             for payload in garbage:
                 observer.publish(topic, payload, retain=False)
+        # Desired state settles per level: the effective garbage (the device level's last) is acted on.
+        (refused,) = observer.wait_terminal(1)
+        assert refused["state"] == "rejected" and refused["reason"].startswith("too-large"), refused
         _, envelope = deployments.envelope("after-garbage", serial=2)
         response = observer.command(sign_command([deployments.keys.operator], {"action": "status"}))
         assert response["ok"] is True
         end = deployments.publish(envelope)
         assert end["state"] == "committed" and end["serial"] == 2
+        # Each garbage message the device received was refused and counted by reason. The 2 MiB one
+        # is never delivered: the device's CONNECT sets a maximum packet size the broker honours.
+        counts = daemon.control.audit.counts()
+        for kind in ("command", "keyring"):
+            by_reason = {reason: n for (k, reason), n in counts.items() if k == kind}
+            assert by_reason == {"schema": 3, "too-large": 1}, (kind, counts)
+        assert counts[("manifest", "too-large")] == 1
 
 
 def test_a_command_delivered_twice_is_answered_once(config_file, observer, fleet_keys) -> None:
@@ -348,9 +358,9 @@ def test_operator_rollback_pin_unpin_rollout_and_gc(config_file, deployments, ob
         assert ledger.current().serial == 1 and ledger.pinned
         data3, env3 = deployments.envelope("three", serial=3)
         ends = len(observer.terminal_events())
-        observer.publish(TOPICS.desired_fleet(), env3)
-        time.sleep(1.0)  # past settle_s (0.3 s): the reconciliation is queued on the deployer thread
-        # Commands run on that same thread, after it: once this answer is here, it has run.
+        with watching("edge.control.reconcile") as logs:
+            observer.publish(TOPICS.desired_fleet(), env3)
+            logs.wait_for("pinned: not acting on new desired state from fleet")
         response = command({"action": "rollout", "manifest": json.loads(env3)})
         assert not response["ok"] and response["result"]["reason"] == "pinned"
         assert len(observer.terminal_events()) == ends  # pinned: nothing deployed

@@ -36,6 +36,7 @@ from tests.harness.edge import (
     sign_manifest,
     write_edge_config,
 )
+from tests.harness.logwatch import watching
 from tests.test_edge_daemon import FORWARD, Deployments, model_blob
 
 
@@ -176,8 +177,8 @@ def test_restart_after_commit_changes_nothing(
     with running_daemon(config):
         observer.wait_terminal()
     events = len(observer.unique_events())
-    with running_daemon(config) as daemon:
-        time.sleep(1.5)  # longer than settle_s: the retained manifest has been seen again
+    with watching("edge.control.reconcile") as logs, running_daemon(config) as daemon:
+        logs.wait_for("desired state from fleet (model) was already acted on")  # the retained one, seen again
         assert daemon.control.ledger.current().serial == 1
     assert len(observer.unique_events()) == events
     assert len([r for r in artifact_server.requests if r.method == "GET"]) == 1
@@ -321,7 +322,14 @@ def test_power_cut_during_trial_retries_the_new_model_and_commits_it(
     with running_daemon(config) as daemon:
         end = observer.wait_terminal(ends + 1, timeout=180)[ends]
         assert (end["serial"], end["state"]) == (2, "committed"), end
-        time.sleep(1.5)  # past settle_s: the retained desired state for serial 2 has been seen again
+        # The retained desired state for serial 2, seen again after the restart: already installed.
+        observer.wait_for(
+            lambda: any(
+                (s.get("last_result") or "").startswith("already-installed") for s in observer.statuses
+            ),
+            60,
+            "serial 2's desired state seen again",
+        )
         assert daemon.control.ledger.current().serial == 2
         assert daemon.data.router.active.key == ("stable", 2)
         states = [(e["serial"], e["state"]) for e in observer.unique_events()]

@@ -104,9 +104,9 @@ def test_devices_cannot_impersonate_each_other_and_refuse_unsigned_commands(
         ]
         for result in results:
             result.wait_for_publish(10)
-        # The legitimate last message proves the forger's messages were delivered where allowed.
+        # The legitimate last message is the signal: the broker delivers one client's messages in
+        # order, so a forged message let through would have arrived (and been decoded) before it.
         assert wait_until(lambda: any(k == "telemetry" and m.device_id == "pi-a" for k, m in received))
-        time.sleep(2)  # a forged message, if let through, would have arrived by now
         assert not any(getattr(m, "soc_temp_c", None) == 99.9 and m.device_id == "pi-b" for _, m in received)
         assert not any(getattr(m, "manifest_name", None) == "evil" for _, m in received)
         assert fleet.devices["pi-b"].status is not None and fleet.devices["pi-b"].status.online

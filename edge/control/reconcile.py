@@ -132,6 +132,7 @@ class Reconciler:
             current = ledger.current()  # read per slot: the model may have changed in this pass
             waiting = f"{digest} waits for a base other than {current.model_sha256 if current else 'none'}"
             if ledger.handled(key) in (digest, waiting):
+                log.debug("desired state from %s (%s) was already acted on", level, slot)
                 continue
             if ledger.pinned:
                 log.info("pinned: not acting on new desired state from %s", level)

@@ -162,6 +162,8 @@ def running_daemon(config_file: Path) -> Iterator[EdgeDaemon]:
     finally:
         daemon.stop()
         thread.join(timeout=30)
+        if thread.is_alive():  # a daemon that does not stop is a failure, not a leaked thread
+            raise AssertionError("the daemon did not stop within 30 s")
 
 
 def run_doctor(config: Path, *wrapper: str) -> tuple[int, dict[str, dict[str, str]]]:
