@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import stat
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -315,11 +314,16 @@ def test_a_worker_failure_tells_the_client_little_and_logs_the_cause_under_the_r
     """Bug: the 503 of a failed worker carried the internal failure text verbatim to the client."""
     options = ("--name", "gemma", "--max-tokens-cap", "2000")
     with serving(gemma3_model, tmp_path / "s.sock", *options) as server, ThreadPoolExecutor(1) as pool:
+        first_tokens = _metric(server.base, "immune_edge_time_to_first_token_seconds_count")
         pending = pool.submit(httpx.post, f"{server.base}/v1/completions", json=COUNTING, timeout=120)
-        wait_until(lambda: _metric(server.base, "immune_edge_queue_depth") == 1, 60, "the generation running")
+        # Its first token is out, so the request cannot be retried on a new worker.
+        wait_until(
+            lambda: _metric(server.base, "immune_edge_time_to_first_token_seconds_count") > first_tokens,
+            60,
+            "the first token",
+        )
         children = psutil.Process(server.process.pid).children()
         worker = next(p for p in children if "spawn_main" in " ".join(p.cmdline()))
-        time.sleep(1)  # tokens are being produced: the request cannot be retried on a new worker
         worker.kill()
         reply = pending.result()
     assert reply.status_code == 503, reply.text
