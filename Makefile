@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(ARCH)),-DGGML_NATIVE=OFF,)
 LLAMA_WHEELS := .cache/wheels/llama-$(LLAMA_VERSION)-$(ARCH)$(if $(LLAMA_CMAKE_ARGS),-avx2)
 DEMO_DIR := demo-out
 
-.PHONY: test demo bench train-real train-adapter fleet-scale soak lint system-deps venv trainer-deps clean
+.PHONY: test test-quick demo bench train-real train-adapter fleet-scale soak lint system-deps venv trainer-deps clean
 
 ## Debian packages: mosquitto (real broker for tests), venv support, a C++ compiler
 ## (llama-cpp-python is built from source; PyPI has no wheel), chromium (the fleet report is
@@ -70,6 +70,11 @@ lint: venv
 
 test: venv trainer-deps lint
 	$(PY) -m pytest
+
+## Day-to-day: every test that loads no model, trains nothing and converges nothing (a few minutes);
+## `make test` before a push runs them all.
+test-quick: venv trainer-deps lint
+	$(PY) -m pytest -m "not slow"
 
 ## The delivery path end to end on this machine: keys, signed manifest for the bundled SmolLM2 GGUF,
 ## loopback artifact server, local mosquitto, `immune-edge run` taking the model to `committed`,

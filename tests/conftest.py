@@ -24,6 +24,22 @@ settings.load_profile("ci")
 error_bodies.install()
 
 
+#: Fixtures that load a real model; a test using any of them (directly or through another fixture) is
+#: slow. Whole modules that train, converge Ansible or run a bench are slow too.
+_MODEL_FIXTURES = frozenset({"smollm2_model", "gemma3_model"})
+_SLOW_MODULES = frozenset(
+    {"test_trainer_pipeline", "test_trainer_real_model", "test_distill", "test_ansible", "test_bench_smoke"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the slow tests, so ``make test-quick`` (``-m "not slow"``) runs the rest in minutes."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or module in _SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _no_internal_text_in_error_bodies() -> Iterator[None]:
     """Every test: no HTTP error body it received carries internal details (see error_bodies)."""

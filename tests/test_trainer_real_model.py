@@ -253,17 +253,29 @@ def test_smoke_lora_on_smollm2_from_its_gguf(summary_run: AdapterRun, smollm2_mo
     scores = json.loads((summary_run.gguf_dir / "eval.json").read_text())["adapter"]
     assert scores["file"] == adapter["file"] and scores["perplexity"] > 1
     assert abs(scores["perplexity_rise_vs_f16"]) < 0.5 and scores["vs_f16"]["perplexity"]["n"] == 2
-    q8 = summary_run.gguf_dir / "run.q8_0.gguf"
-    model = Llama(model_path=str(q8), n_ctx=512, n_threads=2, verbose=False)
-    try:
-        reply = model.create_chat_completion(
-            messages=[{"role": "user", "content": "Source IP 10.0.0.5 scanned 200 hosts. Summarise."}],
-            max_tokens=24,
-            temperature=0.0,
+
+    def greedy(model_path: Path, lora: Path | None = None) -> str:
+        model = Llama(
+            model_path=str(model_path),
+            lora_path=str(lora) if lora else None,
+            n_ctx=512,
+            n_threads=2,
+            verbose=False,
         )
-    finally:
-        model.close()
-    assert reply["choices"][0]["message"]["content"].strip()  # type: ignore[index]
+        try:
+            reply = model.create_chat_completion(
+                messages=[{"role": "user", "content": "Source IP 10.0.0.5 scanned 200 hosts. Summarise."}],
+                max_tokens=24,
+                temperature=0.0,
+            )
+        finally:
+            model.close()
+        return str(reply["choices"][0]["message"]["content"])  # type: ignore[index]
+
+    assert greedy(summary_run.gguf_dir / "run.q8_0.gguf").strip()
+    # Training changed what the model says: the adapter on its base answers otherwise than the base.
+    on_base = greedy(summary_run.device_base)
+    assert greedy(summary_run.device_base, summary_run.gguf_dir / adapter["file"]) != on_base
 
 
 def test_adapter_is_bound_to_the_training_base_unless_told_and_bad_options_are_refused(

@@ -160,8 +160,12 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
         eval_dataset=Dataset.from_list(to_prompt_completion(eval_records)) if eval_records else None,
         args=arguments,
     )
+    # The held-out loss before the first step, so the run record shows what training changed.
+    before = float(trainer.evaluate()["eval_loss"]) if eval_records and not resume else None
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     metrics = {key: float(value) for key, value in result.metrics.items() if isinstance(value, int | float)}
+    if before is not None:
+        metrics["eval_loss_before"] = before
     if eval_records:
         metrics.update({key: float(v) for key, v in trainer.evaluate().items() if isinstance(v, int | float)})
 
