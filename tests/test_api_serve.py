@@ -389,3 +389,50 @@ def test_ollama_ps_and_version(server) -> None:
     assert {m["name"] for m in loaded} == {"slips-summary-smol", "slips-fast"}
     version = httpx.get(f"{server.base}/api/version", timeout=10).json()["version"]
     assert [int(part) for part in version.split(".")] >= [0, 1]
+
+
+def test_a_full_queue_answers_429_with_retry_after(tmp_path, gemma3_model) -> None:
+    """`--queue 0`: no request waits behind the running one; the next is told to come back."""
+    options = ("--name", "gemma", "--max-tokens-cap", "2000", "--queue", "0")
+    with serving(gemma3_model, tmp_path / "s.sock", *options) as server, ThreadPoolExecutor(1) as pool:
+        hung_up = _metric(server.base, _ended("/v1/completions", "499"))
+        running = pool.submit(
+            httpx.post, f"{server.base}/v1/completions", json=COUNTING, timeout=httpx.Timeout(30, read=10)
+        )
+        wait_until(lambda: _metric(server.base, "immune_edge_queue_depth") == 1, 60, "the generation running")
+        chat = {"model": "gemma", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        busy = httpx.post(f"{server.base}/v1/chat/completions", json=chat, timeout=30)
+        assert busy.status_code == 429, busy.text
+        assert int(busy.headers["retry-after"]) >= 1
+        assert busy.json()["error"]["code"] == "queue_full"
+        assert _metric(server.base, _ended("/v1/chat/completions", "429")) == 1
+        with pytest.raises(httpx.ReadTimeout):
+            running.result()  # hang up on the long one: the queue frees
+        _idle_after(server.base, "/v1/completions", "499", hung_up)
+        assert httpx.post(f"{server.base}/v1/chat/completions", json=chat, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("option", [{"top_k": 1}, {"top_p": 1e-6}])
+def test_ollama_top_k_and_top_p_reach_the_sampler(gemma_server, option) -> None:
+    """Hot sampling cut to the single likeliest token (top_k 1, or a tiny top_p) answers as greedy
+    decoding does, whatever the seed: the options are applied, not ignored."""
+    url = f"{gemma_server.base}/api/generate"
+    body = {"model": "gemma", "prompt": "The colour of the sky is", "raw": True, "stream": False}
+    greedy = httpx.post(url, json=body | {"options": {"temperature": 0, "num_predict": 12}}, timeout=120)
+    answers = {
+        httpx.post(
+            url,
+            json=body | {"options": {"temperature": 2.0, "seed": seed, "num_predict": 12, **option}},
+            timeout=120,
+        ).json()["response"]
+        for seed in (1, 2, 3)
+    }
+    assert answers == {greedy.json()["response"]}
+    # Without the cut, the same hot sampling wanders (the check above is not vacuous).
+    hot = {
+        httpx.post(
+            url, json=body | {"options": {"temperature": 2.0, "seed": seed, "num_predict": 12}}, timeout=120
+        ).json()["response"]
+        for seed in (1, 2, 3)
+    }
+    assert hot != {greedy.json()["response"]}
