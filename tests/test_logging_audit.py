@@ -210,3 +210,33 @@ def test_a_refused_api_token_is_audited_with_the_client_address(caplog) -> None:
     assert 'immune_edge_refusals_total{kind="api-auth",reason="wrong-token"} 1.0' in metrics
     assert [r.__dict__["ORIGIN"] for r in caplog.records] == ["testclient", "testclient"]
     assert "s3cret" not in caplog.text and "guess" not in caplog.text  # credentials are not logged
+
+
+def test_the_daemon_with_log_format_json_writes_one_object_per_line(
+    tmp_path: Path, mqtt_broker, fleet_keys, observer
+) -> None:
+    """`immune-edge run --log-format json`: every stderr line is a JSON object with its time, level,
+    logger, message and the structured fields (a refusal's reason and kind, the device id)."""
+    config = write_edge_config(tmp_path / "device", mqtt_broker, fleet_keys.keyring())
+    log_file = tmp_path / "stderr.log"
+    with log_file.open("w") as stderr:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "run", "--config", str(config), "--log-format", "json"],
+            stderr=stderr,
+        )
+    try:
+        wait_until(lambda: "subscribed" in log_file.read_text(), 60, "the daemon subscribed")
+        forged = sign_manifest([fleet_keys.stranger], b"GGUF" + bytes(60), "http://127.0.0.1:9/model.gguf")
+        observer.publish(TOPICS.desired_fleet(), forged)
+        wait_until(lambda: "refused manifest" in log_file.read_text(), 60, "the refusal logged")
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    entries = [json.loads(line) for line in log_file.read_text().splitlines()]  # each line parses
+    assert all({"ts", "level", "logger", "message"} <= entry.keys() for entry in entries), entries
+    assert all(entry.get("device") == "pi-1" or entry.get("DEVICE") == "pi-1" for entry in entries), entries[
+        0
+    ]
+    refusal = next(entry for entry in entries if "refused manifest" in entry["message"])
+    assert refusal["level"] == "WARNING" and refusal["logger"] == "edge.audit", refusal
+    assert refusal.get("kind") == "manifest" and refusal.get("reason"), refusal
