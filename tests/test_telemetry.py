@@ -31,6 +31,7 @@ from tests.harness.edge import (
     FleetObserver,
     ServingOptions,
     running_daemon,
+    sign_command,
     sign_manifest,
     write_edge_config,
 )
@@ -265,13 +266,23 @@ def test_daemon_backs_off_when_hot_and_reports_telemetry(
         threads_line = "immune_edge_device_n_threads "
         wait_until(lambda: _metric(serving.base_url, threads_line) == 2.0, 30, "2 threads before")
 
+        # A command signed by a stranger: refused, and counted in telemetry's refusals_total.
+        observer.client.publish(
+            TOPICS.command(DEVICE), sign_command([fleet_keys.stranger], {"action": "gc"}), qos=1
+        )
+        rated = ("tokens_per_second", "prompt_tokens_per_second", "ttft_ms")
+
         def rates() -> dict[str, object] | None:
             # A request's first token and its completion may fall in two samples: ask again until
-            # one sample holds both rates.
+            # one sample holds every rate.
             httpx.post(f"{serving.base_url}/v1/chat/completions", json=chat, timeout=60)
-            return next((s for s in reversed(samples) if "tokens_per_second" in s and "ttft_ms" in s), None)
+            return next((s for s in reversed(samples) if all(key in s for key in rated)), None)
 
-        sample = wait_until(rates, 60, "a sample with both rates")
+        sample = wait_until(rates, 60, "a sample with every rate")
+        assert float(sample["prompt_tokens_per_second"]) > 0 and float(sample["tokens_per_second"]) > 0
+        wait_until(
+            lambda: any(int(s.get("refusals_total") or 0) >= 1 for s in samples), 30, "the refusal counted"
+        )
         Telemetry.model_validate(sample)
         assert sample["device_id"] == DEVICE and sample["model_name"] and sample["model_serial"] >= 1
         assert sample["temp_cpu_thermal_c"] == 52.3 and sample["soc_temp_c"] == 52.3
