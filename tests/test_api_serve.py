@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -436,3 +438,28 @@ def test_ollama_top_k_and_top_p_reach_the_sampler(gemma_server, option) -> None:
         for seed in (1, 2, 3)
     }
     assert hot != {greedy.json()["response"]}
+
+
+def test_serve_listens_where_a_stock_slips_looks_by_default(tmp_path, gemma3_model) -> None:
+    """No --port: loopback 11434, Ollama's address, which Slips' Ollama client uses unless told."""
+    command = [sys.executable, "-m", "edge.cli", "serve", "--model", str(gemma3_model), "--name", "gemma"]
+    process = subprocess.Popen(
+        [*command, "--socket", str(tmp_path / "s.sock"), "--threads", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: _ready("http://127.0.0.1:11434") or process.poll() is not None, 120, "serve ready")
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        tags = httpx.get("http://127.0.0.1:11434/api/tags", timeout=10).json()
+        assert [m["name"] for m in tags["models"]] == ["gemma"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -69,7 +69,8 @@ alpha = 16
 
 [training]
 max_steps = 3
-learning_rate = 2e-4
+# High for LoRA, so that three steps visibly change the model (the smoke checks that they did).
+learning_rate = 2e-3
 warmup_ratio = 0.0
 batch_size = 1
 gradient_accumulation = 1
@@ -254,7 +255,9 @@ def test_smoke_lora_on_smollm2_from_its_gguf(summary_run: AdapterRun, smollm2_mo
     assert scores["file"] == adapter["file"] and scores["perplexity"] > 1
     assert abs(scores["perplexity_rise_vs_f16"]) < 0.5 and scores["vs_f16"]["perplexity"]["n"] == 2
 
-    def greedy(model_path: Path, lora: Path | None = None) -> str:
+    def greedy(
+        model_path: Path, lora: Path | None = None, messages: list[dict[str, str]] | None = None
+    ) -> str:
         model = Llama(
             model_path=str(model_path),
             lora_path=str(lora) if lora else None,
@@ -264,7 +267,8 @@ def test_smoke_lora_on_smollm2_from_its_gguf(summary_run: AdapterRun, smollm2_mo
         )
         try:
             reply = model.create_chat_completion(
-                messages=[{"role": "user", "content": "Source IP 10.0.0.5 scanned 200 hosts. Summarise."}],
+                messages=messages
+                or [{"role": "user", "content": "Source IP 10.0.0.5 scanned 200 hosts. Summarise."}],  # type: ignore[arg-type]
                 max_tokens=24,
                 temperature=0.0,
             )
@@ -273,9 +277,12 @@ def test_smoke_lora_on_smollm2_from_its_gguf(summary_run: AdapterRun, smollm2_mo
         return str(reply["choices"][0]["message"]["content"])  # type: ignore[index]
 
     assert greedy(summary_run.gguf_dir / "run.q8_0.gguf").strip()
-    # Training changed what the model says: the adapter on its base answers otherwise than the base.
-    on_base = greedy(summary_run.device_base)
-    assert greedy(summary_run.device_base, summary_run.gguf_dir / adapter["file"]) != on_base
+    # Training changed what the model says: on a request it was trained on, the adapter on its base
+    # answers otherwise than the base alone.
+    seen = next(iter(read_records(root / "data" / "train.jsonl")))
+    prompt = [m.model_dump() for m in seen.messages[:-1]]
+    on_base = greedy(summary_run.device_base, messages=prompt)
+    assert greedy(summary_run.device_base, summary_run.gguf_dir / adapter["file"], prompt) != on_base
 
 
 def test_adapter_is_bound_to_the_training_base_unless_told_and_bad_options_are_refused(
