@@ -167,6 +167,16 @@ def test_staged_rollout_advances_wave_by_wave_then_fleet_rollback(fleet: Fleet) 
     assert history.returncode == 0, history.stderr
     recorded = {(e["device_id"], e["serial"], e["state"]) for e in json.loads(history.stdout)}
     assert {(d, 2, "committed") for d in DEVICES} <= recorded
+    # One device's history, and the status of one group (or of a group no device is in).
+    one = fleet.cli("history", "--device", "pi-a", "--json")
+    assert one.returncode == 0, one.stderr
+    events = json.loads(one.stdout)
+    assert events and {e["device_id"] for e in events} == {"pi-a"}
+    assert ("pi-a", 2, "committed") in {(e["device_id"], e["serial"], e["state"]) for e in events}
+    for group, expected in ((GROUP, set(DEVICES)), ("nobody-here", set())):
+        grouped = fleet.cli("status", "--group", group, "--json", "--wait", "2")
+        assert grouped.returncode == 0, grouped.stderr
+        assert {row["device"] for row in json.loads(grouped.stdout)} == expected
 
 
 def test_canary_failing_its_health_gate_halts_the_rollout(fleet: Fleet) -> None:
@@ -301,6 +311,32 @@ def test_an_adapter_rolls_out_in_waves_and_a_failing_version_halts_at_the_canary
     after = fleet.status()
     assert {d: row["adapters"] for d, row in after.items()} == {d: ["slips-risk #1"] for d in DEVICES}
     assert {d: row["serial"] for d, row in after.items()} == base_serials
+
+    # Version 3 passes. From the CLI, the operator sends the adapter back to its previous version on
+    # the group (`rollback --adapter`), then pins one device to version 3 (`pin --adapter --serial`).
+    good = fleet.envelope(3, write_lora(fleet.root / "risk-3.gguf", fleet.model, seed=3), **adapter)
+    rolled_out = fleet.cli("rollout", good, *args)
+    assert rolled_out.returncode == 0, rolled_out.stdout + rolled_out.stderr
+    assert {d: row["adapters"] for d, row in fleet.status().items()} == {
+        d: ["slips-risk #3"] for d in DEVICES
+    }
+    back = fleet.cli("rollback", "--adapter", "slips-risk", "--group", GROUP, "--json", "--timeout", "120")
+    assert back.returncode == 0, back.stdout + back.stderr
+    answered = json.loads(back.stdout)
+    assert set(answered) == set(DEVICES) and all(a["ok"] for a in answered.values()), answered
+    # (The answer's `serial` is the base model's, from the status it carries; the message names the
+    # adapter's versions.)
+    assert all(a["result"]["message"].endswith("-> slips-risk serial 1") for a in answered.values()), answered
+    status = fleet.status()
+    assert {d: row["adapters"] for d, row in status.items()} == {d: ["slips-risk #1"] for d in DEVICES}
+    assert {d: row["serial"] for d, row in status.items()} == base_serials  # the base stayed
+    pinned = fleet.cli(
+        "pin", "--adapter", "slips-risk", "--serial", "3", "--device", "pi-a", "--json", "--timeout", "120"
+    )
+    assert pinned.returncode == 0, pinned.stdout + pinned.stderr
+    assert json.loads(pinned.stdout)["pi-a"]["ok"], pinned.stdout
+    assert fleet.status()["pi-a"]["adapters"] == ["slips-risk #3"]
+    assert fleet.cli("unpin", "--device", "pi-a", "--json").returncode == 0
 
 
 def test_collect_and_html_report_in_headless_chromium(fleet: Fleet) -> None:
