@@ -11,6 +11,8 @@ with its tokenizer and chat template. Nothing trains on it before two checks pas
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import math
@@ -111,16 +113,26 @@ def check_convertible(path: Path) -> str:
     return architecture
 
 
+@functools.lru_cache(maxsize=4)
+def _rebuilt_tokenizer(path: Path, size: int, mtime_ns: int) -> Any:
+    """transformers' rebuild of a GGUF's tokenizer, once per file version in a process: it walks the
+    whole vocabulary in Python (about a minute for Gemma-3's 262k tokens)."""
+    from transformers import AutoTokenizer
+
+    del size, mtime_ns  # part of the cache key only: a file replaced in place is read again
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainerError("bad-tokenizer", f"cannot read the tokenizer of {path}: {exc}") from exc
+
+
 def load_gguf_tokenizer(path: Path) -> Any:
     """The tokenizer (with its chat template) stored in a GGUF, rebuilt by transformers and checked
     against llama.cpp's on fixed probes (check_rebuilt_tokenizer)."""
-    from transformers import AutoTokenizer
-
     check_convertible(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (OSError, ValueError, KeyError) as exc:
-        raise TrainerError("bad-tokenizer", f"cannot read the tokenizer of {path}: {exc}") from exc
+    stat = path.stat()
+    # A copy: callers change the tokenizer (special tokens, pre-tokenizer below), the cache keeps it as read.
+    tokenizer = copy.deepcopy(_rebuilt_tokenizer(path.resolve(), stat.st_size, stat.st_mtime_ns))
     # transformers does not carry the file's special tokens over (SmolLM2's EOS came back as
     # <|im_start|>): take them from the GGUF, where llama.cpp reads them.
     metadata = tokenizer_metadata(path)
