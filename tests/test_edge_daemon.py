@@ -114,6 +114,26 @@ def test_more_specific_desired_state_wins(config_file, deployments, observer) ->
         assert daemon.control.ledger.current().model_sha256 == digest(device_data)
 
 
+def test_a_group_sits_between_the_fleet_and_the_device(config_file, deployments, observer) -> None:
+    """Desired state for one of the device's groups beats the fleet's; the device's own beats both;
+    a group the device is not in is never seen."""
+    _, fleet_env = deployments.envelope("fleet", serial=3)
+    _, group_env = deployments.envelope("group", serial=4)
+    _, elsewhere = deployments.envelope("elsewhere", serial=9)
+    observer.publish(TOPICS.desired_fleet(), fleet_env)
+    observer.publish(TOPICS.desired_group(GROUPS[0]), group_env)
+    observer.publish(TOPICS.desired_group("not-this-device"), elsewhere)
+    with running_daemon(config_file) as daemon:
+        (end,) = observer.wait_terminal()
+        assert (end["state"], end["serial"], end["source"]) == ("committed", 4, f"desired:group:{GROUPS[0]}")
+        _, device_env = deployments.envelope("device", serial=5)
+        end = deployments.publish(device_env)
+        assert (end["state"], end["serial"], end["source"]) == ("committed", 5, "desired:device")
+        assert daemon.control.ledger.current().serial == 5
+    assert 9 not in {e["serial"] for e in observer.unique_events()}
+    assert 3 not in {e["serial"] for e in observer.unique_events()}  # hidden by the group all along
+
+
 def _tampered(envelope: bytes) -> bytes:
     body = json.loads(envelope)
     payload = json.loads(base64.b64decode(body["payload"]))
