@@ -5,7 +5,6 @@ fleet rollback, telemetry from every device, history, and the HTML report in hea
 from __future__ import annotations
 
 import json
-import queue
 import re
 import shutil
 import signal
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
 
 from shared.artifacts import sha256_file
@@ -27,7 +25,15 @@ from shared.signing import generate_key, write_private_key
 from tests.conftest import FleetKeys
 from tests.harness.artifact_server import ArtifactServer
 from tests.harness.broker import Mosquitto
-from tests.harness.edge import FLEET, TOPICS, FleetObserver, ServingOptions, sign_manifest, write_edge_config
+from tests.harness.edge import (
+    FLEET,
+    TOPICS,
+    FleetObserver,
+    ServingOptions,
+    retained_message,
+    sign_manifest,
+    write_edge_config,
+)
 from tests.harness.lora_fixture import write_lora
 from tests.harness.models import smollm2_gguf
 from tests.harness.waiting import wait_until
@@ -150,7 +156,7 @@ def test_staged_rollout_advances_wave_by_wave_then_fleet_rollback(fleet: Fleet) 
     commits = {d: _at(fleet.committed(d, 2) or {}) for d in DEVICES}
     assert commits["pi-a"] <= first_event["pi-b"] and commits["pi-b"] <= first_event["pi-c"]
     # Done: the manifest is the group's retained desired state, for devices that join later.
-    assert _retained(fleet.broker, TOPICS.desired_group(GROUP)) == envelope.read_bytes()
+    assert retained_message(fleet.broker, TOPICS.desired_group(GROUP)) == envelope.read_bytes()
 
     status = fleet.status()
     assert set(status) == set(DEVICES)
@@ -413,20 +419,3 @@ def test_collect_stops_cleanly_on_sigterm_even_when_started_in_the_background(fl
     out, errors = collector.communicate(timeout=30)
     assert collector.returncode == 0, errors
     assert "collected" in out and " status" in out, out
-
-
-def _retained(broker: Mosquitto, topic: str) -> bytes | None:
-    """The retained message a new subscriber to ``topic`` gets at once (None when there is none)."""
-    got: queue.Queue[bytes] = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_connect = lambda c, *a: c.subscribe(topic, 1)
-    client.on_message = lambda c, u, m: got.put(bytes(m.payload)) if m.retain else None
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        return got.get(timeout=5)
-    except queue.Empty:
-        return None
-    finally:
-        client.loop_stop()
-        client.disconnect()

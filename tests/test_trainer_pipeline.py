@@ -14,7 +14,15 @@ import pytest
 
 from shared.admission import verify_manifest
 from shared.signing import Envelope, write_private_key
-from tests.harness.edge import FLEET, HOST_ARCH, TOPICS, ServingOptions, running_daemon, write_edge_config
+from tests.harness.edge import (
+    FLEET,
+    HOST_ARCH,
+    TOPICS,
+    ServingOptions,
+    retained_message,
+    running_daemon,
+    write_edge_config,
+)
 from tests.harness.training import TinyRun, immune_train, tiny_run, train_tiny, write_publish_config
 from trainer.dataset.records import read_records
 from trainer.gguf_check import smoke_generate, tensor_types
@@ -328,3 +336,10 @@ def test_profile_eval_scores_the_contract_and_publish_takes_its_context(
         Envelope.from_json((export / "manifest-4.json").read_bytes()), fleet_keys.keyring()
     )
     assert manifest.runtime.n_ctx == fit["context_needed"]
+    # `--group`: the retained desired state of that group only; the fleet's stays serial 4.
+    immune_train(*args, "--serial", "5", "--arch", HOST_ARCH, "--group", "canary")
+    assert (
+        retained_message(mqtt_broker, TOPICS.desired_group("canary"))
+        == (export / "manifest-5.json").read_bytes()
+    )
+    assert retained_message(mqtt_broker, TOPICS.desired_fleet()) == (export / "manifest-4.json").read_bytes()

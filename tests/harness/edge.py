@@ -339,3 +339,20 @@ class FleetObserver:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def retained_message(broker: Mosquitto, topic: str) -> bytes | None:
+    """The retained message a new subscriber to ``topic`` gets at once (None when there is none)."""
+    got: queue.Queue[bytes] = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_connect = lambda c, *a: c.subscribe(topic, 1)
+    client.on_message = lambda c, u, m: got.put(bytes(m.payload)) if m.retain else None
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        return got.get(timeout=5)
+    except queue.Empty:
+        return None
+    finally:
+        client.loop_stop()
+        client.disconnect()
