@@ -321,6 +321,11 @@ def test_profile_eval_scores_the_contract_and_publish_takes_its_context(
         "--ppl-records", "2", "--task-records", "3", "--threads", "1",
     )  # fmt: skip
     report = json.loads((export / "eval.json").read_text())
+    # Every generated answer is kept beside eval.json, to read what the scores summarise.
+    answers = [json.loads(line) for line in (export / "answers.jsonl").read_text().splitlines()]
+    asked = report["records"]["tasks"]
+    assert {a["file"] for a in answers} == {"run.f16.gguf", "run.q4_k_m.gguf"} and len(answers) == 2 * asked
+    assert all(a["finish"] in ("stop", "length") and isinstance(a["answer"], str) for a in answers)
     tasks = report["quants"]["q4_k_m"]["tasks"]
     assert {"one_paragraph", "plain_text", "gives_verdict", "states_risk", "within_budget"} <= set(tasks)
     assert all(0.0 <= tasks[name] <= 1.0 for name in ("one_paragraph", "plain_text", "gives_verdict"))

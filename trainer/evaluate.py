@@ -8,6 +8,7 @@ compared with it on the same incidents (trainer.comparison)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -114,9 +115,14 @@ def perplexity(path: Path, records: Sequence[ChatRecord], options: EvalOptions) 
 
 
 def run_tasks(
-    path: Path, records: Sequence[ChatRecord], options: EvalOptions, adapter: Path | None = None
+    path: Path,
+    records: Sequence[ChatRecord],
+    options: EvalOptions,
+    adapter: Path | None = None,
+    answers: list[dict[str, object]] | None = None,
 ) -> list[dict[str, float]]:
-    """Task scores of each held-out record, answers generated greedily as the edge would."""
+    """Task scores of each held-out record, answers generated greedily as the edge would (each
+    appended to ``answers`` when given)."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -126,6 +132,7 @@ def run_tasks(
 
     model = _open(path, options.task_ctx or options.ppl_ctx * 2, options.n_threads, adapter=adapter)
     rows: list[dict[str, float]] = []
+    answers = answers if answers is not None else []
     try:
         for record in records:
             reply = model.create_chat_completion(
@@ -138,6 +145,14 @@ def run_tasks(
             scores = task_scores(record, answer, choice["finish_reason"] == "stop", rouge)
             scores[PROMPT_TOKENS] = float(reply["usage"]["prompt_tokens"])  # type: ignore[index]
             rows.append(scores)
+            answers.append(
+                {
+                    "record": record.id,
+                    "request": record.meta.get("request"),
+                    "finish": choice["finish_reason"],
+                    "answer": answer,
+                }
+            )
     finally:
         model.close()
     return rows
@@ -158,6 +173,8 @@ class _Measured:
     tasks: list[dict[str, float]]
     #: The real prompt size of each task record, in the same order.
     prompt_tokens: list[int]
+    #: What it answered to each task record, in the same order.
+    answers: list[dict[str, object]]
 
 
 def _measure(
@@ -168,9 +185,10 @@ def _measure(
     adapter: Path | None = None,
 ) -> _Measured:
     nlls = record_nlls(path, ppl_set, options, adapter)
-    tasks = run_tasks(path, task_set, options, adapter) if task_set else []
+    answers: list[dict[str, object]] = []
+    tasks = run_tasks(path, task_set, options, adapter, answers) if task_set else []
     prompt_tokens = [int(row.pop(PROMPT_TOKENS)) for row in tasks]
-    return _Measured(path, nlls, tasks, prompt_tokens)
+    return _Measured(path, nlls, tasks, prompt_tokens, answers)
 
 
 def check_baseline(path: Path) -> Path:
@@ -263,7 +281,19 @@ def evaluate(
         requests=_request_fit(request_fit, measured[Quantization.F16], task_set),
     )
     report.write(ExportLayout(export_dir).eval_file)
+    answered = [(found.path.name, found) for found in measured.values()]
+    if baseline is not None:
+        answered.append((baseline_label, base))
+    _write_answers(ExportLayout(export_dir).answers_file, answered)
     return report
+
+
+def _write_answers(path: Path, measured: Sequence[tuple[str, _Measured]]) -> None:
+    """One JSON line per generated answer: which file, which record, how it ended, the text."""
+    with path.open("w") as out:
+        for file, found in measured:
+            for answer in found.answers:
+                out.write(json.dumps({"file": file, **answer}) + "\n")
 
 
 def task_records(records: Sequence[ChatRecord], count: int) -> list[ChatRecord]:

@@ -74,6 +74,11 @@ class ExportLayout:
         return self.root / "eval.json"
 
     @property
+    def answers_file(self) -> Path:
+        """``answers.jsonl``: every answer eval generated, per file, to read what the scores summarise."""
+        return self.root / "answers.jsonl"
+
+    @property
     def published_file(self) -> Path:
         """``published.json``: what ``publish`` sent."""
         return self.root / "published.json"
