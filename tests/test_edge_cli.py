@@ -181,16 +181,14 @@ def test_verify_applies_the_base_binding_the_device_applies(setup, tmp_path, fle
     adapter.write_bytes(adapter_bytes)
     base = {"name": "another-base", "sha256": other_base, "size": 1000, "urls": ["http://127.0.0.1:9/b.gguf"]}
     signed = tmp_path / "adapter.dsse.json"
-    signed.write_bytes(
-        sign_manifest(
-            [fleet_keys.trainer],
-            adapter_bytes,
-            "http://127.0.0.1:9/a.gguf",
-            serial=4,
-            base=base,
-            name="summary-lora",
+
+    def sign(data: bytes, base: dict[str, object]) -> None:
+        url = "http://127.0.0.1:9/a.gguf"
+        signed.write_bytes(
+            sign_manifest([fleet_keys.trainer], data, url, serial=4, base=base, name="summary-lora")
         )
-    )
+
+    sign(adapter_bytes, base)
     result = immune_edge("verify", signed, adapter, "--config", config)
     assert result.returncode == 1, result.stdout
     assert "base-mismatch" in result.stdout and digest(data) in result.stdout
@@ -201,15 +199,6 @@ def test_verify_applies_the_base_binding_the_device_applies(setup, tmp_path, fle
     kvs[-1] = (BASE_SHA256_KEY, 8, _string(digest(data)))
     adapter.write_bytes(fitting := gguf_bytes(kvs=kvs, padding=64))
     base = {**base, "name": "usb", "sha256": digest(data), "size": len(data)}
-    signed.write_bytes(
-        sign_manifest(
-            [fleet_keys.trainer],
-            fitting,
-            "http://127.0.0.1:9/a.gguf",
-            serial=4,
-            base=base,
-            name="summary-lora",
-        )
-    )
+    sign(fitting, base)
     result = immune_edge("verify", signed, adapter, "--config", config)
     assert result.returncode == 0, result.stdout

@@ -7,7 +7,7 @@ import logging
 
 from edge.control.crash_points import crash_point
 from edge.control.reporting import Reporter
-from edge.control.transitions import check_transition
+from edge.control.transitions import NEW_VERSION_PATH, check_transition
 from edge.logs import fields
 from edge.state.ledger import Deployment
 from shared.errors import ContractError, TransientError
@@ -16,16 +16,8 @@ from shared.outcome import Outcome, ResultCode
 
 log = logging.getLogger(__name__)
 
-#: The forward path; any step may also end in rolled_back, rejected or failed.
-FORWARD = (
-    DeploymentState.QUEUED,
-    DeploymentState.DOWNLOADING,
-    DeploymentState.VERIFYING,
-    DeploymentState.STAGED,
-    DeploymentState.ACTIVATING,
-    DeploymentState.TRIAL,
-    DeploymentState.COMMITTED,
-)
+#: The forward order states are reported in (edge.control.transitions says which moves a kind may make).
+FORWARD = (*NEW_VERSION_PATH, DeploymentState.COMMITTED)
 
 _RESULT_OF = {
     DeploymentState.COMMITTED: ResultCode.COMMITTED,

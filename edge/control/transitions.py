@@ -66,9 +66,12 @@ def _rows(
     }
 
 
+#: The longest forward path (a new version's); every kind's path is a subsequence of it.
+NEW_VERSION_PATH = (Q, D, V, S, A, T)
+
 _REDO, _RETRY, _SWITCH = Resume.REDO, Resume.RETRY_ACTIVATION, Resume.SWITCH_AGAIN
 _NEW = _rows(
-    (Q, D, V, S, A, T),
+    NEW_VERSION_PATH,
     {COMMITTED, REJECTED, FAILED, ROLLED_BACK},
     {Q: _REDO, D: _REDO, V: _REDO, S: _REDO, A: _RETRY, T: _RETRY},
 )
