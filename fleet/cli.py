@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet import ops
+from fleet.pi import cli as pi_cli
 from shared.admission import verify_manifest
 from shared.artifacts import describe_artifact, verify_artifact_file
 from shared.cli_entry import run_cli, transfer_progress
@@ -323,6 +324,7 @@ def verify(
 
 
 ops.register(app)
+pi_cli.register(app)
 
 
 def main() -> None:

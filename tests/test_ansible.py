@@ -6,55 +6,35 @@ cannot publish on the first device's topics."""
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
-import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from edge.config import EdgeConfig
 from shared.config import load_config
 from tests.factories import gguf_bytes
 from tests.harness.artifact_server import ArtifactServer
-from tests.harness.broker import mosquitto_binary
 from tests.harness.edge import TOPICS, run_doctor, running_daemon, sign_manifest
-from tests.harness.net import free_port, wait_for_port
+from tests.harness.net import free_port
+from tests.harness.provisioning import BIN, REPO, TlsClient, recap, role_broker, run_ansible
 from tests.harness.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
-ANSIBLE_DIR = REPO / "ansible"
-BIN = Path(sys.executable).parent
-ENV = {
-    **os.environ,
-    "PATH": f"{BIN}:{os.environ['PATH']}",
-    "ANSIBLE_NOCOLOR": "1",
-    "ANSIBLE_FORCE_COLOR": "0",
-}
 pytestmark = pytest.mark.timeout(900)
 
 
-def _run(*args: str | Path, cwd: Path = ANSIBLE_DIR) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, check=False
-    )
-
-
 def test_ansible_lint_production_profile() -> None:
-    result = _run(BIN / "ansible-lint", "--profile", "production", "--offline", "--nocolor")
+    result = run_ansible(BIN / "ansible-lint", "--profile", "production", "--offline", "--nocolor")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("playbook", ["site.yml", "rotate-keyring.yml"])
 def test_playbooks_pass_syntax_check(playbook: str) -> None:
-    result = _run(
+    result = run_ansible(
         BIN / "ansible-playbook", "--syntax-check", playbook, "-e", "keyring_update=u", "-e", "keyring_new=k"
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -84,6 +64,8 @@ def _inventory(root: Path, wheel: Path, keyring: Path, port: int) -> str:
         "pki_dir": str(root / "pki"),
         "fleet_operators": ["op-1"],
         "fleet_trainers": ["trainer-1"],
+        # The fallback install (no wheelhouse): this machine is no Pi; tests/test_arm64.py converges one.
+        "edge_wheelhouse": "",
         "edge_wheel": str(wheel),
         "edge_keyring_file": str(keyring),
         "edge_pip_no_deps": True,
@@ -134,22 +116,14 @@ def converged(tmp_path_factory: pytest.TempPathFactory, fleet_keys) -> Converged
     inventory.write_text(_inventory(root, wheel, keyring, port))
     runs = []
     for _ in range(2):
-        result = _run(BIN / "ansible-playbook", "-i", inventory, "site.yml")
+        result = run_ansible(BIN / "ansible-playbook", "-i", inventory, "site.yml")
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         runs.append(result.stdout)
     return Converged(root, port, runs)
 
 
-def _recap(output: str) -> dict[str, dict[str, int]]:
-    recap = output[output.index("PLAY RECAP") :]
-    return {
-        host: {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", counts)}
-        for host, counts in re.findall(r"^(\S+)\s+:\s+(.*)$", recap, re.MULTILINE)
-    }
-
-
 def test_converge_is_idempotent(converged: Converged) -> None:
-    first, second = (_recap(run) for run in converged.runs)
+    first, second = (recap(run) for run in converged.runs)
     assert set(first) == {"localhost", "pi-1", "pi-2", "broker-1"}
     assert all(counts["changed"] > 0 for counts in first.values())
     assert all(counts["changed"] == 0 and counts["failed"] == 0 for counts in second.values()), second
@@ -174,56 +148,19 @@ def test_roles_wrote_what_a_device_and_a_broker_need(converged: Converged) -> No
 
 
 @pytest.fixture
-def role_broker(converged: Converged, tmp_path: Path) -> Iterator[None]:
-    """mosquitto started the way Debian's main config does it: including the role's conf.d file."""
-    main = tmp_path / "mosquitto.conf"
-    conf_d = converged.device_root("broker") / "etc/mosquitto/conf.d"
-    main.write_text(
-        f"user {getpass.getuser()}\nlog_dest file {tmp_path / 'mosquitto.log'}\ninclude_dir {conf_d}\n"
-    )
-    process = subprocess.Popen([mosquitto_binary(), "-c", str(main)], stderr=subprocess.PIPE)
-    try:
-        wait_for_port(converged.broker_port, alive=lambda: process.poll() is None)
+def broker_of_role(converged: Converged, tmp_path: Path) -> Iterator[None]:
+    with role_broker(
+        converged.device_root("broker") / "etc/mosquitto/conf.d", converged.broker_port, tmp_path
+    ):
         yield
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stderr is not None:
-            process.stderr.close()
-
-
-class _TlsClient:
-    """A client authenticating with a certificate the pki role issued."""
-
-    def __init__(self, converged: Converged, name: str) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-        self.acks: dict[int, int] = {}
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-test", protocol=mqtt.MQTTv5
-        )
-        pki = converged.pki
-        self.client.tls_set(
-            ca_certs=str(pki / "ca.pem"), certfile=str(pki / f"{name}.pem"), keyfile=str(pki / f"{name}.key")
-        )
-        connected = threading.Event()
-        self.client.on_connect = lambda *args: connected.set()
-        self.client.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload))
-        self.client.on_publish = lambda _c, _u, mid, reason, _p: self.acks.__setitem__(mid, reason.value)
-        self.client.connect("localhost", converged.broker_port)
-        self.client.loop_start()
-        assert connected.wait(10), f"{name} could not connect"
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_role_broker_serves_a_role_configured_device(
-    converged: Converged, role_broker, fleet_keys, tmp_path
+    converged: Converged, broker_of_role, fleet_keys, tmp_path
 ) -> None:
-    operator = _TlsClient(converged, "op-1")
+    operator = TlsClient(converged.pki, "op-1", converged.broker_port)
     operator.client.subscribe(f"{TOPICS.base}/#", qos=1)
-    pi2 = _TlsClient(converged, "pi-2")
+    pi2 = TlsClient(converged.pki, "pi-2", converged.broker_port)
     try:
         with ArtifactServer(tmp_path / "artifacts") as server:
             data = gguf_bytes()

@@ -1,0 +1,47 @@
+"""``wheelhouse.json``: what a Pi wheelhouse holds and what it is for, written by the build and read by the
+check and the edge role. ``requirements.txt`` beside it pins every wheel by sha256, so pip on the device
+refuses any byte that differs from what the operator built (``--require-hashes``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from packaging.requirements import Requirement
+from pydantic import BaseModel, ConfigDict, Field
+
+INDEX_FILE = "wheelhouse.json"
+REQUIREMENTS_FILE = "requirements.txt"
+
+
+class WheelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(pattern=r"^[A-Za-z0-9_.+-]+\.whl$")
+    name: str
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(gt=0)
+
+
+class WheelhouseIndex(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    target: str
+    machine: str
+    python: str
+    #: What the device installs, extras included (e.g. ``immune-edge[edge,systemd]==0.1.0``).
+    requirement: str
+    #: How llama.cpp was compiled for the target (docs/deploy.md explains each flag).
+    llama_cmake_args: list[str]
+    wheels: list[WheelEntry]
+
+
+def render_requirements(index: WheelhouseIndex) -> str:
+    """requirements.txt for ``pip install --no-index --require-hashes``: every wheel pinned by hash."""
+    root = Requirement(index.requirement)
+    lines = []
+    for entry in sorted(index.wheels, key=lambda e: e.name):
+        extras = f"[{','.join(sorted(root.extras))}]" if entry.name == root.name and root.extras else ""
+        lines.append(f"{entry.name}{extras}=={entry.version} --hash=sha256:{entry.sha256}")
+    return "\n".join(lines) + "\n"
