@@ -18,7 +18,8 @@ LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(ARCH)),-DGGML_NATIVE=OFF,)
 LLAMA_WHEELS := .cache/wheels/llama-$(LLAMA_VERSION)-$(ARCH)$(if $(LLAMA_CMAKE_ARGS),-avx2)
 DEMO_DIR := demo-out
 
-.PHONY: test test-quick demo bench train-real train-adapter fleet-scale soak lint system-deps venv trainer-deps clean
+.PHONY: test test-quick demo bench train-real train-adapter fleet-scale soak lint system-deps venv trainer-deps \
+	arm64-deps pi-wheels arm64-check clean
 
 ## Debian packages: mosquitto (real broker for tests), venv support, a C++ compiler
 ## (llama-cpp-python is built from source; PyPI has no wheel), chromium (the fleet report is
@@ -64,11 +65,33 @@ $(TRAINER_STAMP): $(STAMP) pyproject.toml
 
 trainer-deps: venv $(TRAINER_STAMP)
 
+## The Raspberry Pi 5 target: qemu-user (binfmt_misc) runs an arm64 Debian 12 root built by debootstrap, and
+## Debian's aarch64 cross compiler builds llama.cpp at native speed (docs/deploy.md).
+arm64-deps:
+	@missing=""; \
+	[ -x /usr/bin/qemu-aarch64-static ] || missing="$$missing qemu-user-static"; \
+	command -v update-binfmts >/dev/null || missing="$$missing binfmt-support"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	command -v aarch64-linux-gnu-g++ >/dev/null || missing="$$missing g++-aarch64-linux-gnu gcc-aarch64-linux-gnu"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+## The Pi 5 wheelhouse the edge role installs from (dist/pi5-wheels). The first build cross-compiles
+## llama-cpp-python (about 10 minutes on 2 cores); later ones reuse ~/.cache/immune-edge.
+pi-wheels: venv arm64-deps
+	$(SUDO) $(VENV)/bin/immune-fleet pi wheels --out dist/pi5-wheels
+
+## The device on emulated arm64: wheelhouse, role converge (chroot), serve, delivery, doctor. Part of `make test`.
+arm64-check: venv trainer-deps arm64-deps
+	$(PY) -m pytest tests/test_arm64.py
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-test: venv trainer-deps lint
+test: venv trainer-deps arm64-deps lint
 	$(PY) -m pytest
 
 ## Day-to-day: every test that loads no model, trains nothing and converges nothing (a few minutes);

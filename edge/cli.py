@@ -253,6 +253,10 @@ def serve(
     threads: Annotated[
         int | None, typer.Option(help="Inference threads (default: measured at load).")
     ] = _default(RuntimeSettings, "n_threads"),
+    threads_batch: Annotated[
+        int | None,
+        typer.Option(help="Prompt-processing threads (default: --threads if given, else measured)."),
+    ] = _default(RuntimeSettings, "n_threads_batch"),
     max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = _default(
         ApiSettings, "max_tokens_cap"
     ),
@@ -298,7 +302,12 @@ def serve(
         request_timeout_s=request_timeout,
         bearer_token_file=token_file,
     )
-    runtime = RuntimeSettings(n_threads=threads, prefix_reuse=prefix_reuse, prompt_cache_mb=prompt_cache_mb)
+    runtime = RuntimeSettings(
+        n_threads=threads,
+        n_threads_batch=threads_batch,
+        prefix_reuse=prefix_reuse,
+        prompt_cache_mb=prompt_cache_mb,
+    )
     plane = DataPlane(api, runtime, ThermalSettings(), None, HostPaths())
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

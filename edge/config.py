@@ -128,8 +128,11 @@ class RuntimeSettings(ConfigModel):
 
     #: False: store and verify models only (no inference, no API).
     enabled: bool = True
-    #: None: measured when each model loads.
+    #: Decode threads; None: measured when each model loads.
     n_threads: Annotated[int, Field(ge=1, le=256)] | None = None
+    #: Prompt-processing threads; None: n_threads when that is set, else measured. Decoding is bound by
+    #: memory bandwidth and peaks at fewer threads than prompts do (a Pi 5: about 2 against 4).
+    n_threads_batch: Annotated[int, Field(ge=1, le=256)] | None = None
     n_batch: Annotated[int, Field(ge=1, le=8192)] = 512
     #: Reuse the KV state of the prefix a prompt shares with the previous one (off only to measure it).
     prefix_reuse: bool = True

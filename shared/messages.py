@@ -151,6 +151,7 @@ class Telemetry(Contract):
     fan_state: Count | None = None
     disk_free_mb: Mb | None = None
     n_threads: Annotated[int, Field(ge=1)] | None = None
+    n_threads_batch: Annotated[int, Field(ge=1)] | None = None
     #: True while the thermal governor has cut threads / defers low-priority requests.
     thermal_limited: bool | None = None
 

@@ -213,8 +213,12 @@ def _device_with_batch_alias(
     thermal_interval_s: float = 1.0,
 ) -> tuple[Path, ServingOptions, Pi5Tree]:
     """A daemon config serving "slips" and the low-priority "slips-batch", hot above 78 C."""
+    # Prompts on one thread, decoding on n_threads: the two counts are set and reported apart.
     serving = ServingOptions(
-        n_threads=n_threads, api='low_priority_models = ["slips-batch"]', aliases=("slips", "slips-batch")
+        n_threads=n_threads,
+        n_threads_batch=1,
+        api='low_priority_models = ["slips-batch"]',
+        aliases=("slips", "slips-batch"),
     )
     thermal = (
         f"[thermal]\ninterval_s = {thermal_interval_s}\nsoft_limit_c = 78\nrestore_c = 70\nhot_threads = 1\n"
@@ -255,6 +259,7 @@ def test_daemon_backs_off_when_hot_and_reports_telemetry(
         assert httpx.post(f"{serving.base_url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
         threads_line = "immune_edge_device_n_threads "
         wait_until(lambda: _metric(serving.base_url, threads_line) == 2.0, 30, "2 threads before")
+        assert _metric(serving.base_url, "immune_edge_device_n_threads_batch ") == 1.0
 
         # A command signed by a stranger: refused, and counted in telemetry's refusals_total.
         observer.client.publish(
@@ -328,6 +333,7 @@ def test_daemon_backs_off_when_hot_and_reports_telemetry(
         )
         summary = observer.statuses[-1]["summary"]
         assert summary["soc_temp_c"] == 65.0 and summary["n_threads"] == 2.0
+        assert summary["n_threads_batch"] == 1.0
     listener.loop_stop()
     listener.disconnect()
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet.pi.index import INDEX_FILE, REQUIREMENTS_FILE, WheelEntry, WheelhouseIndex, render_requirements
+from fleet.pi.index import INDEX_FILE, REQUIREMENTS_FILE, WheelhouseIndex, wheel_entries, write_index
 from fleet.pi.target import PI5
 from fleet.pi.wheelcheck import check_wheelhouse
-from shared.artifacts import sha256_file
 
 EM_AARCH64, EM_X86_64 = 183, 62
 
@@ -45,16 +44,9 @@ def _wheel(folder: Path, name: str, version: str, tag: str, requires: tuple[str,
 
 
 def _index(folder: Path, requirement: str = "immune-edge[edge]==0.1.0") -> WheelhouseIndex:
-    entries = []
-    for path in sorted(folder.glob("*.whl")):
-        name, version = path.name.split("-")[:2]
-        size, digest = sha256_file(path)
-        entries.append(WheelEntry(file=path.name, name=name.replace("_", "-"), version=version, sha256=digest,
-                                  size=size))  # fmt: skip
     index = WheelhouseIndex(target="pi5", machine="aarch64", python="3.11", requirement=requirement,
-                            llama_cmake_args=[], wheels=entries)  # fmt: skip
-    (folder / INDEX_FILE).write_text(index.model_dump_json())
-    (folder / REQUIREMENTS_FILE).write_text(render_requirements(index))
+                            llama_cmake_args=[], wheels=wheel_entries(folder))  # fmt: skip
+    write_index(folder, index)
     return index
 
 

@@ -189,6 +189,12 @@ class ServingRuntime:
         active = self.router.active
         return active.worker.n_threads if active is not None and active.worker.alive else None
 
+    @property
+    def threads_batch(self) -> int | None:
+        """Threads the serving worker processes prompts with now."""
+        active = self.router.active
+        return active.worker.n_threads_batch if active is not None and active.worker.alive else None
+
     def _apply_cap(self, worker: WorkerHandle) -> None:
         tuned, tuned_batch = worker.tuned_threads
         cap = self._thread_cap
@@ -480,6 +486,7 @@ def load_spec(
         model_path=str(path),
         n_ctx=profile.n_ctx,
         n_threads=settings.n_threads,
+        n_threads_batch=settings.n_threads_batch,
         n_batch=settings.n_batch,
         chat_format=None if template else profile.chat_format,
         chat_template=template,

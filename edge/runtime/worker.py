@@ -169,6 +169,8 @@ def _load(spec: LoadSpec) -> Any:
         ).to_chat_handler()
     if spec.n_threads is None:
         _tune_threads(llm, spec)
+        if spec.n_threads_batch is not None:
+            _set_threads(llm, int(llm.n_threads), spec.n_threads_batch)
     if spec.prefix_reuse and spec.prompt_cache_mb:
         llm.set_cache(LlamaRAMCache(capacity_bytes=spec.prompt_cache_mb * 1024 * 1024))
     return llm

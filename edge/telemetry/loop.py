@@ -29,6 +29,7 @@ SUMMARY_FIELDS = (
     "cpu_load_1m",
     "disk_free_mb",
     "n_threads",
+    "n_threads_batch",
     "requests_total",
     "errors_total",
     "uptime_s",

@@ -97,6 +97,7 @@ class TelemetrySampler:
             router = self.runtime.router
             values["queue_depth"] = router.queue_depth
             values["n_threads"] = self.runtime.threads
+            values["n_threads_batch"] = self.runtime.threads_batch
             active, standby = router.active, self.runtime.standby
             if active is not None:
                 values["worker_rss_mb"] = round(worker_rss_mb(active.worker), 1)

@@ -4,10 +4,14 @@ refuses any byte that differs from what the operator built (``--require-hashes``
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from packaging.requirements import Requirement
+from packaging.utils import parse_wheel_filename
 from pydantic import BaseModel, ConfigDict, Field
+
+from shared.artifacts import sha256_file
 
 INDEX_FILE = "wheelhouse.json"
 REQUIREMENTS_FILE = "requirements.txt"
@@ -45,3 +49,19 @@ def render_requirements(index: WheelhouseIndex) -> str:
         extras = f"[{','.join(sorted(root.extras))}]" if entry.name == root.name and root.extras else ""
         lines.append(f"{entry.name}{extras}=={entry.version} --hash=sha256:{entry.sha256}")
     return "\n".join(lines) + "\n"
+
+
+def wheel_entries(folder: Path) -> list[WheelEntry]:
+    """An entry (name, version, size, sha256) for every wheel in ``folder``."""
+    entries = []
+    for path in sorted(folder.glob("*.whl")):
+        name, version, _, _ = parse_wheel_filename(path.name)
+        size, digest = sha256_file(path)
+        entries.append(WheelEntry(file=path.name, name=name, version=str(version), sha256=digest, size=size))
+    return entries
+
+
+def write_index(folder: Path, index: WheelhouseIndex) -> None:
+    """Write ``wheelhouse.json`` and the requirements.txt that pins its wheels."""
+    (folder / REQUIREMENTS_FILE).write_text(render_requirements(index))
+    (folder / INDEX_FILE).write_text(index.model_dump_json(indent=2) + "\n")

@@ -20,12 +20,11 @@ from pathlib import Path
 
 from packaging.utils import parse_wheel_filename
 
-from fleet.pi.index import INDEX_FILE, REQUIREMENTS_FILE, WheelEntry, WheelhouseIndex, render_requirements
+from fleet.pi.index import WheelhouseIndex, wheel_entries, write_index
 from fleet.pi.llama_build import build_llama_wheel, cmake_args
 from fleet.pi.root import BUILD_PACKAGES, Chroot, EmulationError, base_root, cache_dir, copy_root
 from fleet.pi.target import PI5, Target
 from fleet.pi.wheelcheck import TARGET_GLIBC, check_wheelhouse
-from shared.artifacts import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ def build_systemd_wheel(target: Target = PI5, version: str = SYSTEMD_PYTHON_VERS
         with Chroot(root) as chroot:
             # The copy is private to this build: its /build is nobody else's.
             chroot.run(["python3", "-m", "venv", "/build/venv"])
-            chroot.run(["/build/venv/bin/pip", "wheel", "--no-deps", "--no-binary", ":all:",
+            chroot.run(["/build/venv/bin/pip", "wheel", "--no-deps", "--use-pep517", "--no-binary", ":all:",
                         "-w", "/build/out", f"systemd-python=={version}"])  # fmt: skip
         (built,) = (root / "build/out").glob("*.whl")
         done.mkdir(parents=True, exist_ok=True)
@@ -100,18 +99,11 @@ def build_wheelhouse(
         )  # fmt: skip
         if result.returncode != 0:
             raise EmulationError(f"collecting the {target.machine} wheels failed: {result.stderr[-3000:]}")
-    entries = []
-    for path in sorted(out.glob("*.whl")):
-        name, wheel_version, _, _ = parse_wheel_filename(path.name)
-        size, digest = sha256_file(path)
-        entries.append(WheelEntry(file=path.name, name=name, version=str(wheel_version), sha256=digest,
-                                  size=size))  # fmt: skip
     index = WheelhouseIndex(
         target=target.name, machine=target.machine, python=f"{major}.{minor}", requirement=requirement,
-        llama_cmake_args=cmake_args(target), wheels=entries,
+        llama_cmake_args=cmake_args(target), wheels=wheel_entries(out),
     )  # fmt: skip
-    (out / REQUIREMENTS_FILE).write_text(render_requirements(index))
-    (out / INDEX_FILE).write_text(index.model_dump_json(indent=2) + "\n")
+    write_index(out, index)
     problems = check_wheelhouse(out, target)
     if problems:
         raise EmulationError("the wheelhouse just built fails its own check:\n" + "\n".join(problems))

@@ -126,6 +126,8 @@ class ServingOptions:
     api: str = ""
     aliases: tuple[str, ...] = ("slips",)
     n_threads: int = 1
+    #: None: the same as n_threads.
+    n_threads_batch: int | None = None
 
     def toml(self, directory: Path) -> str:
         return f"""[api]
@@ -138,6 +140,7 @@ request_timeout_s = {self.request_timeout_s}
 
 [runtime]
 n_threads = {self.n_threads}
+n_threads_batch = {self.n_threads_batch or self.n_threads}
 trial_s = {self.trial_s}
 swap = "{self.swap}"
 crash_limit = {self.crash_limit}
