@@ -166,6 +166,27 @@ class BaselineComparison(Contract):
     margins: Annotated[dict[Annotated[str, Field(max_length=64)], float], Field(max_length=32)] = {}
 
 
+class TargetCost(Contract):
+    """A file's estimated cost on a device target, relative to every weight processed unrepacked."""
+
+    prompt: Annotated[float, Field(ge=0.0)]
+    decode: Annotated[float, Field(ge=0.0)]
+    #: Share of the weights the target's fast (repacked) kernels take.
+    repacked: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class TargetChoice(Contract):
+    """Why this quantization was published for a device target (``publish --target``)."""
+
+    name: Identifier
+    chosen: Quantization
+    #: Every evaluated candidate, fastest first.
+    ranked: Annotated[list[Quantization], Field(max_length=16)]
+    cost: dict[Quantization, TargetCost]
+    #: Faster candidates that may not be published, each with its reason.
+    refused: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=16)] = []
+
+
 class Provenance(Contract):
     """Where the model came from: enough to reproduce and audit it."""
 
@@ -175,6 +196,10 @@ class Provenance(Contract):
     trainer_version: Annotated[str, Field(max_length=64)] | None = None
     source: Annotated[str, Field(max_length=256)] | None = None
     comparison: BaselineComparison | None = None
+    #: The GGUF tensor types the file really holds, and how many tensors of each (a K-quant of a small
+    #: model holds Q5_0/Q5_1 where rows are not a multiple of 256; devices' speed depends on it).
+    tensor_types: dict[Annotated[str, Field(max_length=16)], Annotated[int, Field(ge=0)]] = {}
+    target: TargetChoice | None = None
 
 
 class Manifest(Contract):

@@ -125,7 +125,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     started = time.monotonic()
     out = tmp_path_factory.mktemp("pi5") / "wheels"
     build_wheelhouse(out, REPO, PI5)
-    print(f"wheelhouse built in {time.monotonic() - started:.0f} s")  # noqa: T201 (the note's figure)
+    print(f"wheelhouse built in {time.monotonic() - started:.0f} s")  # noqa: T201 (figures for docs/benchmarks.md)
     return out
 
 
@@ -143,7 +143,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, fleet_keys
             started = time.monotonic()
             result = _converge(inventory)
             assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-            print(f"converge in {time.monotonic() - started:.0f} s")  # noqa: T201
+            print(f"converge in {time.monotonic() - started:.0f} s")  # noqa: T201 (figures for docs/benchmarks.md)
             runs.append(result.stdout)
         yield Fleet(scratch, device, wheelhouse, broker_port, api_port, runs)
 
@@ -284,8 +284,8 @@ def test_the_greedy_answer_to_a_slips_prompt_is_the_same_on_aarch64_and_x86_64(
         )
     native_text = native["choices"][0]["message"]["content"]  # type: ignore[index]
     emulated_text = emulated["choices"][0]["message"]["content"]  # type: ignore[index]
-    print(f"x86_64 ({native['seconds']:.1f} s): {native_text!r}")  # noqa: T201
-    print(f"aarch64 emulated ({emulated['seconds']:.1f} s): {emulated_text!r}")  # noqa: T201
+    print(f"x86_64 ({native['seconds']:.1f} s): {native_text!r}")  # noqa: T201 (figures for docs/benchmarks.md)
+    print(f"aarch64 emulated ({emulated['seconds']:.1f} s): {emulated_text!r}")  # noqa: T201 (figures for docs/benchmarks.md)
     assert native["usage"] == emulated["usage"]  # same prompt tokens: the same tokenizer and template
     assert emulated_text == native_text
 
@@ -319,7 +319,7 @@ def test_a_delivery_round_inside_the_root_then_doctor_passes(
                     return [json.loads(p)["state"] for t, p in operator.messages if t == events]
 
                 wait_until(lambda: "committed" in states(), timeout=900, what=f"{DEVICE} committed")
-                print(f"events: {states()}")  # noqa: T201
+                print(f"events: {states()}")  # noqa: T201 (figures for docs/benchmarks.md)
                 response = httpx.post(
                     f"http://127.0.0.1:{fleet.api_port}/v1/chat/completions",
                     json={"model": "slips", "messages": [{"role": "user", "content": "Say hello."}],
@@ -327,7 +327,7 @@ def test_a_delivery_round_inside_the_root_then_doctor_passes(
                     timeout=600,
                 )  # fmt: skip
                 assert response.status_code == 200, response.text
-                print(f"chat: {response.json()['choices'][0]['message']['content']!r}")  # noqa: T201
+                print(f"chat: {response.json()['choices'][0]['message']['content']!r}")  # noqa: T201 (figures for docs/benchmarks.md)
                 doctor = chroot.run([f"{VENV}/bin/immune-edge", "doctor", "--config", CONFIG, "--json"],
                                     check=False, timeout=300)  # fmt: skip
                 checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}

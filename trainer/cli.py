@@ -228,12 +228,24 @@ def finetune_command(
     console.print(f"run record: {result.run_file}")
 
 
+def _quants(quant: str, target: str | None) -> list[Quantization]:
+    """--quant's list, or the candidates of --target."""
+    from trainer.export import parse_quants
+    from trainer.targets import get_target
+
+    return list(get_target(target).candidates) if target is not None else list(parse_quants(quant))
+
+
 @app.command("export")
 def export_command(
     run_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="The finetune output_dir.")],
     quant: Annotated[
         str, typer.Option(help="Comma-separated quantizations (F16 is always written).")
     ] = "q4_k_m,q5_k_m,q8_0",
+    target: Annotated[
+        str | None,
+        typer.Option(help="Write the candidate types of this device target instead of --quant (pi5)."),
+    ] = None,
     keep_merged: bool = False,
     imatrix: Annotated[
         bool,
@@ -259,10 +271,10 @@ def export_command(
     ] = None,
 ) -> None:
     """Merge the adapter and write checked GGUF files (same tokenizer as the base), offline."""
-    from trainer.export import export, parse_quant, parse_quants
+    from trainer.export import export, parse_quant
     from trainer.layout import RunLayout
 
-    quants = parse_quants(quant)
+    quants = _quants(quant, target)
     base_quant = parse_quant(adapter_base) if adapter_base is not None else None
     with _spinner("preparing the llama.cpp tree"):
         tree = toolchain_module.prepare_toolchain()
@@ -311,6 +323,9 @@ def eval_command(
         Path, typer.Option(exists=True, dir_okay=False, help="Held-out eval.jsonl from prepare.")
     ],
     quant: str = "q4_k_m,q5_k_m,q8_0",
+    target: Annotated[
+        str | None, typer.Option(help="Evaluate the candidate types of this device target instead (pi5).")
+    ] = None,
     max_ppl_rise: Annotated[
         float, typer.Option(min=0.0, help="Largest perplexity rise vs F16 (0.1 = 10%).")
     ] = 0.10,
@@ -329,9 +344,8 @@ def eval_command(
 ) -> None:
     """Perplexity vs F16, Slips task checks and (with --baseline) the comparison; writes eval.json."""
     from trainer.evaluate import EvalOptions, evaluate
-    from trainer.export import parse_quants
 
-    quants = [q for q in parse_quants(quant)]
+    quants = _quants(quant, target)
     options = EvalOptions(max_ppl_rise, ppl_records, ppl_ctx, task_records, max_tokens, n_threads=threads)
     fit = request_fit_beside(data)
     with _spinner("evaluating with llama-cpp-python"):
@@ -394,6 +408,13 @@ def publish_command(
     config: Annotated[Path, typer.Option("--config", "-c", exists=True, dir_okay=False, help="publish.toml")],
     name: Annotated[str, typer.Option(help="Model name devices and Slips see.")],
     quant: Quantization = Quantization.Q4_K_M,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Publish the type fastest on this device target (pi5) among the evaluated ones that pass "
+            "the quality checks and the gate (--quant is then ignored)."
+        ),
+    ] = None,
     serial: Annotated[
         int | None, typer.Option(help="Default: the current Unix time (always increasing).")
     ] = None,
@@ -460,6 +481,7 @@ def publish_command(
         min_ram_mb=min_ram_mb,
         provenance=provenance,
         adapter=adapter,
+        target=target,
     )
     with transfer_progress(err_console) as progress:
         task_id = progress.add_task(f"uploading {name}", total=None)

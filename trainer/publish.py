@@ -8,7 +8,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +25,7 @@ from shared.manifest import (
     Manifest,
     Quantization,
     RuntimeProfile,
+    TargetChoice,
 )
 from shared.manifest_builder import (
     DEFAULT_CHANNEL,
@@ -44,9 +45,10 @@ from trainer.errors import TrainerError
 from trainer.evaluate import load_eval
 from trainer.export_folder import find_gguf, read_export_report
 from trainer.gate import GateSettings, apply_gate
-from trainer.gguf_check import chat_template_of
+from trainer.gguf_check import chat_template_of, tensor_types
 from trainer.layout import ExportLayout
 from trainer.records import EvalReport, ExportedAdapter, PublishedRecord, QuantScores
+from trainer.targets import DeviceTarget, get_target, rank_for_target, target_cost, tensor_elements
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,8 @@ class PublishRequest:
     provenance: dict[str, Any] | None = None
     #: Publish the LoRA adapter ``export --adapter`` wrote (bound to its base) instead of a merged file.
     adapter: bool = False
+    #: A device target (trainer.targets): publish its fastest candidate that passes, not ``quant``.
+    target: str | None = None
 
 
 def trainer_keys(settings: PublishSettings, keyring: Keyring) -> list[SigningKey]:
@@ -246,6 +250,58 @@ def _adapter_scores(report: EvalReport, request: PublishRequest) -> tuple[QuantS
     return scores, exported
 
 
+def _passing(
+    report: EvalReport, quant: Quantization, gate: GateSettings
+) -> tuple[QuantScores, BaselineComparison | None]:
+    """``quant``'s scores and baseline comparison, or TrainerError when it may not be published: not
+    evaluated, perplexity risen beyond eval's bound, or below the champion/challenger gate."""
+    scores = report.quants.get(quant)
+    if scores is None:
+        raise TrainerError(
+            "not-evaluated", f"{quant.value} was not evaluated (run immune-train eval with it)"
+        )
+    if not scores.accepted:
+        raise TrainerError(
+            "eval-refused",
+            f"{quant.value}: perplexity rise {scores.perplexity_rise_vs_f16:+.1%} vs F16 exceeds "
+            f"the bound {report.max_ppl_rise:.1%}; it may not be published",
+        )
+    return scores, apply_gate(report, quant, gate)
+
+
+def choose_for_target(
+    report: EvalReport, export_dir: Path, target: DeviceTarget, gate: GateSettings
+) -> tuple[Quantization, TargetChoice]:
+    """The target's fastest evaluated candidate (trainer.targets' cost model, on the tensor types each file
+    really holds) that passes ``_passing``, and the record of the choice for the manifest's provenance."""
+    costs = {
+        quant: target_cost(tensor_elements(find_gguf(export_dir, quant)), target)
+        for quant in target.candidates
+        if quant in report.quants
+    }
+    if not costs:
+        names = ", ".join(q.value for q in target.candidates)
+        raise TrainerError(
+            "not-evaluated",
+            f"none of {target.name}'s candidates ({names}) was evaluated "
+            f"(immune-train export --target {target.name}, then eval --target {target.name})",
+        )
+    refused: list[str] = []
+    for quant in rank_for_target(costs):
+        try:
+            _passing(report, quant, gate)
+        except TrainerError as error:
+            refused.append(f"{quant.value}: {error}")
+            continue
+        record = TargetChoice(
+            name=target.name, chosen=quant, ranked=rank_for_target(costs), cost=costs, refused=refused
+        )
+        log.info("%s: %s is the fastest candidate that passes (%s)", target.name, quant.value,
+                 "; ".join(refused) or "none faster refused")  # fmt: skip
+        return quant, record
+    raise TrainerError("no-candidate", f"no {target.name} candidate may be published: " + "; ".join(refused))
+
+
 def publish(
     settings: PublishSettings, request: PublishRequest, on_progress: Callable[[int], None] = lambda _: None
 ) -> PublishedRecord:
@@ -253,21 +309,19 @@ def publish(
     report = load_eval(request.export_dir)
     if request.adapter:
         return _publish_adapter(settings, request, report, on_progress)
-    scores = report.quants.get(request.quant)
-    if scores is None:
-        raise TrainerError(
-            "not-evaluated", f"{request.quant.value} was not evaluated (run immune-train eval with it)"
-        )
-    if not scores.accepted:
-        raise TrainerError(
-            "eval-refused",
-            f"{request.quant.value}: perplexity rise {scores.perplexity_rise_vs_f16:+.1%} vs F16 exceeds "
-            f"the bound {report.max_ppl_rise:.1%}; it may not be published",
-        )
-    comparison = apply_gate(report, request.quant, settings.gate)
+    target_choice: TargetChoice | None = None
+    if request.target is not None:
+        quant, target_choice = choose_for_target(report, request.export_dir, get_target(request.target),
+                                                 settings.gate)  # fmt: skip
+        request = replace(request, quant=quant)
+    scores, comparison = _passing(report, request.quant, settings.gate)
     gguf = find_gguf(request.export_dir, request.quant)
     keyring, keys = _signers(settings)  # before any upload: a bad key must not leave stray files
     url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
+    stored: dict[str, Any] = {"tensor_types": tensor_types(gguf)}
+    if target_choice is not None:
+        stored["target"] = target_choice.model_dump(mode="json")
+    request = replace(request, provenance={**(request.provenance or {}), **stored})
     manifest = build_publish_manifest(request, gguf, url, scores, comparison, health=settings.health)
     return _sign_and_send(settings, request, manifest, keyring, keys, url)
 
