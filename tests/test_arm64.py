@@ -17,12 +17,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from packaging.utils import canonicalize_name
 
 from fleet.pi.index import INDEX_FILE, WheelhouseIndex, wheel_entries, write_index
 from fleet.pi.root import Chroot, base_root, copy_root
@@ -130,7 +130,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, fleet_keys) -> Iterator[Fleet]:
+def fleet(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, fleet_keys) -> Fleet:
     scratch = tmp_path_factory.mktemp("arm64")
     device = copy_root(base_root(PI5), scratch / "root-pi")
     keyring = scratch / "keyring.json"
@@ -145,7 +145,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, fleet_keys
             assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
             print(f"converge in {time.monotonic() - started:.0f} s")  # noqa: T201 (figures for docs/benchmarks.md)
             runs.append(result.stdout)
-        yield Fleet(scratch, device, wheelhouse, broker_port, api_port, runs)
+    return Fleet(scratch, device, wheelhouse, broker_port, api_port, runs)
 
 
 def test_the_role_installs_the_wheelhouse_twice_changing_nothing_the_second_time(fleet: Fleet) -> None:
@@ -160,8 +160,8 @@ def test_the_role_installs_the_wheelhouse_twice_changing_nothing_the_second_time
         machine = chroot.run([f"{VENV}/bin/python", "-c", "import platform; print(platform.machine())"])
         assert machine.stdout.strip() == "aarch64"
         listed = chroot.run([f"{VENV}/bin/python", "-m", "pip", "list", "--format", "json"]).stdout
-    installed = {p["name"].lower(): p["version"] for p in json.loads(listed)}
-    assert installed["llama_cpp_python".replace("_", "-")] == "0.3.36"
+    installed = {canonicalize_name(p["name"]): p["version"] for p in json.loads(listed)}
+    assert installed["llama-cpp-python"] == "0.3.36"
     assert "systemd-python" in installed and "immune-edge" in installed
 
 
@@ -230,19 +230,29 @@ def _slips_request() -> dict[str, object]:
             "seed": 1}  # fmt: skip
 
 
-def _serve(command: list[str], port: int, model: str) -> subprocess.Popen[bytes]:
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+
+
+def _started(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A long-running process whose output goes to ``log`` (a pipe nobody reads would fill and block it)."""
+    with log.open("ab") as sink:
+        return subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def _serve(command: list[str], port: int, model: str, log: Path) -> subprocess.Popen[bytes]:
     argv = [*command, "serve", "--model", model, "--port", str(port), "--name", "slips", "--n-ctx", "2048",
             "--threads", "2"]  # fmt: skip
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return _started(argv, log)
 
 
-def _answer(process: subprocess.Popen[bytes], port: int, timeout: float) -> dict[str, object]:
+def _answer(process: subprocess.Popen[bytes], port: int, timeout: float, log: Path) -> dict[str, object]:
     base = f"http://127.0.0.1:{port}"
     try:
 
         def ready() -> bool:
-            if process.poll() is not None and process.stderr is not None:
-                raise AssertionError(f"serve exited: {process.stderr.read().decode()[-3000:]}")
+            if process.poll() is not None:
+                raise AssertionError(f"serve exited: {_tail(log)}")
             try:
                 return httpx.get(f"{base}/ready", timeout=2).status_code == 200
             except httpx.HTTPError:
@@ -258,8 +268,6 @@ def _answer(process: subprocess.Popen[bytes], port: int, timeout: float) -> dict
     finally:
         process.terminate()
         process.wait(timeout=60)
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 def test_the_greedy_answer_to_a_slips_prompt_is_the_same_on_aarch64_and_x86_64(
@@ -269,19 +277,13 @@ def test_the_greedy_answer_to_a_slips_prompt_is_the_same_on_aarch64_and_x86_64(
     model_in_root.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(smollm2_model, model_in_root)
     port = free_port()
-    native = _answer(_serve([sys.executable, "-m", "edge.cli"], port, str(smollm2_model)), port, 120)
-    with Chroot(fleet.device) as chroot:
-        inside = chroot.popen(["/usr/bin/env", "true"])  # the mounts are live; serve runs under them
-        inside.wait()
-        emulated = _answer(
-            _serve(
-                ["chroot", str(fleet.device), f"{VENV}/bin/immune-edge"],
-                port,
-                f"/srv/models/{smollm2_model.name}",
-            ),
-            port,
-            900,
-        )
+    native_log, emulated_log = fleet.scratch / "serve-x86_64.log", fleet.scratch / "serve-aarch64.log"
+    native = _answer(_serve([sys.executable, "-m", "edge.cli"], port, str(smollm2_model), native_log), port,
+                     120, native_log)  # fmt: skip
+    emulated_serve = ["chroot", str(fleet.device), f"{VENV}/bin/immune-edge"]
+    with Chroot(fleet.device):  # the mounts serve needs inside the root, for as long as it runs
+        process = _serve(emulated_serve, port, f"/srv/models/{smollm2_model.name}", emulated_log)
+        emulated = _answer(process, port, 900, emulated_log)
     native_text = native["choices"][0]["message"]["content"]  # type: ignore[index]
     emulated_text = emulated["choices"][0]["message"]["content"]  # type: ignore[index]
     print(f"x86_64 ({native['seconds']:.1f} s): {native_text!r}")  # noqa: T201 (figures for docs/benchmarks.md)
@@ -303,8 +305,9 @@ def test_a_delivery_round_inside_the_root_then_doctor_passes(
             Chroot(fleet.device) as chroot,
         ):
             url = server.add_file(smollm2_model, "smollm2.gguf")
-            daemon = chroot.popen([f"{VENV}/bin/immune-edge", "run", "--config", CONFIG],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+            log = tmp_path / "daemon.log"
+            run = ["chroot", str(fleet.device), f"{VENV}/bin/immune-edge", "run", "--config", CONFIG]
+            daemon = _started(run, log)
             try:
                 runtime = {"chat_format": "chatml", "n_ctx": 2048, "stop": ["<|im_end|>"]}
                 arm = {"cpu_arch": ["aarch64"]}
@@ -313,8 +316,8 @@ def test_a_delivery_round_inside_the_root_then_doctor_passes(
                 operator.client.publish(TOPICS.desired_fleet(), envelope, qos=1, retain=True)
 
                 def states() -> list[str]:
-                    if daemon.poll() is not None and daemon.stderr is not None:
-                        raise AssertionError(f"the daemon exited: {daemon.stderr.read().decode()[-3000:]}")
+                    if daemon.poll() is not None:
+                        raise AssertionError(f"the daemon exited: {_tail(log)}")
                     events = TOPICS.events(DEVICE)
                     return [json.loads(p)["state"] for t, p in operator.messages if t == events]
 
@@ -336,7 +339,5 @@ def test_a_delivery_round_inside_the_root_then_doctor_passes(
             finally:
                 daemon.terminate()
                 daemon.wait(timeout=60)
-                if daemon.stderr is not None:
-                    daemon.stderr.close()
     finally:
         operator.close()
