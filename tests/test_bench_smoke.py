@@ -85,3 +85,11 @@ def test_soak_bench_runs_a_short_soak_with_swaps(tmp_path) -> None:
     assert figures["requests"] > 0 and len(figures["failures"]) == figures["failed"]
     assert figures["unsent_outbox_at_end"] == 0 and len(figures["samples"]) >= 3
     assert len(figures["swaps"]) >= 2 and all(s.endswith("committed") for s in figures["swaps"])
+
+
+def test_quant_speed_bench_measures_every_pi5_candidate() -> None:
+    command = [sys.executable, "-m", "bench.quant_speed", "--rounds", "1", "--prompt-tokens", "64"]
+    command += ["--decode-tokens", "4", "--threads", "1"]
+    result = _bench(command)
+    for quant in ("q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_1", "q5_0"):
+        assert f"\n{quant} | " in result.stdout, result.stdout
