@@ -58,7 +58,9 @@ def check_wheels(
         raise ContractError(
             "wheelhouse", f"{folder} cannot be installed on {PI5.name}:\n- " + "\n- ".join(problems)
         )
-    console.print(f"OK: {folder} installs on {PI5.name} ({PI5.platform_tag}, {PI5.python_tag})")
+    console.print(
+        f"OK: {folder} installs on {PI5.name} ({PI5.platform_tag}, {PI5.python_tag})", soft_wrap=True
+    )
 
 
 def register(app: typer.Typer) -> None:
