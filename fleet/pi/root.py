@@ -186,9 +186,3 @@ class Chroot:
                 f"{(result.stdout + result.stderr)[-3000:]}"
             )
         return result
-
-    def popen(
-        self, argv: Sequence[str], *, env: dict[str, str] | None = None, **kwargs: object
-    ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` inside the root (a daemon the caller stops)."""
-        return subprocess.Popen(["chroot", str(self.root), *argv], env=self.env(env), **kwargs)  # type: ignore[call-overload]
