@@ -18,6 +18,9 @@ from edge.api.app import create_app
 from edge.api.generation import Serving
 from edge.api.server import ApiServerThread, bind_sockets
 from edge.audit import Audit
+from edge.capture.commands import open_capture_store
+from edge.capture.recorder import CaptureRecorder
+from edge.capture.store import CaptureStore
 from edge.config import (
     ApiSettings,
     EdgeConfig,
@@ -172,8 +175,10 @@ class DataPlane:
         host: HostPaths,
         on_thermal_change: Callable[[str], None] = lambda change: None,
         audit: Audit | None = None,
+        capture: CaptureRecorder | None = None,
     ) -> None:
         self.audit = audit or Audit()
+        self.capture = capture
         self.metrics = Metrics()
         self.router = ModelRouter(max_waiting=api.queue)
         self.runtime = ServingRuntime(self.router, store, runtime, api, host.procfs_root, self.metrics)
@@ -186,6 +191,7 @@ class DataPlane:
             api.request_timeout_s,
             frozenset(api.low_priority_models),
             thermal.defer_retry_after_s,
+            capture,
         )
         app = create_app(serving, self.audit, api.max_body_bytes, api.bearer_token())
         self._server = ApiServerThread(app, bind_sockets(api))
@@ -197,11 +203,14 @@ class DataPlane:
         store: ContentStore,
         on_thermal_change: Callable[[str], None],
         audit: Audit,
+        capture: CaptureRecorder | None = None,
     ) -> DataPlane:
         host = HostPaths(config.device.procfs_root, config.device.sysfs_root, config.telemetry.vcgencmd)
-        return cls(config.api, config.runtime, config.thermal, store, host, on_thermal_change, audit)
+        return cls(config.api, config.runtime, config.thermal, store, host, on_thermal_change, audit, capture)
 
     def start(self) -> None:
+        if self.capture is not None:
+            self.capture.start()
         self.runtime.start()
         self._server.start()
         self.thermal.start()
@@ -210,6 +219,8 @@ class DataPlane:
         self.thermal.stop()
         self._server.stop()
         self.runtime.close()
+        if self.capture is not None:
+            self.capture.stop()
 
 
 @dataclass
@@ -219,11 +230,22 @@ class Device:
     control: ControlPlane
     data: DataPlane | None
 
+    #: The capture store (None: capture never enabled), read by the operator's capture commands.
+    capture: CaptureStore | None = None
+
     @classmethod
     def build(cls, config: EdgeConfig, on_thermal_change: Callable[[str], None]) -> Device:
         store, audit = ContentStore(config.store_dir, config.store.seed_dirs), audit_from(config)
+        capture = open_capture_store(config.capture, config.capture_file)
+        recorder = (
+            CaptureRecorder(config.capture, capture)
+            if capture is not None and config.capture.enabled and config.runtime.enabled
+            else None
+        )
         data = (
-            DataPlane.from_config(config, store, on_thermal_change, audit) if config.runtime.enabled else None
+            DataPlane.from_config(config, store, on_thermal_change, audit, recorder)
+            if config.runtime.enabled
+            else None
         )
         control = ControlPlane.open(config, store, data.runtime if data else None, audit=audit)
-        return cls(control, data)
+        return cls(control, data, capture)

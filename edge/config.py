@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from edge.delivery.downloader import DownloadPolicy
 from edge.logs import LogFormat
+from shared.capture import RedactionKind
 from shared.config import CONFIG_DIR, STATE_DIR, ConfigError, ConfigModel, ConfigPath, MqttSettings
 from shared.gguf import DEFAULT_ARCHITECTURES
 from shared.schema import Identifier
@@ -197,6 +198,29 @@ class ThermalSettings(ConfigModel):
         return self
 
 
+class CaptureSettings(ConfigModel):
+    """Opt-in capture of the requests the API answers, for the operator to pull and train on
+    (docs/operations.md): alert data from the customer's network, so off unless turned on."""
+
+    enabled: bool = False
+    #: The model names or aliases whose requests are captured (empty: every model).
+    models: Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=16)] = []
+    #: The share of answered requests captured, drawn per request.
+    sample_rate: Annotated[float, Field(gt=0, le=1)] = 1.0
+    #: Stored bytes of captured exchanges at most; the oldest go first.
+    max_mb: Annotated[float, Field(gt=0, le=65536)] = 64.0
+    #: Exchanges older than this are deleted.
+    retention_days: Annotated[float, Field(gt=0, le=3650)] = 30.0
+    #: Addresses replaced before anything is stored, consistently within the capture store.
+    redact: list[RedactionKind] = []
+    #: After a write failed (a full disk), capture rests this long before trying again.
+    pause_after_error_s: Annotated[float, Field(ge=1, le=86400)] = 300.0
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 1024 * 1024)
+
+
 class LoggingSettings(ConfigModel):
     """Where log lines go (``--log-format`` overrides ``format``) and how refusals are logged."""
 
@@ -224,6 +248,7 @@ class EdgeConfig(ConfigModel):
     runtime: RuntimeSettings = RuntimeSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     thermal: ThermalSettings = ThermalSettings()
+    capture: CaptureSettings = CaptureSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @property
@@ -234,6 +259,11 @@ class EdgeConfig(ConfigModel):
     def store_dir(self) -> Path:
         """The content-addressed model store."""
         return self.store.state_dir / "store"
+
+    @property
+    def capture_file(self) -> Path:
+        """The captured exchanges (a database of its own: its budget and purges never touch state.db)."""
+        return self.store.state_dir / "capture.db"
 
 
 def detect_cpu_arch() -> str:

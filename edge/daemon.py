@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from edge.assembly import Device
 from edge.audit import RefusalKind
+from edge.capture.commands import CaptureCommands
 from edge.config import EdgeConfig
 from edge.control.commands import CommandHandler
 from edge.control.reconcile import DESIRED_KINDS, Reconciler
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: Inbound messages waiting for the control loop; beyond this a flood is dropped, not buffered.
 INBOX_LIMIT = 1000
+#: Commands answered on the control loop at once, even while a deployment runs: they read or delete
+#: local data and never wait on the deployer.
+QUICK_ACTIONS = frozenset({"status", "capture_status", "capture_pull", "capture_purge"})
 #: How often the served model is compared with the store's current pointer, which
 #: `immune-edge install` may move while the daemon runs.
 SERVED_CHECK_S = 5.0
@@ -45,7 +49,7 @@ class EdgeDaemon:
     def __init__(self, config: EdgeConfig) -> None:
         self.config = config
         device = Device.build(config, on_thermal_change=self._thermal_changed)
-        self.control, self.data = device.control, device.data
+        self.control, self.data, self.capture = device.control, device.data, device.capture
         self.device_id = config.device.id
         self.service = ServiceManager()
         self.groups = tuple(config.device.groups)
@@ -67,6 +71,7 @@ class EdgeDaemon:
             self.reconciler,
             control.reporter,
             control.clock_skew,
+            CaptureCommands(config.capture, self.capture),
         )
         offline = DeviceStatus(
             device_id=self.device_id,
@@ -175,6 +180,8 @@ class EdgeDaemon:
         self.agent.stop()
         if self.data is not None:
             self.data.close()
+        if self.capture is not None:
+            self.capture.close()
         control.close()
         log.info("stopped")
 
@@ -246,8 +253,8 @@ class EdgeDaemon:
             self.commands.refuse(reply, exc, origin=message.topic)
             self.agent.wake()
             return
-        if command.action.action == "status":
-            self.commands.execute(command, reply)  # read-only: answer at once, even mid-download
+        if command.action.action in QUICK_ACTIONS:
+            self.commands.execute(command, reply)
             self.agent.wake()
         else:
             self._jobs.put(lambda: self.commands.execute(command, reply))

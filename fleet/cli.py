@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fleet import ops
+from fleet import capture, ops
 from fleet.pi import cli as pi_cli
 from shared.admission import verify_manifest
 from shared.artifacts import describe_artifact, verify_artifact_file
@@ -324,6 +324,7 @@ def verify(
 
 
 ops.register(app)
+capture.register(app)
 pi_cli.register(app)
 
 

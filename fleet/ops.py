@@ -32,7 +32,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 GroupOption = Annotated[str | None, typer.Option("--group", "-g", help="Only this device group.")]
 
 
-def _settings(path: Path) -> FleetSettings:
+def fleet_settings(path: Path) -> FleetSettings:
+    """The operator's configuration file, validated."""
     return load_config(path, FleetSettings)
 
 
@@ -132,7 +133,7 @@ def status(
     ] = 1.5,
 ) -> None:
     """A table of devices: online, model, deployment state, tok/s, TTFT, RAM, temperature, throttling."""
-    settings = _settings(config)
+    settings = fleet_settings(config)
     with FleetClient(settings) as client:
         client.settle(wait)
         rows = status_rows(client, group)
@@ -148,7 +149,7 @@ def watch(
     interval: Annotated[float, typer.Option(help="Refresh period, seconds.")] = 2.0,
 ) -> None:
     """The status table, live (Ctrl-C to stop)."""
-    settings = _settings(config)
+    settings = fleet_settings(config)
     with FleetClient(settings) as client, Live(console=console, auto_refresh=False) as live:
         try:
             while True:
@@ -195,7 +196,7 @@ def rollout(
     as_json: JsonOption = False,
 ) -> None:
     """Staged rollout: canary first, then waves; each wave waits for `committed` from all of its devices."""
-    settings = _settings(config)
+    settings = fleet_settings(config)
     envelope = manifest.read_bytes()
     store = FleetStore(settings.db_path)  # the rollout's events go to `history` too
     with FleetClient(settings, listener=store.add) as client:
@@ -229,7 +230,8 @@ def rollout(
         raise typer.Exit(2)
 
 
-def _targets(client: FleetClient, device: str | None, group: str | None) -> list[str]:
+def command_targets(client: FleetClient, device: str | None, group: str | None) -> list[str]:
+    """The one device, or every device of the group that has reported a status."""
     if (device is None) == (group is None):
         raise FleetError("usage", "give exactly one of --device and --group")
     if device is not None:
@@ -249,11 +251,11 @@ def _fan_out(
     timeout_s: float,
 ) -> None:
     """Send one command to each target at once, then show every answer."""
-    settings = _settings(config)
+    settings = fleet_settings(config)
     with FleetClient(settings) as client:
         if group is not None:
             client.settle()
-        targets = _targets(client, device, group)
+        targets = command_targets(client, device, group)
         sent = {target: client.send_command(target, action) for target in targets}
         deadline = time.monotonic() + timeout_s
         answers: dict[str, CommandResponse | None] = {
@@ -350,7 +352,7 @@ def collect(
 ) -> None:
     """Record telemetry, events and statuses in the SQLite collector (until Ctrl-C, SIGTERM or
     --duration)."""
-    settings = _settings(config)
+    settings = fleet_settings(config)
     store = FleetStore(settings.db_path)
     counts = {"telemetry": 0, "events": 0, "status": 0}
     # A service manager stops it with SIGTERM; a shell that started it in the background has it
@@ -386,7 +388,7 @@ def history(
     as_json: JsonOption = False,
 ) -> None:
     """Deployment events recorded by `collect` and `rollout`."""
-    settings = _settings(config)
+    settings = fleet_settings(config)
     store = FleetStore(settings.db_path)
     events = store.events(device, limit)
     store.close()
@@ -411,7 +413,7 @@ def report(
     config: ConfigOption = DEFAULT_FLEET_CONFIG,
 ) -> None:
     """A self-contained HTML page with charts per device over time (from the `collect` database)."""
-    settings = _settings(config)
+    settings = fleet_settings(config)
     store = FleetStore(settings.db_path)
     page = render_report(store, settings.fleet)
     store.close()

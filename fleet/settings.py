@@ -36,5 +36,10 @@ class FleetSettings(ConfigModel):
         return self.data_dir / "fleet.db"
 
     @property
+    def capture_archive(self) -> Path:
+        """Where `immune-fleet capture pull` keeps the exchanges devices captured."""
+        return self.data_dir / "capture.db"
+
+    @property
     def rollouts_dir(self) -> Path:
         return self.data_dir / "rollouts"

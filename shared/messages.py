@@ -9,6 +9,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AwareDatetime, ConfigDict, Field, model_validator
 
+from shared.capture import CaptureChunk, CapturePullAction, CapturePurgeAction
 from shared.errors import SchemaError
 from shared.manifest import ModelName
 from shared.schema import Contract, Identifier, Sha256Hex
@@ -247,11 +248,12 @@ class PinAction(Contract):
 class SimpleAction(Contract):
     """Commands without arguments."""
 
-    action: Literal["unpin", "status", "gc"]
+    action: Literal["unpin", "status", "gc", "capture_status"]
 
 
 CommandAction = Annotated[
-    RolloutAction | RollbackAction | PinAction | SimpleAction, Field(discriminator="action")
+    RolloutAction | RollbackAction | PinAction | SimpleAction | CapturePullAction | CapturePurgeAction,
+    Field(discriminator="action"),
 ]
 
 
@@ -280,7 +282,8 @@ class Command(Contract):
 class CommandResponse(Contract):
     """A device's answer, sent to the command's MQTT v5 response topic with its correlation data."""
 
-    MAX_BYTES: ClassVar[int] = 64 * 1024
+    #: Room for one chunk of captured exchanges (a capture_pull's answer).
+    MAX_BYTES: ClassVar[int] = 512 * 1024
     WHAT: ClassVar[str] = "command response"
 
     #: None (absent) when the command was refused before its nonce could be trusted.
@@ -290,6 +293,8 @@ class CommandResponse(Contract):
     at: AwareDatetime
     result: dict[Annotated[str, Field(max_length=64)], str | int | float | bool | None] = {}
     error: Text | None = None
+    #: The answer to a ``capture_pull``.
+    capture: CaptureChunk | None = None
 
     @model_validator(mode="after")
     def _error_when_failed(self) -> CommandResponse:

@@ -240,9 +240,9 @@ def _started(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
 
 
-def _serve(command: list[str], port: int, model: str, log: Path) -> subprocess.Popen[bytes]:
+def _serve(command: list[str], port: int, model: str, log: Path, timeout: float) -> subprocess.Popen[bytes]:
     argv = [*command, "serve", "--model", model, "--port", str(port), "--name", "slips", "--n-ctx", "2048",
-            "--threads", "2"]  # fmt: skip
+            "--threads", "2", "--request-timeout", str(timeout)]  # fmt: skip
     return _started(argv, log)
 
 
@@ -278,11 +278,11 @@ def test_the_greedy_answer_to_a_slips_prompt_is_the_same_on_aarch64_and_x86_64(
     shutil.copyfile(smollm2_model, model_in_root)
     port = free_port()
     native_log, emulated_log = fleet.scratch / "serve-x86_64.log", fleet.scratch / "serve-aarch64.log"
-    native = _answer(_serve([sys.executable, "-m", "edge.cli"], port, str(smollm2_model), native_log), port,
-                     120, native_log)  # fmt: skip
+    native_serve = _serve([sys.executable, "-m", "edge.cli"], port, str(smollm2_model), native_log, 120)
+    native = _answer(native_serve, port, 120, native_log)
     emulated_serve = ["chroot", str(fleet.device), f"{VENV}/bin/immune-edge"]
     with Chroot(fleet.device):  # the mounts serve needs inside the root, for as long as it runs
-        process = _serve(emulated_serve, port, f"/srv/models/{smollm2_model.name}", emulated_log)
+        process = _serve(emulated_serve, port, f"/srv/models/{smollm2_model.name}", emulated_log, 900)
         emulated = _answer(process, port, 900, emulated_log)
     native_text = native["choices"][0]["message"]["content"]  # type: ignore[index]
     emulated_text = emulated["choices"][0]["message"]["content"]  # type: ignore[index]
@@ -295,49 +295,48 @@ def test_the_greedy_answer_to_a_slips_prompt_is_the_same_on_aarch64_and_x86_64(
 def test_a_delivery_round_inside_the_root_then_doctor_passes(
     fleet: Fleet, fleet_keys, smollm2_model: Path, tmp_path: Path
 ) -> None:
-    operator = TlsClient(fleet.pki, "op-1", fleet.broker_port)
-    operator.client.subscribe(f"{TOPICS.base}/#", qos=1)
     broker_conf = fleet.scratch / "root-broker/etc/mosquitto/conf.d"
-    try:
-        with (
-            role_broker(broker_conf, fleet.broker_port, tmp_path),
-            ArtifactServer(tmp_path / "artifacts") as server,
-            Chroot(fleet.device) as chroot,
-        ):
-            url = server.add_file(smollm2_model, "smollm2.gguf")
-            log = tmp_path / "daemon.log"
-            run = ["chroot", str(fleet.device), f"{VENV}/bin/immune-edge", "run", "--config", CONFIG]
-            daemon = _started(run, log)
-            try:
-                runtime = {"chat_format": "chatml", "n_ctx": 2048, "stop": ["<|im_end|>"]}
-                arm = {"cpu_arch": ["aarch64"]}
-                data = smollm2_model.read_bytes()
-                envelope = sign_manifest([fleet_keys.trainer], data, url, compatibility=arm, runtime=runtime)
-                operator.client.publish(TOPICS.desired_fleet(), envelope, qos=1, retain=True)
+    with (
+        role_broker(broker_conf, fleet.broker_port, tmp_path),
+        ArtifactServer(tmp_path / "artifacts") as server,
+        Chroot(fleet.device) as chroot,
+    ):
+        # The operator connects once the broker is up (the role left it stopped after the converge).
+        operator = TlsClient(fleet.pki, "op-1", fleet.broker_port)
+        operator.client.subscribe(f"{TOPICS.base}/#", qos=1)
+        url = server.add_file(smollm2_model, "smollm2.gguf")
+        log = tmp_path / "daemon.log"
+        run = ["chroot", str(fleet.device), f"{VENV}/bin/immune-edge", "run", "--config", CONFIG]
+        daemon = _started(run, log)
+        try:
+            runtime = {"chat_format": "chatml", "n_ctx": 2048, "stop": ["<|im_end|>"]}
+            arm = {"cpu_arch": ["aarch64"]}
+            data = smollm2_model.read_bytes()
+            envelope = sign_manifest([fleet_keys.trainer], data, url, compatibility=arm, runtime=runtime)
+            operator.client.publish(TOPICS.desired_fleet(), envelope, qos=1, retain=True)
 
-                def states() -> list[str]:
-                    if daemon.poll() is not None:
-                        raise AssertionError(f"the daemon exited: {_tail(log)}")
-                    events = TOPICS.events(DEVICE)
-                    return [json.loads(p)["state"] for t, p in operator.messages if t == events]
+            def states() -> list[str]:
+                if daemon.poll() is not None:
+                    raise AssertionError(f"the daemon exited: {_tail(log)}")
+                events = TOPICS.events(DEVICE)
+                return [json.loads(p)["state"] for t, p in operator.messages if t == events]
 
-                wait_until(lambda: "committed" in states(), timeout=900, what=f"{DEVICE} committed")
-                print(f"events: {states()}")  # noqa: T201 (figures for docs/benchmarks.md)
-                response = httpx.post(
-                    f"http://127.0.0.1:{fleet.api_port}/v1/chat/completions",
-                    json={"model": "slips", "messages": [{"role": "user", "content": "Say hello."}],
-                          "max_tokens": 4, "temperature": 0.0},
-                    timeout=600,
-                )  # fmt: skip
-                assert response.status_code == 200, response.text
-                print(f"chat: {response.json()['choices'][0]['message']['content']!r}")  # noqa: T201 (figures for docs/benchmarks.md)
-                doctor = chroot.run([f"{VENV}/bin/immune-edge", "doctor", "--config", CONFIG, "--json"],
-                                    check=False, timeout=300)  # fmt: skip
-                checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
-                assert doctor.returncode == 0, checks
-                assert checks["broker"]["verdict"] == checks["model"]["verdict"] == "pass", checks
-            finally:
-                daemon.terminate()
-                daemon.wait(timeout=60)
-    finally:
-        operator.close()
+            wait_until(lambda: "committed" in states(), timeout=900, what=f"{DEVICE} committed")
+            print(f"events: {states()}")  # noqa: T201 (figures for docs/benchmarks.md)
+            response = httpx.post(
+                f"http://127.0.0.1:{fleet.api_port}/v1/chat/completions",
+                json={"model": "slips", "messages": [{"role": "user", "content": "Say hello."}],
+                      "max_tokens": 4, "temperature": 0.0},
+                timeout=600,
+            )  # fmt: skip
+            assert response.status_code == 200, response.text
+            print(f"chat: {response.json()['choices'][0]['message']['content']!r}")  # noqa: T201 (figures for docs/benchmarks.md)
+            doctor = chroot.run([f"{VENV}/bin/immune-edge", "doctor", "--config", CONFIG, "--json"],
+                                check=False, timeout=300)  # fmt: skip
+            checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+            assert doctor.returncode == 0, checks
+            assert checks["broker"]["verdict"] == checks["model"]["verdict"] == "pass", checks
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=60)
+            operator.close()

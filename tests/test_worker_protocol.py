@@ -76,3 +76,31 @@ def test_a_request_sent_as_the_worker_dies_is_a_worker_error(smollm2_model, monk
         assert not handle.alive
     finally:
         handle.stop()
+
+
+def test_a_prompt_slower_than_the_token_timeout_is_bounded_by_the_request_deadline(worker, monkeypatch):
+    """Bug (the emulated arm64 check: `worker_failed` on a Slips prompt): the wait for the first event, which
+    comes only once the whole prompt is evaluated, was cut at the between-token silence limit (120 s), so a
+    long prompt on a Pi failed as a hung worker well inside the request's own timeout. The worker is held
+    stopped past a shortened silence limit before it can read the request; the request's deadline is far."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from edge.runtime import handle as handle_module
+
+    monkeypatch.setattr(handle_module, "TOKEN_TIMEOUT_S", 0.5)
+    request = GenerateRequest(
+        id="slow-prompt", messages=[ChatMessage(role="user", content="hello")], max_tokens=2, temperature=0
+    )
+    pid = worker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(2.0, os.kill, (pid, signal.SIGCONT))
+    resume.start()
+    try:
+        events = list(worker.generate(request, deadline=time.monotonic() + 120))
+    finally:
+        resume.join()
+    assert events[-1].type == "done"

@@ -27,6 +27,7 @@ from trainer.dataset.prepare import (
 )
 from trainer.dataset.records import read_records
 from trainer.dataset.slips import DEFAULT_TEACHERS, SUMMARY_SYSTEM_PROMPT
+from trainer.errors import TrainerError
 from trainer.prompts import get_profile
 from trainer.records import EvalReport
 
@@ -66,18 +67,18 @@ def toolchain(
 
 @app.command("prepare")
 def prepare_command(
-    sources: Annotated[
-        list[str],
-        typer.Argument(
-            help="slips-summary=FILE, slips-risk=FILE, or [TASK=]FILE.jsonl (chat, Alpaca or ShareGPT)."
-        ),
-    ],
     tokenizer: Annotated[
         str, typer.Option(help="Base model folder (or cached Hub id) whose tokenizer counts tokens.")
     ],
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Folder for train.jsonl, eval.jsonl, stats.json.")
     ],
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="slips-summary=FILE, slips-risk=FILE, or [TASK=]FILE.jsonl (chat, Alpaca or ShareGPT)."
+        ),
+    ] = None,
     max_tokens: Annotated[
         int, typer.Option(min=64, help="Token budget per conversation; incidents are cut to fit.")
     ] = 4096,
@@ -106,6 +107,13 @@ def prepare_command(
     practice: Annotated[
         bool, typer.Option(help="With a profile: add reduction requests for incidents that need none.")
     ] = True,
+    from_capture: Annotated[
+        Path | None,
+        typer.Option(
+            help="An operator's capture archive (immune-fleet capture pull): the requests devices received, "
+            "read by --prompt-profile; distill them before training."
+        ),
+    ] = None,
 ) -> None:
     """Import datasets into ChatML records, de-duplicate, fit the token budget and split train/eval."""
     parts: dict[str, tuple[str, ...]] = {}
@@ -121,13 +129,16 @@ def prepare_command(
         parts,
         prompt_profile,
         practice,
+        from_capture,
     )
     if prompt_profile is not None:
         get_profile(prompt_profile)  # an unknown name fails before the tokenizer loads
+    if not sources and from_capture is None:
+        raise TrainerError("bad-input", "give at least one dataset, or --from-capture")
     with _spinner("preparing records"):
         model_tokenizer = load_tokenizer(tokenizer)
         result = prepare(
-            [Source.parse(s) for s in sources],
+            [Source.parse(s) for s in sources or []],
             output,
             chat_token_counter(model_tokenizer),
             options,

@@ -17,6 +17,7 @@ from typing import Any
 
 from trainer.base_model import describe, resolve_base
 from trainer.config import TrainConfig
+from trainer.dataset.captured import refuse_captured_answers
 from trainer.dataset.records import ChatRecord, file_sha256, read_records
 from trainer.errors import TrainerError
 from trainer.layout import RunLayout
@@ -65,6 +66,7 @@ def _load_split(path: Path | None, what: str) -> list[ChatRecord]:
     records = list(read_records(path))
     if not records and what == "train":
         raise TrainerError("empty-dataset", f"{path}: the training set is empty")
+    refuse_captured_answers(records, path)
     return records
 
 

@@ -10,12 +10,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import anyio
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from edge.api.prompt_version import client_prompt_version
 from edge.api.request_id import request_id
+from edge.capture.recorder import CaptureRecorder
 from edge.logs import fields
 from edge.metrics import Metrics
 from edge.runtime.handle import RequestRejectedError, RequestTimeoutError, WorkerError
@@ -82,6 +84,15 @@ class Sampling:
     context_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class Asked:
+    """What the client sent, as it sent it (before the model's system prompt was added)."""
+
+    model_name: str | None = None
+    messages: list[ChatMessage] | None = None
+    prompt_version: str | None = None
+
+
 @dataclass
 class Result:
     """A finished generation."""
@@ -102,6 +113,8 @@ class Serving:
     low_priority_models: frozenset[str] = frozenset()
     #: What a deferred request is told to wait before retrying.
     defer_retry_after_s: int = 60
+    #: Records answered requests when ``[capture]`` is on.
+    capture: CaptureRecorder | None = None
 
     def low_priority(self, model_name: str | None, priority_header: str | None) -> bool:
         """Whether a request may be deferred: by its header, else by the model name it asks for."""
@@ -211,11 +224,19 @@ class Generation:
     """One admitted request: holds its queue slot and its model until its events are consumed or
     abandoned. Create with ``await Generation.open(...)``."""
 
-    def __init__(self, serving: Serving, endpoint: str, model: ServedModel, request: GenerateRequest) -> None:
+    def __init__(
+        self,
+        serving: Serving,
+        endpoint: str,
+        model: ServedModel,
+        request: GenerateRequest,
+        asked: Asked | None = None,
+    ) -> None:
         self._serving = serving
         self._endpoint = endpoint
         self.model = model
         self.request = request
+        self._asked = asked or Asked()
         self._started = time.monotonic()
         self._deadline = self._started + serving.request_timeout_s
         self._closed = False
@@ -263,7 +284,7 @@ class Generation:
             router.release()
             serving.metrics.requests.labels(endpoint=endpoint, status=str(exc.status)).inc()
             raise
-        return cls(serving, endpoint, model, request)
+        return cls(serving, endpoint, model, request, Asked(model_name, messages, version))
 
     def _close(self, status: int, done: WorkerEvent | None = None) -> None:
         if self._closed:
@@ -306,10 +327,19 @@ class Generation:
     def _events(self) -> Iterator[WorkerEvent]:
         done: WorkerEvent | None = None
         status = 499  # until proven otherwise: the consumer stopped early
+        capture = self._serving.capture
+        captured = capture is not None and capture.wants(
+            [*filter(None, [self._asked.model_name]), *self.model.names()]
+        )
+        parts: list[str] = []
         try:
             for event in self._worker_events():
                 if event.type == "done":
                     done, status = event, 200
+                    if captured and capture is not None:
+                        capture.offer(self._captured(parts, event))
+                elif captured:
+                    parts.append(event.text)
                 yield event
         except RequestTimeoutError as exc:
             status = 504
@@ -324,6 +354,28 @@ class Generation:
             raise server_failure("worker_failed", exc) from None
         finally:
             self._close(status, done)
+
+    def _captured(self, parts: list[str], done: WorkerEvent) -> dict[str, object]:
+        """The fields of the CapturedExchange this request makes (built on the recorder's thread)."""
+        model, request, asked = self.model, self.request, self._asked
+        return {
+            "at": datetime.now(UTC),
+            "endpoint": self._endpoint,
+            "requested_model": asked.model_name,
+            "model_name": model.name,
+            "model_serial": model.key[1] if model.key else None,
+            "model_sha256": model.sha256 or None,
+            "adapter": model.adapter,
+            "messages": [m.model_dump() for m in asked.messages or []],
+            "prompt": request.prompt,
+            "answer": "".join(parts) + done.text,
+            "finish_reason": done.finish_reason or "stop",
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "prompt_version": asked.prompt_version,
+        }
 
     async def collect(self, is_disconnected: Callable[[], Awaitable[bool]]) -> Result:
         """Run to completion (non-streaming). ``is_disconnected`` (Starlette's request method) is

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from edge.audit import RefusalKind
+from edge.capture.commands import CaptureCommands
+from edge.config import CaptureSettings
 from edge.control.deployer import Deployer
 from edge.control.operator import OperatorActions
 from edge.control.reconcile import Reconciler
@@ -14,6 +16,7 @@ from edge.control.reporting import Reporter
 from edge.control.trust import TrustStore
 from edge.logs import fields
 from edge.state.nonces import NonceStore
+from shared.capture import CaptureChunk, CapturePullAction, CapturePurgeAction
 from shared.errors import ContractError, SchemaError
 from shared.messages import (
     COMMAND_PAYLOAD_TYPE,
@@ -53,6 +56,7 @@ class CommandHandler:
         reconciler: Reconciler,
         reporter: Reporter,
         clock_skew: timedelta,
+        capture: CaptureCommands | None = None,
     ) -> None:
         self.topics = topics
         self.device_id = device_id
@@ -64,6 +68,7 @@ class CommandHandler:
         self.reconciler = reconciler
         self.reporter = reporter
         self.clock_skew = clock_skew
+        self.capture = capture or CaptureCommands(CaptureSettings(), None)
 
     def reply_to(self, response_topic: str | None, correlation: bytes | None) -> ReplyTo:
         """Accept only a response topic of this fleet's operator tree, so a command cannot make the
@@ -145,7 +150,16 @@ class CommandHandler:
         """Run an authenticated command and answer it."""
         action = command.action
         source = f"command:{command.nonce}"
-        if isinstance(action, RolloutAction):
+        chunk: CaptureChunk | None = None
+        extra: dict[str, ResultValue] = {}
+        if isinstance(action, CapturePullAction):
+            outcome, chunk = self.capture.pull(action)
+        elif isinstance(action, CapturePurgeAction):
+            outcome = self.capture.purge(action)
+            extra = self.capture.status()
+        elif action.action == "capture_status":
+            outcome, extra = Outcome(result=ResultCode.DONE, message="capture status"), self.capture.status()
+        elif isinstance(action, RolloutAction):
             if self.deployer.ledger.pinned:
                 outcome = Outcome(
                     result=ResultCode.FAILED,
@@ -178,6 +192,7 @@ class CommandHandler:
         if outcome.reason:
             result["reason"] = outcome.reason
         result.update(self.status())
+        result.update(extra)
         response = CommandResponse(
             nonce=command.nonce,
             device_id=self.device_id,
@@ -185,6 +200,7 @@ class CommandHandler:
             at=self.reporter.clock(),
             result=result,
             error=None if outcome.ok else outcome.message[:2048],
+            capture=chunk,
         )
         log.info(
             "command %s %s: %s",

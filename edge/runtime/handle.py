@@ -25,7 +25,7 @@ from edge.runtime.worker import worker_main
 
 log = logging.getLogger(__name__)
 
-#: Worst case for one token on a throttled Pi; a worker silent for longer is treated as hung.
+#: Worst case for one token on a throttled Pi; a worker silent for longer between tokens is treated as hung.
 TOKEN_TIMEOUT_S = 120.0
 #: How long a worker whose pipe broke gets to finish exiting (a killed process is gone in milliseconds).
 PIPE_BROKEN_EXIT_WAIT_S = 2.0
@@ -148,13 +148,20 @@ class WorkerHandle:
         try:
             self._send(request.model_dump_json().encode())
             finished = False
+            # The first event comes only once the whole prompt is evaluated, which on a Pi can take longer
+            # than any one token: only the request's deadline bounds it. Between tokens, silence means hung.
+            first = True
             try:
                 while True:
                     remaining = TOKEN_TIMEOUT_S if deadline is None else deadline - time.monotonic()
                     if remaining <= 0:
                         raise RequestTimeoutError(f"request timed out on worker {self.name}")
-                    by_deadline = remaining < TOKEN_TIMEOUT_S
-                    event = self._receive(min(remaining, TOKEN_TIMEOUT_S), "generating", by_deadline)
+                    if first and deadline is not None:
+                        wait_s, by_deadline = remaining, True
+                    else:
+                        wait_s, by_deadline = min(remaining, TOKEN_TIMEOUT_S), remaining < TOKEN_TIMEOUT_S
+                    event = self._receive(wait_s, "generating", by_deadline)
+                    first = False
                     if event.type == "error":
                         finished = True
                         raise _failure(event)

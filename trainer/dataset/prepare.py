@@ -12,14 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.dataset.captured import captured_records
 from trainer.dataset.chat_jsonl import import_chat_jsonl
 from trainer.dataset.problems import Problems
-from trainer.dataset.profiled import ProfiledImport, request_fit
+from trainer.dataset.profiled import ProfiledImport, request_sizes
 from trainer.dataset.records import ChatMessage, ChatRecord, file_sha256, write_records
 from trainer.dataset.slips import DEFAULT_TEACHERS, SlipsTask, answer_parts, import_slips
 from trainer.errors import TrainerError
 from trainer.prompts import get_profile
 from trainer.prompts.compose import OfflineComposer
+from trainer.records import RequestFit
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class PrepareOptions:
     prompt_profile: str | None = None
     #: With a profile: also its practice requests (reductions for incidents small enough not to need them).
     practice: bool = True
+    #: An operator's capture archive (immune-fleet capture pull): the requests the fleet really
+    #: received, read by ``prompt_profile``; their answers are the device model's, for distill to replace.
+    from_capture: Path | None = None
 
 
 @dataclass
@@ -183,9 +188,18 @@ def prepare(
     imported: list[ChatRecord] = []
     sources = list(sources)
     profiled = None
-    if options.prompt_profile is not None:
+    captured: list[ChatRecord] = []
+    if options.from_capture is not None:
+        if options.prompt_profile is None:
+            raise TrainerError(
+                "bad-input", "--from-capture needs --prompt-profile: the profile reads the captured requests"
+            )
+        captured = list(captured_records(options.from_capture, get_profile(options.prompt_profile), problems))
+        imported.extend(captured)
+    if options.prompt_profile is not None and sources:
         profiled = _profiled_import(sources, options, problems, answer_count)
         imported.extend(profiled.records([source.path for source in sources]))
+    if options.prompt_profile is not None:
         sources = []
     for source in sources:
         if source.slips:
@@ -207,7 +221,7 @@ def prepare(
     lengths: dict[str, int] = {}
     too_long = 0
     for record in unique:
-        if profiled is not None:  # a client's request is trained on as sent, or not at all
+        if options.prompt_profile is not None:  # a client's request is trained on as sent, or not at all
             tokens = count([m.model_dump() for m in record.messages])
             fitted = (record, tokens) if tokens <= options.max_tokens else None
         else:
@@ -257,9 +271,17 @@ def prepare(
         },
         "sha256": file_sha256(result.train, result.eval),
     }
-    if profiled is not None:
-        result.stats["requests"] = request_fit(profiled, count).model_dump(mode="json")
+    if options.prompt_profile is not None:
+        profile = get_profile(options.prompt_profile)
+        sizes = request_sizes(profiled, count) if profiled is not None else []
+        sizes += [(r.id, count(r.prompt), int(r.meta["estimated_tokens"])) for r in captured]
+        result.stats["requests"] = RequestFit.of(profile.name, profile.max_tokens, sizes).model_dump(
+            mode="json"
+        )
         result.stats["options"]["prompt_profile"] = options.prompt_profile
+    if options.from_capture is not None:
+        result.stats["options"]["from_capture"] = str(options.from_capture)
+        result.stats["records"]["captured"] = len(captured)
     (output_dir / "stats.json").write_text(json.dumps(result.stats, indent=2) + "\n")
     log.info("prepared %d train and %d eval records in %s", len(train), len(evaluation), output_dir)
     return result

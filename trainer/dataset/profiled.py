@@ -18,7 +18,6 @@ from trainer.prompts.compose import OfflineComposer
 from trainer.prompts.contract import AnswerContext, contract_failures
 from trainer.prompts.evidence import parse_evidence
 from trainer.prompts.profile import ClientRequest, IncidentFacts, PromptProfile
-from trainer.records import RequestFit
 
 #: The teacher recorded on reduction answers composed from the digest itself.
 DIGEST_TEACHER = "digest"
@@ -172,10 +171,12 @@ def request_meta(profile: PromptProfile, facts: IncidentFacts, request: ClientRe
     }
 
 
-def request_fit(imported: ProfiledImport, count: Callable[[list[dict[str, str]]], int]) -> RequestFit:
-    """The size of every request the import rendered (kept for training or not), in real tokens."""
-    sizes = [
+def request_sizes(
+    imported: ProfiledImport, count: Callable[[list[dict[str, str]]], int]
+) -> list[tuple[str, int, int]]:
+    """(request id, real tokens, the client's estimate) of every request the import rendered (kept for
+    training or not: the context a model needs is their maximum)."""
+    return [
         (f"{incident}:{request.label}", count(request.messages), request.estimated_tokens)
         for incident, request in imported.rendered
     ]
-    return RequestFit.of(imported.profile.name, imported.profile.max_tokens, sizes)

@@ -15,11 +15,19 @@ The request plan:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 
 from trainer.prompts.evidence import DigestItem, digest, mean_confidence, parse_evidence
-from trainer.prompts.profile import ClientRequest, IncidentFacts, Reducer, RequestKind, estimate_tokens
+from trainer.prompts.profile import (
+    ClientRequest,
+    IncidentFacts,
+    ReadRequest,
+    Reducer,
+    RequestKind,
+    estimate_tokens,
+)
 
 PROMPT_VERSION = "alert-summary-v2"
 VERSION_LINE = f"- Prompt version: {PROMPT_VERSION}"
@@ -77,6 +85,9 @@ REDUCTION_RULES = (
     f"{VERSION_LINE}"
 )
 NO_EVIDENCE = "- No evidence details were available."
+_VERSION = re.compile(r"^\s*-\s*Prompt version:\s*(\S+)\s*$", re.MULTILINE)
+_METADATA = re.compile(r"^- ([A-Za-z][A-Za-z ]{1,40}): (.*)$", re.MULTILINE)
+_CHUNK = re.compile(r"^(\d+)/(\d+)$")
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -245,3 +256,26 @@ class AlertSummaryProfile:
         if kind == "final":
             return ("one_paragraph", "plain_text", "gives_verdict", "states_risk", "names_source_ip")
         return ("one_paragraph", "plain_text", "no_verdict")
+
+    def read_request(self, messages: Sequence[dict[str, str]]) -> ReadRequest | str:
+        """A final or reduction request of this version, read by its section headers, its metadata
+        lines and its version line."""
+        user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), None)
+        if user is None:
+            return "no user message"
+        versions = _VERSION.findall(user)
+        if not versions or versions[-1] != PROMPT_VERSION:
+            found = versions[-1] if versions else "none"
+            return f"prompt version {found}, not {PROMPT_VERSION}"
+        fields = dict(_METADATA.findall(user))
+        incident = fields.get("Alert ID", "").strip()
+        source = fields.get("Source IP", "").strip().split(" ")[0]  # Slips may add "(hostname)"
+        if "INCIDENT METADATA:" not in user or not incident or not source:
+            return "no INCIDENT METADATA with an Alert ID and a Source IP"
+        if "CURRENT ALERT EVIDENCE DIGEST:" in user:
+            return ReadRequest("final", "final", incident, source)
+        chunk = _CHUNK.match(fields.get("Chunk", "").strip())
+        layer = fields.get("Reduction layer", "").strip()
+        if "EVIDENCE SUBSET:" in user and chunk and layer.isdigit():
+            return ReadRequest("reduction", f"reduce-L{layer}-{chunk[1]}of{chunk[2]}", incident, source)
+        return "neither a final request (CURRENT ALERT EVIDENCE DIGEST) nor a reduction (EVIDENCE SUBSET)"

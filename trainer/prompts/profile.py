@@ -47,6 +47,17 @@ class ClientRequest:
 Reducer = Callable[[ClientRequest, IncidentFacts], str]
 
 
+@dataclass(frozen=True)
+class ReadRequest:
+    """What a profile reads back from a request the client really sent (a captured one)."""
+
+    kind: RequestKind
+    label: str
+    #: The client's alert or incident id: every request of one alert lands on one side of the split.
+    incident_id: str
+    source_ip: str
+
+
 class PromptProfile(Protocol):
     """A client's request builder and its output contract."""
 
@@ -70,6 +81,11 @@ class PromptProfile(Protocol):
 
     def checks(self, kind: RequestKind) -> tuple[str, ...]:
         """The contract checks an answer to a request of ``kind`` must pass (trainer.prompts.contract)."""
+        ...
+
+    def read_request(self, messages: Sequence[dict[str, str]]) -> ReadRequest | str:
+        """Recognise a request of this profile's format (the client's own wording may differ from this
+        project's rendering, so the format's fixed parts are what is read); why not, as a string."""
         ...
 
 

@@ -5,7 +5,18 @@ name for that framing."""
 
 from __future__ import annotations
 
-from trainer.prompts.profile import ClientRequest, IncidentFacts, Reducer, RequestKind, estimate_tokens
+import hashlib
+import re
+from collections.abc import Sequence
+
+from trainer.prompts.profile import (
+    ClientRequest,
+    IncidentFacts,
+    ReadRequest,
+    Reducer,
+    RequestKind,
+    estimate_tokens,
+)
 
 PROFILE_NAME = "risk-v1"
 MAX_WORDS = 3500
@@ -17,6 +28,7 @@ INSTRUCTION = (
     "ending with the risk level.\n\n"
 )
 CUT_MARKER = "\n[... incident cut at {kept} of {total} words ...]"
+_SOURCE = re.compile(r"Source IP:\s*([0-9A-Fa-f.:]+)")
 
 
 class RiskProfile:
@@ -43,3 +55,13 @@ class RiskProfile:
     def checks(self, kind: RequestKind) -> tuple[str, ...]:
         """The risk answer is a Markdown report by this framing; it must state a risk level."""
         return ("states_risk",)
+
+    def read_request(self, messages: Sequence[dict[str, str]]) -> ReadRequest | str:
+        """The one user turn starting with the instruction; the incident text carries no id, so the
+        request is its own group (named by its hash)."""
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        if len(users) != 1 or not users[0].startswith(INSTRUCTION):
+            return f"not a {PROFILE_NAME} request (one user turn starting with its instruction)"
+        source = _SOURCE.search(users[0])
+        group = hashlib.sha256(users[0].encode()).hexdigest()[:16]
+        return ReadRequest("final", "final", group, source[1] if source else "")
