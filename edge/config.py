@@ -203,7 +203,8 @@ class CaptureSettings(ConfigModel):
     (docs/operations.md): alert data from the customer's network, so off unless turned on."""
 
     enabled: bool = False
-    #: The model names or aliases whose requests are captured (empty: every model).
+    #: Whose requests are captured (empty: every model's): a model's name catches every request it
+    #: answers, an alias (``[api] aliases``) only the requests that ask for that alias.
     models: Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=16)] = []
     #: The share of answered requests captured, drawn per request.
     sample_rate: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -215,6 +216,9 @@ class CaptureSettings(ConfigModel):
     redact: list[RedactionKind] = []
     #: After a write failed (a full disk), capture rests this long before trying again.
     pause_after_error_s: Annotated[float, Field(ge=1, le=86400)] = 300.0
+    #: Where the captures are kept (None: capture.db in the state directory); a partition of their own
+    #: keeps a full capture disk away from the model store.
+    file: ConfigPath | None = None
 
     @property
     def max_bytes(self) -> int:
@@ -263,7 +267,7 @@ class EdgeConfig(ConfigModel):
     @property
     def capture_file(self) -> Path:
         """The captured exchanges (a database of its own: its budget and purges never touch state.db)."""
-        return self.store.state_dir / "capture.db"
+        return self.capture.file or self.store.state_dir / "capture.db"
 
 
 def detect_cpu_arch() -> str:

@@ -328,8 +328,9 @@ class Generation:
         done: WorkerEvent | None = None
         status = 499  # until proven otherwise: the consumer stopped early
         capture = self._serving.capture
+        # The model's own name catches all its requests; an alias only those that asked for it.
         captured = capture is not None and capture.wants(
-            [*filter(None, [self._asked.model_name]), *self.model.names()]
+            [*filter(None, [self._asked.model_name]), self.model.name]
         )
         parts: list[str] = []
         try:

@@ -65,8 +65,8 @@ class CaptureRecorder:
         return self._clock() < self._paused_until
 
     def wants(self, names: Iterable[str]) -> bool:
-        """Whether a request that reached the model under ``names`` (its requested name, the model's
-        name and aliases) is captured: enabled, one of the configured models, drawn, not paused."""
+        """Whether a request known by ``names`` (the name it asked for, the answering model's name) is
+        captured: enabled, one of them configured (or none configured), drawn, not paused."""
         if not self.settings.enabled or self.paused:
             return False
         if self._models and self._models.isdisjoint(names):

@@ -23,8 +23,11 @@ _MAC = re.compile(
     r"(?<![0-9A-Fa-f:-])[0-9A-Fa-f]{2}(?:([:-])[0-9A-Fa-f]{2})(?:\1[0-9A-Fa-f]{2}){4}(?![0-9A-Fa-f:-])"
 )
 #: Candidates only: each is checked by the ipaddress module (times such as 10:00:00 are not addresses).
-_IPV6 = re.compile(r"(?<![0-9A-Fa-f:.])(?=[0-9A-Fa-f:.]*:[0-9A-Fa-f.]*:)[0-9A-Fa-f:.]{2,45}(?![0-9A-Fa-f:.])")
-_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+_IPV6 = re.compile(
+    r"(?<![0-9A-Fa-f:.])(?=[0-9A-Fa-f:.]*:[0-9A-Fa-f.]*:)[0-9A-Fa-f:.]{1,44}[0-9A-Fa-f:](?![0-9A-Fa-f:]|\.\d)"
+)
+#: A sentence may end right after an address ("... from 10.0.0.5."): only a digit or ".digit" extends it.
+_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\d|\.\d)")
 
 
 def _ipv4(base: str) -> Callable[[int], str]:
