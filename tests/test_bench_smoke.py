@@ -93,3 +93,10 @@ def test_quant_speed_bench_measures_every_pi5_candidate() -> None:
     result = _bench(command)
     for quant in ("q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_1", "q5_0"):
         assert f"\n{quant} | " in result.stdout, result.stdout
+
+
+def test_capture_cost_bench_compares_capture_on_and_off() -> None:
+    command = [sys.executable, "-m", "bench.capture_cost", "--requests", "1", "--max-tokens", "4"]
+    result = _bench([*command, "--max-estimate", "700"])
+    assert "median TTFT (ms)" in result.stdout, result.stdout
+    assert "captured: 2 stored, 0 dropped" in result.stdout, result.stdout

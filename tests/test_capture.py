@@ -230,7 +230,8 @@ def test_slips_requests_are_captured_redacted_pulled_once_and_deduplicated(site:
     for archived in exchanges:
         exchange = archived.exchange
         assert exchange.requested_model == "slips" and exchange.model_name == served.name
-        assert served.key and exchange.model_serial == served.key[1] and exchange.model_sha256 == served.sha256
+        assert served.key and exchange.model_serial == served.key[1]
+        assert exchange.model_sha256 == served.sha256
         assert exchange.prompt_version == "alert-summary-v2" and exchange.redacted == ["ipv4", "mac"]
         assert exchange.max_tokens == 12 and exchange.temperature == 0.2 and exchange.prompt_tokens > 0
         assert [s.device for s in archived.sightings] == [CAPTURING]

@@ -71,6 +71,8 @@ class CaptureStore:
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
         # Before the first table: deleted exchanges give their pages back to the file system.
         self._conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        # A capture lost to a power cut costs nothing; an fsync per request would cost the Pi's SD card.
+        self._conn.execute("PRAGMA synchronous=OFF")
         self._conn.executescript(_SCHEMA)
         if self._meta("store_id") is None:
             self._new_identity()
