@@ -71,7 +71,7 @@ class EdgeDaemon:
             self.reconciler,
             control.reporter,
             control.clock_skew,
-            CaptureCommands(config.capture, self.capture),
+            CaptureCommands(config.capture, self.capture, self.data.capture if self.data else None),
         )
         offline = DeviceStatus(
             device_id=self.device_id,

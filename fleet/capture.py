@@ -228,7 +228,9 @@ def status(
         r = answer.result
         table.add_row(
             target,
-            "[green]on[/]" if r.get("capture_enabled") else "off",
+            ("[yellow]paused[/]" if r.get("capture_paused") else "[green]on[/]")
+            if r.get("capture_enabled")
+            else "off",
             str(r.get("capture_records", 0)),
             f"{int(r.get('capture_bytes') or 0) / 1024:.0f}",
             str(r.get("capture_oldest_at") or "-"),

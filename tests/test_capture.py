@@ -387,6 +387,8 @@ def test_a_full_disk_stops_capture_and_serving_goes_on(site: Site, full_disk: Pa
             assert site.chat("pi-full", _incident_messages(200 + number)).status_code == 200
         assert recorder.drain()
         assert recorder.counts.failed >= 1 and recorder.counts.stored == 0
+        status = json.loads(site.cli("status", "--device", "pi-full", "--json").stdout)["pi-full"]
+        assert status["capture_failed"] >= 1 and status["capture_stored"] == 0
         # Space again: after its pause, capture resumes by itself.
         filler.unlink()
         wait_until(lambda: not recorder.paused, 10, "the capture pause over")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+from edge.capture.recorder import CaptureRecorder
 from edge.capture.store import CaptureStore, utc
 from edge.config import CaptureSettings
 from shared.capture import CaptureChunk, CapturePullAction, CapturePurgeAction
@@ -26,9 +27,12 @@ def open_capture_store(settings: CaptureSettings, path: Path) -> CaptureStore | 
 class CaptureCommands:
     """Answers the capture commands from ``store`` (None: this device never captured)."""
 
-    def __init__(self, settings: CaptureSettings, store: CaptureStore | None) -> None:
+    def __init__(
+        self, settings: CaptureSettings, store: CaptureStore | None, recorder: CaptureRecorder | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.recorder = recorder
 
     def status(self) -> dict[str, ResultValue]:
         """What is held, and how capture is configured."""
@@ -37,6 +41,15 @@ class CaptureCommands:
             "capture_redact": ",".join(self.settings.redact),
             "capture_max_bytes": self.settings.max_bytes,
         }
+        if self.recorder is not None:  # since the daemon started: what a full disk or a slow writer cost
+            counts = self.recorder.counts
+            result |= {
+                "capture_paused": self.recorder.paused,
+                "capture_stored": counts.stored,
+                "capture_dropped": counts.dropped,
+                "capture_failed": counts.failed,
+                "capture_too_large": counts.too_large,
+            }
         if self.store is None:
             return result | {"capture_records": 0, "capture_bytes": 0}
         held = self.store.held()
