@@ -147,16 +147,23 @@ def watch(
     config: ConfigOption = DEFAULT_FLEET_CONFIG,
     group: GroupOption = None,
     interval: Annotated[float, typer.Option(help="Refresh period, seconds.")] = 2.0,
+    count: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many refreshes (default: until Ctrl-C).")
+    ] = None,
 ) -> None:
     """The status table, live (Ctrl-C to stop)."""
     settings = fleet_settings(config)
     with FleetClient(settings) as client, Live(console=console, auto_refresh=False) as live:
+        client.settle()  # the retained statuses first, so the first table is not empty
+        refreshes = 0
         try:
-            while True:
+            while count is None or refreshes < count:
                 live.update(
                     device_table(status_rows(client, group), f"fleet {settings.fleet} (live)"), refresh=True
                 )
-                time.sleep(interval)
+                refreshes += 1
+                if count is None or refreshes < count:
+                    time.sleep(interval)
         except KeyboardInterrupt:
             pass
 

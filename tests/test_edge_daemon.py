@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -306,6 +308,42 @@ def test_a_command_delivered_twice_is_answered_once(config_file, observer, fleet
             answers += [body] if received == twice else []
         assert [a["ok"] for a in answers] == [True]
         assert daemon.control.audit.counts()[("command", "replayed")] == 1  # audited, not answered
+
+
+def test_answers_go_only_to_an_operator_response_topic_of_the_devices_own_fleet(
+    config_file, mqtt_broker, observer, fleet_keys
+) -> None:
+    """A command cannot make the device publish elsewhere: a response topic of another fleet, another
+    kind of topic or a topic outside the tree gets no answer (the command still runs)."""
+    elsewhere = [
+        "immune-edge/v1/other-fleet/operator/op-1/response",
+        f"{TOPICS.base}/device/{DEVICE}/status",
+        "somewhere/else",
+    ]
+    spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="spy", protocol=mqtt.MQTTv5)
+    seen: list[str] = []
+    subscribed = threading.Event()
+    spy.on_message = lambda _c, _u, message: seen.append(message.topic)
+    spy.on_subscribe = lambda *args: subscribed.set()
+    spy.connect(mqtt_broker.host, mqtt_broker.port)
+    spy.loop_start()
+    spy.subscribe([(topic, 1) for topic in elsewhere[::2]])
+    assert subscribed.wait(10)
+    try:
+        with running_daemon(config_file):
+            for topic in elsewhere:
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.ResponseTopic, properties.CorrelationData = topic, secrets.token_bytes(8)
+                envelope = sign_command([fleet_keys.operator], {"action": "status"})
+                observer.client.publish(TOPICS.command(DEVICE), envelope, qos=1, properties=properties)
+            # Answers leave the device in order: once a later command is answered, the earlier would be too.
+            marker = observer.command(sign_command([fleet_keys.operator], {"action": "status"}))
+            assert marker["ok"] is True
+    finally:
+        spy.loop_stop()
+        spy.disconnect()
+    assert seen == []
+    assert not [status for status in observer.statuses if "ok" in status]  # no answer on the status topic
 
 
 def test_commands_are_authenticated(config_file, observer, fleet_keys) -> None:

@@ -220,6 +220,12 @@ def test_canary_failing_its_health_gate_halts_the_rollout(fleet: Fleet) -> None:
     assert again.returncode == 1 and "halted" in again.stderr
 
 
+def test_watch_shows_every_device_and_stops_after_its_count(fleet: Fleet) -> None:
+    watched = fleet.cli("watch", "--group", GROUP, "--interval", "0.2", "--count", "3", timeout=120)
+    assert watched.returncode == 0, watched.stderr
+    assert "(live)" in watched.stdout and all(device in watched.stdout for device in DEVICES), watched.stdout
+
+
 def test_pin_blocks_a_rollout_and_unpin_releases(fleet: Fleet) -> None:
     pinned = fleet.cli("pin", "--device", "pi-c", "--json")
     assert pinned.returncode == 0, pinned.stderr
