@@ -25,6 +25,8 @@ from tests.harness.edge import (
     write_edge_config,
 )
 from tests.harness.load import ALERT_PROMPT, LoadClients
+from tests.harness.logwatch import watching
+from tests.harness.pi5 import Pi5Tree
 
 SMOL_RUNTIME = {"chat_format": "chatml", "n_ctx": 2048, "stop": ["<|im_end|>"]}
 GEMMA_RUNTIME = {"chat_format": "gemma", "n_ctx": 2048, "stop": ["<end_of_turn>"]}
@@ -276,3 +278,22 @@ def test_a_model_that_slows_down_during_the_trial_rolls_back(
         assert f"floor {floor}" in end["reason"], end
         assert daemon.data.router.active.key == ("stable", 1)
         assert daemon.control.ledger.current().serial == 1
+
+
+def test_auto_swap_keeps_the_old_model_serving_only_when_memory_allows(
+    tmp_path, mqtt_broker, fleet_keys, fleet
+) -> None:
+    """``swap = "auto"`` reads MemAvailable at each swap: too little for both workers (with the headroom)
+    means requests wait while the new model loads; enough means the old one serves meanwhile."""
+    options = ServingOptions(swap="auto", mem_available_mb=300)
+    config = _config(tmp_path, mqtt_broker, fleet_keys, options)
+    pi = Pi5Tree(tmp_path / "device")
+    held = "not enough RAM for two workers"
+    with watching("edge.runtime.serving") as log, running_daemon(config):
+        assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
+        assert fleet.deploy(fleet.envelope("gemma", 2))["state"] == "committed"
+        assert log.count(held) == 1  # 300 MiB free: Gemma cannot load beside SmolLM2
+        pi.set_mem_available(6000)
+        assert fleet.deploy(fleet.envelope("smol", 3))["state"] == "committed"
+        assert log.count(held) == 1  # plenty now: no hold
+        assert log.count("now serving slips-summary-smol#3") == 1
