@@ -104,3 +104,27 @@ def test_a_prompt_slower_than_the_token_timeout_is_bounded_by_the_request_deadli
     finally:
         resume.join()
     assert events[-1].type == "done"
+
+
+def test_threads_are_measured_at_load_within_what_the_process_may_use(smollm2_model):
+    """No thread counts configured: the worker measures them at load, among the counts the CPUs it may
+    run on allow (one CPU: one thread), keeping a configured prompt-thread count as given."""
+    import os
+
+    allowed = os.sched_getaffinity(0)
+    handles = []
+    try:
+        os.sched_setaffinity(0, {min(allowed)})  # the spawned worker inherits it
+        one = WorkerHandle(LoadSpec(model_path=str(smollm2_model), n_ctx=512), "one-cpu").start()
+        handles.append(one)
+        os.sched_setaffinity(0, allowed)
+        spec = LoadSpec(model_path=str(smollm2_model), n_ctx=512, n_threads_batch=1)
+        every = WorkerHandle(spec, "every-cpu").start()
+        handles.append(every)
+    finally:
+        os.sched_setaffinity(0, allowed)
+        for handle in handles:
+            handle.stop()
+    assert (one.n_threads, one.n_threads_batch) == (1, 1)
+    assert 1 <= every.n_threads <= len(allowed) and every.n_threads_batch == 1
+    assert one.tuned_threads == (1, 1)
