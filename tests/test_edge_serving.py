@@ -27,6 +27,7 @@ from tests.harness.edge import (
 from tests.harness.load import ALERT_PROMPT, LoadClients
 from tests.harness.logwatch import watching
 from tests.harness.pi5 import Pi5Tree
+from tests.harness.waiting import wait_until
 
 SMOL_RUNTIME = {"chat_format": "chatml", "n_ctx": 2048, "stop": ["<|im_end|>"]}
 GEMMA_RUNTIME = {"chat_format": "gemma", "n_ctx": 2048, "stop": ["<end_of_turn>"]}
@@ -297,3 +298,31 @@ def test_auto_swap_keeps_the_old_model_serving_only_when_memory_allows(
         assert fleet.deploy(fleet.envelope("smol", 3))["state"] == "committed"
         assert log.count(held) == 1  # plenty now: no hold
         assert log.count("now serving slips-summary-smol#3") == 1
+
+
+def test_a_worker_that_keeps_crashing_is_restarted_with_growing_back_off(
+    tmp_path, mqtt_broker, fleet_keys, fleet
+) -> None:
+    """Restarts wait 0, 1, 3... s after the first, second, third crash within crash_window_s, so a model
+    that crashes at once is not restarted in a tight loop. The wait is a lower bound (nothing can restart
+    it sooner), never an upper one."""
+    options = ServingOptions()
+    with (
+        watching("edge.runtime.serving") as log,
+        running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon,
+    ):
+        assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
+        router = daemon.data.router
+        waited = []
+        for crash in range(1, 4):
+            pid = router.active.worker.pid
+            killed = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            log.wait_for(f"({crash} crashes recently)", timeout=30)
+            wait_until(
+                lambda old=pid: router.active.worker.pid != old and router.active.worker.alive, 120, "restart"
+            )
+            waited.append(time.monotonic() - killed)
+        assert waited[2] >= 3.0, waited  # 2 ** (3 - 1) - 1 seconds after the third crash, at least
+        assert "immune_edge_worker_restarts_total 3.0" in httpx.get(f"{options.base_url}/metrics").text
+        assert _ask(options.base_url).status_code == 200
