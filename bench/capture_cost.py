@@ -36,6 +36,8 @@ from trainer.prompts.alert_summary import AlertSummaryProfile
 
 console = Console(width=140)
 PROFILE = RuntimeProfile(chat_format="chatml", n_ctx=4096)
+
+
 def slips_requests(count: int, max_estimate: int) -> list[list[dict[str, str]]]:
     """The final requests Slips would send for the first ``count`` real incidents whose request is at
     most ``max_estimate`` tokens in Slips' estimate."""

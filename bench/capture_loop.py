@@ -2,14 +2,17 @@
 with ``[capture]`` on (IPv4 and MAC addresses redacted) -> a Slips-style client sending alert-summary-v2
 requests for real incidents over Ollama's API, as Slips' ollama provider does -> `immune-fleet capture
 pull` over the signed command channel -> `immune-train prepare --from-capture` -> `immune-train distill`
-by a local teacher (`immune-edge serve` on a GGUF, OpenAI API) -> a few `finetune` steps -> `export`
+by a local teacher over the OpenAI API -> a few `finetune` steps -> `export`
 -> `eval` -> `publish` to the same device, which commits the new model -> the client's next request.
 
 The client renders Slips' format with its budgets scaled down (``--budget``, default 1,200 estimated
 tokens for the final request and 900 for a reduction, against Slips' 3,200 and 2,400): the real
 incidents then need reduction layers, so both request kinds are captured, and every prompt fits a small
-model's context. What a teacher of 135M parameters gets past the contract is what there is to train on:
-the figures say how much that was.
+model's context.
+
+The teacher: by default bench/replay_teacher.py, which answers each request the way the dataset's GPT-4o
+teachers analysed that incident, composed to the output rules (no GPT-4o is reachable from here, and a
+135M model as teacher passes none of the contract: `--teacher FILE.gguf` serves one to see that).
 
 Run: .venv/bin/python -m bench.capture_loop [--incidents 10] [--teacher FILE.gguf] [--steps 4]
 Results: OUT/results.json (default capture-loop-out/).
@@ -23,11 +26,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.replay_teacher import replay_teacher
 from shared.signing import generate_key, write_private_key
 from shared.signing.keyring import Keyring, Role, Thresholds, TrustedKey
 from tests.harness.artifact_server import ArtifactServer
@@ -123,6 +129,18 @@ class SlipsClient:
         self.ask(final)
 
 
+@contextmanager
+def _teacher(which: str, out: Path) -> Iterator[tuple[str, str]]:
+    """(URL, model name) of the teacher for the block."""
+    if which == "replay":
+        with replay_teacher(smollm2_gguf()) as url:
+            yield url, "gpt-4o-replay"
+        return
+    gguf = Path(which)
+    with serving(gguf, out / "teacher.sock", "--n-ctx", "4096", "--threads", "2") as server:
+        yield server.base, gguf.stem
+
+
 def step(results: dict[str, Any], name: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
     """One CLI step, timed; its output goes to the results."""
     started = time.monotonic()
@@ -149,7 +167,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "capture-loop-out")
     parser.add_argument("--incidents", type=int, default=10)
     parser.add_argument("--budget", type=int, default=1200, help="the client's final-request budget")
-    parser.add_argument("--teacher", type=Path, default=None, help="the teacher's GGUF (default: SmolLM2)")
+    parser.add_argument(
+        "--teacher",
+        default="replay",
+        help="'replay' (bench/replay_teacher.py) or a GGUF to serve as the teacher",
+    )
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     out: Path = args.out.resolve()
@@ -206,10 +228,9 @@ def main() -> None:
                  "alert-summary-v2", "--tokenizer", base, "--output", data, "--eval-fraction", "0.2",
                  "--max-tokens", "2048")  # fmt: skip
             results["prepare"] = json.loads((data / "stats.json").read_text())["records"]
-            teacher = args.teacher or base
-            with serving(teacher, out / "teacher.sock", "--n-ctx", "4096", "--threads", "2") as server_:
+            with _teacher(args.teacher, out) as (teacher_url, teacher_model):
                 report = step(results, "distill", "immune-train", "distill", data, "--output", distilled,
-                              "--teacher", server_.base, "--teacher-model", teacher.stem,
+                              "--teacher", teacher_url, "--teacher-model", teacher_model,
                               "--concurrency", "1")  # fmt: skip
             results["distill"] = report.stdout[-3000:]
             written = sum(1 for line in (distilled / "train.jsonl").read_text().splitlines() if line.strip())

@@ -357,7 +357,7 @@ class Generation:
             self._close(status, done)
 
     def _captured(self, parts: list[str], done: WorkerEvent) -> dict[str, object]:
-        """The fields of the CapturedExchange this request makes (built on the recorder's thread)."""
+        """The fields of the CapturedExchange this request makes (validated on the recorder's thread)."""
         model, request, asked = self.model, self.request, self._asked
         return {
             "at": datetime.now(UTC),
