@@ -85,7 +85,7 @@ pi-wheels: venv arm64-deps
 
 ## The device on emulated arm64: wheelhouse, role converge (chroot), serve, delivery, doctor (about 17 minutes).
 arm64-check: venv trainer-deps arm64-deps
-	$(PY) -m pytest tests/test_arm64.py
+	$(PY) -m pytest -rP tests/test_arm64.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -213,10 +213,10 @@ def main() -> None:
             for incident in incidents(args.incidents):
                 client.summarise(incident)
             results["steps"].append({"step": "slips client", "wall_s": round(time.monotonic() - started, 1)})
-            results["client"] = client.sent
+            results["client"] = list(client.sent)
             recorder = daemon.data.capture  # type: ignore[union-attr]
             recorder.drain()  # type: ignore[union-attr]
-            results["captured_on_device"] = recorder.counts.__dict__  # type: ignore[union-attr]
+            results["captured_on_device"] = dict(recorder.counts.__dict__)  # type: ignore[union-attr]
 
             # 2. The operator pulls; 3. the trainer prepares and distills; 4. trains, exports, evaluates.
             archive = out / "archive.db"

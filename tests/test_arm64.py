@@ -282,8 +282,8 @@ def test_the_greedy_answer_to_a_slips_prompt_is_the_same_on_aarch64_and_x86_64(
     native = _answer(native_serve, port, 120, native_log)
     emulated_serve = ["chroot", str(fleet.device), f"{VENV}/bin/immune-edge"]
     with Chroot(fleet.device):  # the mounts serve needs inside the root, for as long as it runs
-        process = _serve(emulated_serve, port, f"/srv/models/{smollm2_model.name}", emulated_log, 900)
-        emulated = _answer(process, port, 900, emulated_log)
+        process = _serve(emulated_serve, port, f"/srv/models/{smollm2_model.name}", emulated_log, 1800)
+        emulated = _answer(process, port, 1800, emulated_log)
     native_text = native["choices"][0]["message"]["content"]  # type: ignore[index]
     emulated_text = emulated["choices"][0]["message"]["content"]  # type: ignore[index]
     print(f"x86_64 ({native['seconds']:.1f} s): {native_text!r}")  # noqa: T201 (figures for docs/benchmarks.md)
