@@ -34,6 +34,7 @@ from tests.harness.edge import (
     write_edge_config,
 )
 from tests.harness.logwatch import watching
+from tests.harness.net import free_port
 
 FORWARD = ["queued", "downloading", "verifying", "staged", "activating", "trial", "committed"]
 
@@ -573,3 +574,24 @@ def test_stored_bytes_are_checked_against_the_manifest_before_they_go_live(
         assert failed["reason"].startswith("store-corrupt"), failed
         assert (committed["serial"], committed["state"]) == (4, "committed"), committed
         assert store.blob_path(digest(data1)).read_bytes() == data1
+
+
+def test_a_broker_it_cannot_reach_is_logged_not_kept_quiet(tmp_path, fleet_keys) -> None:
+    """Bug (the emulated arm64 check: a root without /etc/hosts, so "localhost" did not resolve): the
+    daemon retried its broker connection for minutes and logged nothing about it."""
+    from edge.config import EdgeConfig
+    from edge.daemon import EdgeDaemon
+    from shared.config import load_config
+
+    dead = type("Dead", (), {"host": "127.0.0.1", "port": free_port()})()
+    config = write_edge_config(tmp_path / "device", dead, fleet_keys.keyring())  # type: ignore[arg-type]
+    daemon = EdgeDaemon(load_config(config, EdgeConfig))
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    with watching("edge.mqtt.agent") as log:
+        thread.start()
+        try:
+            log.wait_for(f"cannot connect to the broker at 127.0.0.1:{dead.port}", timeout=30)
+        finally:
+            daemon.stop()
+            thread.join(30)
+    assert not thread.is_alive()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 from collections import deque
@@ -73,11 +74,14 @@ class MqttAgent:
         self.subscribed = threading.Event()
         self._pump: threading.Thread | None = None
         self._direct: deque[tuple[str, bytes]] = deque(maxlen=direct_backlog)
+        #: Connection attempts failed since the last success (the 1st, 2nd, 4th, 8th... are logged).
+        self._failed_attempts = 0
 
         client = mqtt_client(settings, client_id)
         client.will_set(will[0], will[1], qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=60)
         client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
@@ -132,6 +136,22 @@ class MqttAgent:
         self.client.loop_stop()
 
     # -- paho callbacks (network thread) -----------------------------------------------------
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        """paho retries on its own and says nothing: say it, without a line per retry."""
+        self._failed_attempts += 1
+        attempts = self._failed_attempts
+        if attempts & (attempts - 1):  # logged at 1, 2, 4, 8... failures
+            return
+        host, port = self.settings.host, self.settings.port
+        try:
+            socket.getaddrinfo(host, port)
+            why = "no answer or refused"
+        except OSError as exc:
+            why = f"the name does not resolve: {exc}"
+        log.warning(
+            "cannot connect to the broker at %s:%d (%s; %d attempt(s)); retrying", host, port, why, attempts
+        )
+
     def _handle_connect(
         self,
         client: mqtt.Client,
@@ -145,6 +165,7 @@ class MqttAgent:
                 "broker %s:%d refused the connection: %s", self.settings.host, self.settings.port, reason_code
             )
             return
+        self._failed_attempts = 0
         log.info(
             "connected to %s:%d (session present: %s)",
             self.settings.host,

@@ -122,9 +122,14 @@ def copy_root(source: Path, dest: Path) -> Path:
     return dest
 
 
+#: The /etc/hosts every Debian system has, without which "localhost" does not resolve.
+HOSTS = "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"
+
+
 class Chroot:
-    """A root with /proc, /dev and /sys mounted, the host's DNS and CA bundle copied in; ``run`` executes
-    a command inside it. Use as a context manager: the mounts go when the block ends."""
+    """A root with /proc, /dev and /sys mounted, the host's DNS and CA bundle copied in (and an /etc/hosts
+    when it has none); ``run`` executes a command inside it. Use as a context manager: the mounts go when
+    the block ends."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -146,6 +151,9 @@ class Chroot:
                 raise EmulationError(f"cannot mount {source} on {point}")
             self._mounted.append(point)
         shutil.copyfile("/etc/resolv.conf", self.root / "etc/resolv.conf")
+        hosts = self.root / "etc/hosts"
+        if not hosts.exists():  # debootstrap's minbase writes none; Raspberry Pi OS ships one
+            hosts.write_text(HOSTS)
         if HOST_CA_BUNDLE.exists():
             # Some networks intercept TLS with their own CA; pip inside trusts what the host trusts.
             shutil.copyfile(HOST_CA_BUNDLE, self.root / ROOT_CA_BUNDLE.lstrip("/"))
