@@ -115,12 +115,9 @@ class SlipsClient:
         started = time.monotonic()
         reply = httpx.post(f"{self.base_url}/api/chat", json=body, timeout=900)
         answer = reply.json().get("message", {}).get("content", "") if reply.status_code == 200 else ""
+        seconds = round(time.monotonic() - started, 1)
         self.sent.append(
-            {
-                "kind": request.kind,
-                "status": reply.status_code,
-                "seconds": round(time.monotonic() - started, 1),
-            }
+            {"kind": request.kind, "status": reply.status_code, "seconds": seconds, "answer": answer}
         )
         return answer or "no answer"
 
