@@ -169,7 +169,7 @@ def main() -> None:
         default="replay",
         help="'replay' (bench/replay_teacher.py) or a GGUF to serve as the teacher",
     )
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="finetune steps (0: stop after distill)")
     args = parser.parse_args()
     out: Path = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
@@ -234,32 +234,33 @@ def main() -> None:
             results["distilled_train_records"] = written
             if written == 0:
                 raise SystemExit(f"the teacher's answers all failed the contract:\n{report.stdout}")
-            config = out / "train.toml"
-            config.write_text(
-                TRAIN_TOML.format(base=base, train=distilled / "train.jsonl", run=run, steps=args.steps)
-            )
-            step(results, "finetune", "immune-train", "finetune", "--config", config)
-            step(results, "export", "immune-train", "export", run, "--quant", "q4_k_m")
-            held_out = distilled / "eval.jsonl"
-            if not held_out.read_text().strip():
-                held_out = distilled / "train.jsonl"  # too few answers passed to hold any out
-            step(results, "eval", "immune-train", "eval", run / "gguf", "--data", held_out, "--quant",
-                 "q4_k_m", "--ppl-records", "4", "--task-records", "4", "--threads", "2")  # fmt: skip
+            if args.steps > 0:  # 0: the smoke, up to distill (training is tested on its own)
+                config = out / "train.toml"
+                config.write_text(
+                    TRAIN_TOML.format(base=base, train=distilled / "train.jsonl", run=run, steps=args.steps)
+                )
+                step(results, "finetune", "immune-train", "finetune", "--config", config)
+                step(results, "export", "immune-train", "export", run, "--quant", "q4_k_m")
+                held_out = distilled / "eval.jsonl"
+                if not held_out.read_text().strip():
+                    held_out = distilled / "train.jsonl"  # too few answers passed to hold any out
+                step(results, "eval", "immune-train", "eval", run / "gguf", "--data", held_out, "--quant",
+                     "q4_k_m", "--ppl-records", "4", "--task-records", "4", "--threads", "2")  # fmt: skip
 
-            # 5. Published to the device that captured; the client asks again.
-            publish = write_publish_config(
-                out / "publish.toml", FLEET, [out / "trainer.key"], out / "keyring.json", broker.host,
-                broker.port, server.root, server.base_url,
-            )  # fmt: skip
-            ends = len(observer.terminal_events())
-            step(results, "publish", "immune-train", "publish", run / "gguf", "--config", publish, "--name",
-                 "slips/smollm2-135m-capture:q4_k_m", "--quant", "q4_k_m", "--arch", HOST_ARCH,
-                 "--run-dir", run, "--base-model", "SmolLM2-135M-Instruct")  # fmt: skip
-            results["deployment"] = observer.wait_terminal(ends + 1, timeout=600)[-1]
-            client.sent.clear()
-            client.summarise(incidents(args.incidents + 1)[-1])
-            results["after_publish"] = client.sent
-            results["served"] = daemon.data.router.active.name  # type: ignore[union-attr]
+                # 5. Published to the device that captured; the client asks again.
+                publish = write_publish_config(
+                    out / "publish.toml", FLEET, [out / "trainer.key"], out / "keyring.json", broker.host,
+                    broker.port, server.root, server.base_url,
+                )  # fmt: skip
+                ends = len(observer.terminal_events())
+                step(results, "publish", "immune-train", "publish", run / "gguf", "--config", publish,
+                     "--name", "slips/smollm2-135m-capture:q4_k_m", "--quant", "q4_k_m", "--arch", HOST_ARCH,
+                     "--run-dir", run, "--base-model", "SmolLM2-135M-Instruct")  # fmt: skip
+                results["deployment"] = observer.wait_terminal(ends + 1, timeout=600)[-1]
+                client.sent.clear()
+                client.summarise(incidents(args.incidents + 1)[-1])
+                results["after_publish"] = client.sent
+                results["served"] = daemon.data.router.active.name  # type: ignore[union-attr]
         observer.close()
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "distill"}, indent=2, default=str))

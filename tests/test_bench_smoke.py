@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 #: Under pytest's own limit (pyproject.toml), so a bench that hangs fails with what it printed.
 BENCH_TIMEOUT_S = 270
@@ -100,3 +102,12 @@ def test_capture_cost_bench_compares_capture_on_and_off() -> None:
     result = _bench([*command, "--max-estimate", "700"])
     assert "median TTFT (ms)" in result.stdout, result.stdout
     assert "captured: 2 stored, 0 dropped" in result.stdout, result.stdout
+
+
+def test_capture_loop_bench_captures_pulls_prepares_and_distills() -> None:
+    command = [sys.executable, "-m", "bench.capture_loop", "--incidents", "1", "--steps", "0"]
+    out = Path(tempfile.mkdtemp()) / "loop"
+    _bench([*command, "--out", str(out)])
+    figures = json.loads((out / "results.json").read_text())
+    assert figures["pull"][0]["pulled"] == figures["captured_on_device"]["stored"] > 0, figures
+    assert figures["distilled_train_records"] + figures["prepare"]["eval"] > 0, figures
