@@ -41,6 +41,7 @@ from tests.harness.tiny_llama import build_tiny_llama
 from tests.harness.training import immune_train
 from tests.harness.waiting import wait_until
 from trainer.dataset.records import read_records
+from trainer.evaluate import captured_answers
 from trainer.prompts.alert_summary import AlertSummaryProfile
 from trainer.prompts.profile import IncidentFacts
 
@@ -330,6 +331,13 @@ def test_prepare_from_capture_keeps_every_alert_on_one_side_of_the_split(site: S
     assert not {r.group for r in train} & {r.group for r in held_out}
     assert {r.meta["request"] for r in train + held_out} == {"final", "reduction"}
     assert all(r.teacher == "device:" + r.meta["captured_models"] for r in train + held_out)
+    # The device model's own answers stay with each record: eval --baseline-captured scores them.
+    baseline = captured_answers(held_out)
+    assert (
+        len(baseline.tasks) == len(held_out)
+        and baseline.answers[0]["answer"] == held_out[0].meta["captured_answer"]
+    )
+    assert all(any(name.endswith("one_paragraph") for name in row) for row in baseline.tasks)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["records"]["captured"] == sent
     assert any("not a alert-summary-v2 request" in p for p in stats["problems"]), stats["problems"]

@@ -16,6 +16,7 @@ from shared.capture import CapturedExchange, CapturePurgeAction
 from trainer.dataset.captured import refuse_captured_answers
 from trainer.dataset.records import ChatMessage, ChatRecord
 from trainer.errors import TrainerError
+from trainer.evaluate import captured_answers
 
 
 class Clock:
@@ -156,3 +157,33 @@ def test_training_refuses_the_device_models_own_answers() -> None:
         refuse_captured_answers([record], Path("train.jsonl"))
     assert refused.value.reason == "undistilled-capture"
     refuse_captured_answers([record.model_copy(update={"teacher": "teacher-model"})], Path("train.jsonl"))
+
+
+def test_a_captured_baseline_needs_records_prepared_from_capture() -> None:
+    record = ChatRecord(
+        id="alert-summary-v2:x:final",
+        group="x",
+        task="slips-summary",
+        source="fixture",
+        meta={
+            "profile": "alert-summary-v2",
+            "request": "final",
+            "source_ip": "10.0.0.1",
+            "max_tokens": "220",
+        },
+        messages=[ChatMessage(role="user", content="q"), ChatMessage(role="assistant", content="a")],
+    )
+    with pytest.raises(TrainerError, match="needs records prepared with --from-capture") as refused:
+        captured_answers([record])
+    assert refused.value.reason == "bad-baseline"
+    kept = record.model_copy(
+        update={
+            "meta": {
+                **record.meta,
+                "captured_answer": "Likely true positive, high risk: 10.0.0.1 scans.",
+                "captured_finish": "stop",
+            }
+        }
+    )
+    (row,) = captured_answers([kept]).tasks
+    assert row["gives_verdict"] == 1.0 and row["names_source_ip"] == 1.0 and row["within_budget"] == 1.0

@@ -352,6 +352,13 @@ def eval_command(
     baseline_label: Annotated[
         str, typer.Option(help="What the baseline is, in tables and manifests.")
     ] = "base",
+    baseline_captured: Annotated[
+        bool,
+        typer.Option(
+            help="Compare with the fleet model's own captured answers to the same requests (records "
+            "prepared with --from-capture), instead of a baseline GGUF."
+        ),
+    ] = False,
 ) -> None:
     """Perplexity vs F16, Slips task checks and (with --baseline) the comparison; writes eval.json."""
     from trainer.evaluate import EvalOptions, evaluate
@@ -361,7 +368,14 @@ def eval_command(
     fit = request_fit_beside(data)
     with _spinner("evaluating with llama-cpp-python"):
         report = evaluate(
-            export_dir, quants, list(read_records(data)), options, baseline, baseline_label, fit
+            export_dir,
+            quants,
+            list(read_records(data)),
+            options,
+            baseline,
+            baseline_label,
+            fit,
+            baseline_captured,
         )
     table = Table(title=f"evaluation ({report.records['perplexity']} records; bound +{max_ppl_rise:.0%})")
     task_names = sorted({name for r in report.quants.values() for name in r.tasks})

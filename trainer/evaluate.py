@@ -191,6 +191,36 @@ def _measure(
     return _Measured(path, nlls, tasks, prompt_tokens, answers)
 
 
+#: The baseline label of the fleet model's own captured answers (``eval --baseline-captured``).
+CAPTURED = "captured"
+
+
+def captured_answers(task_set: Sequence[ChatRecord]) -> _Measured:
+    """The answers the fleet's model gave to these very requests (``prepare --from-capture`` keeps them),
+    scored like generated ones against the same references; no perplexity (there is no file)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    missing = [r.id for r in task_set if not r.meta.get("captured_answer")]
+    if missing:
+        raise TrainerError(
+            "bad-baseline",
+            f"{len(missing)} held-out record(s) (first: {missing[0]}) hold no captured answer: "
+            "--baseline-captured needs records prepared with --from-capture",
+        )
+    rows, answers = [], []
+    for record in task_set:
+        answer, finish = record.meta["captured_answer"], record.meta.get("captured_finish", "")
+        scores = task_scores(
+            record, answer, finish == "stop", lambda a, b: float(scorer.score(a, b)["rougeL"].fmeasure)
+        )
+        rows.append(scores)
+        answers.append(
+            {"record": record.id, "request": record.meta.get("request"), "finish": finish, "answer": answer}
+        )
+    return _Measured(Path(CAPTURED), [], rows, [], answers)
+
+
 def check_baseline(path: Path) -> Path:
     """A baseline must be a GGUF file llama-cpp-python can run (the base model or the champion)."""
     if not path.is_file():
@@ -210,11 +240,15 @@ def evaluate(
     baseline: Path | None = None,
     baseline_label: str = "base",
     request_fit: RequestFit | None = None,
+    baseline_captured: bool = False,
 ) -> EvalReport:
     """Score F16 and each of ``quants`` (and ``baseline`` when given, on the same incidents); write
     ``eval.json`` in ``export_dir`` and return it. ``request_fit`` (prepare's measure of a client
     profile's requests) sets the context answers are generated in and is reported with the
-    longest held-out request seen."""
+    longest held-out request seen. ``baseline_captured``: the baseline is the fleet model's own answers
+    kept in the records (``prepare --from-capture``), instead of a GGUF."""
+    if baseline is not None and baseline_captured:
+        raise TrainerError("bad-baseline", "give a baseline GGUF or --baseline-captured, not both")
     if baseline is not None:
         check_baseline(baseline)
     if not records:
@@ -255,17 +289,24 @@ def evaluate(
             "" if accepted else " REFUSED",
         )
     comparison = None
-    if baseline is not None:
+    base: _Measured | None = None
+    if baseline_captured:
+        base = captured_answers(task_set)
+        label, file = CAPTURED, "the fleet model's captured answers"
+        sha256 = ",".join(sorted({r.meta.get("captured_model_sha256", "") for r in task_set}))
+    elif baseline is not None:
         base = _measure(baseline, ppl_set, task_set, options)
+        label, file, sha256 = baseline_label, str(baseline), sha256_file(baseline)[1]
+    if base is not None:
         comparison = BaselineComparison(
-            label=baseline_label,
-            file=str(baseline),
-            sha256=sha256_file(baseline)[1],
-            perplexity=perplexity_of(base.nlls),
+            label=label,
+            file=file,
+            sha256=sha256,
+            perplexity=perplexity_of(base.nlls) if base.nlls else None,
             tasks=mean_scores(base.tasks),
             quants={
                 quant: {
-                    "perplexity": compare_perplexity(found.nlls, base.nlls),
+                    **({"perplexity": compare_perplexity(found.nlls, base.nlls)} if base.nlls else {}),
                     **compare_scores(found.tasks, base.tasks),
                 }
                 for quant, found in measured.items()
@@ -282,8 +323,8 @@ def evaluate(
     )
     report.write(ExportLayout(export_dir).eval_file)
     answered = [(found.path.name, found) for found in measured.values()]
-    if baseline is not None:
-        answered.append((baseline_label, base))
+    if comparison is not None and base is not None:
+        answered.append((comparison.label, base))
     _write_answers(ExportLayout(export_dir).answers_file, answered)
     return report
 

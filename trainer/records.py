@@ -106,7 +106,8 @@ class BaselineComparison(_Record):
     label: str
     file: str
     sha256: str
-    perplexity: float
+    #: None for the captured answers of a fleet's model: there is no file to measure perplexity on.
+    perplexity: float | None
     tasks: dict[str, float]
     quants: dict[Quantization, dict[str, MetricComparison]]
 

@@ -89,6 +89,10 @@ def _meta(
         "captured_models": ",".join(models),
         "captured_finish": exchange.finish_reason,
         "captured_redacted": ",".join(exchange.redacted),
+        # What the device's model answered: eval's baseline with --baseline-captured (distill replaces the
+        # record's answer, not this).
+        "captured_answer": exchange.answer.strip(),
+        "captured_model_sha256": ",".join(sorted({s.model_sha256 or "" for s in archived.sightings})),
     }
 
 
