@@ -224,10 +224,29 @@ def test_command_fuzz_is_refused_with_a_reason(device: Device) -> None:
     # validator under test never decides what counts as fuzz.
     actions = st.fixed_dictionaries(
         {
-            "action": st.sampled_from(["rollout", "pin", "gc", "rollback", "unpin", "status"]),
+            "action": st.sampled_from(
+                [
+                    "rollout",
+                    "pin",
+                    "gc",
+                    "rollback",
+                    "unpin",
+                    "status",
+                    "capture_status",
+                    "capture_pull",
+                    "capture_purge",
+                ]
+            ),
             "x": json_values,
         },
-        optional={"serial": json_values, "manifest": json_values, "adapter": json_values},
+        optional={
+            "serial": json_values,
+            "manifest": json_values,
+            "adapter": json_values,
+            "after_seq": json_values,
+            "store_id": json_values,
+            "up_to_seq": json_values,
+        },
     )
 
     @st.composite
