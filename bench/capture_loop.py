@@ -245,7 +245,9 @@ def main() -> None:
                 if not held_out.read_text().strip():
                     held_out = distilled / "train.jsonl"  # too few answers passed to hold any out
                 step(results, "eval", "immune-train", "eval", run / "gguf", "--data", held_out, "--quant",
-                     "q4_k_m", "--ppl-records", "4", "--task-records", "4", "--threads", "2")  # fmt: skip
+                     "q4_k_m", "--ppl-records", "4", "--task-records", "4", "--threads", "2",
+                     "--baseline-captured")  # fmt: skip
+                results["eval"] = json.loads((run / "gguf" / "eval.json").read_text())
 
                 # 5. Published to the device that captured; the client asks again.
                 publish = write_publish_config(
