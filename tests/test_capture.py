@@ -259,12 +259,18 @@ def _incident_messages(number: int) -> list[dict[str, str]]:
 
 
 def test_a_pull_must_be_signed_by_an_operator_and_cannot_be_replayed(site: Site) -> None:
+    assert site.chat(CAPTURING, _incident_messages(7)).status_code == 200
+    assert site.captured() >= 1
     pull = {"action": "capture_pull"}
     forged = site.observer.command(
         sign_command([site.keys.trainer], pull, device=CAPTURING), device=CAPTURING
     )
     assert forged["ok"] is False and "capture" not in forged
     assert "signature" in forged["error"] or "operator" in forged["error"], forged["error"]
+    signed = json.loads(sign_command([site.keys.operator], pull, device=CAPTURING))
+    unsigned = json.dumps({**signed, "signatures": []}).encode()
+    refused = site.observer.command(unsigned, device=CAPTURING)
+    assert refused["ok"] is False and "capture" not in refused, refused
     envelope = sign_command([site.keys.operator], pull, device=CAPTURING)
     first = site.observer.command(envelope, device=CAPTURING)
     assert first["ok"] is True and first["capture"]["exchanges"]
