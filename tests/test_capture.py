@@ -8,7 +8,6 @@ one does not. A third runs with its capture file on a full tmpfs: capture stops,
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from tests.harness.edge import (
 )
 from tests.harness.slips_fixture import corpus_of, write_slips_fixture
 from tests.harness.tiny_llama import build_tiny_llama
+from tests.harness.tmpfs import small_tmpfs
 from tests.harness.training import immune_train
 from tests.harness.waiting import wait_until
 from trainer.dataset.records import read_records
@@ -357,16 +357,9 @@ def test_prepare_from_capture_keeps_every_alert_on_one_side_of_the_split(site: S
 
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs for the capture file (needs root, as on CI)."""
-    mount_point = tmp_path / "capture-disk"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
-    try:
+    """A 1 MiB tmpfs for the capture file."""
+    with small_tmpfs(tmp_path / "capture-disk", "1m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_a_full_disk_stops_capture_and_serving_goes_on(site: Site, full_disk: Path, tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from tests.harness.edge import (
     write_edge_config,
 )
 from tests.harness.logwatch import watching
+from tests.harness.tmpfs import small_tmpfs
 from tests.test_edge_daemon import FORWARD, Deployments, model_blob
 
 
@@ -217,16 +218,9 @@ def test_server_down_for_good_fails_cleanly_then_retries(
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
-    """A 16 MiB tmpfs (needs root, as on CI and on the Pi's provisioning host)."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], check=True)
-    try:
+    """A 16 MiB tmpfs."""
+    with small_tmpfs(tmp_path / "small-disk", "16m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_disk_full_fails_cleanly(small_disk, mqtt_broker, observer, artifact_server, fleet_keys) -> None:
