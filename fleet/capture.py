@@ -21,6 +21,7 @@ from fleet.ops import (
     GroupOption,
     JsonOption,
     TimeoutOption,
+    ask_devices,
     command_targets,
     console,
     fleet_settings,
@@ -198,7 +199,7 @@ def status(
 ) -> None:
     """What each device holds (records, bytes, time range, redaction) and what the archive has of it."""
     settings = fleet_settings(config)
-    answers = _ask(settings, device, group, {"action": "capture_status"}, timeout)
+    answers = ask_devices(settings, device, group, lambda _target: {"action": "capture_status"}, timeout)
     path = archive_path or settings.capture_archive
     archived: dict[str, int] = {}
     if path.is_file():
@@ -276,7 +277,7 @@ def purge(
         return {"action": "capture_purge", "store_id": cursor.store_id, "up_to_seq": cursor.next_seq}
 
     try:
-        answers = _ask(settings, device, group, action, timeout)
+        answers = ask_devices(settings, device, group, action, timeout)
     finally:
         if pulled_only:
             archive.close()
@@ -307,30 +308,6 @@ def purge(
         a is None and not (pulled_only and cursors.get(t) is None) for t, a in answers.items()
     ):
         raise typer.Exit(2)
-
-
-def _ask(
-    settings: Any,
-    device: str | None,
-    group: str | None,
-    action: dict[str, Any] | Any,
-    timeout: float,
-) -> dict[str, CommandResponse | None]:
-    """One command per target at once (``action``: the same for all, or per target, None: skip it)."""
-    with FleetClient(settings) as client:
-        if group is not None:
-            client.settle()
-        targets = command_targets(client, device, group)
-        sent = {}
-        for target in targets:
-            wanted = action(target) if callable(action) else action
-            if wanted is not None:
-                sent[target] = client.send_command(target, wanted)
-        deadline = time.monotonic() + timeout
-        answers: dict[str, CommandResponse | None] = dict.fromkeys(targets)
-        for target, correlation in sent.items():
-            answers[target] = client.response(correlation, max(deadline - time.monotonic(), 0))
-    return answers
 
 
 def register(parent: typer.Typer) -> None:

@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -249,6 +250,31 @@ def command_targets(client: FleetClient, device: str | None, group: str | None) 
     return devices
 
 
+def ask_devices(
+    settings: FleetSettings,
+    device: str | None,
+    group: str | None,
+    action_for: Callable[[str], dict[str, Any] | None],
+    timeout_s: float,
+) -> dict[str, CommandResponse | None]:
+    """Send each target its command at once (``action_for(target)``; None: that target is skipped), then
+    collect the answers within one shared deadline (None: no answer, or not asked)."""
+    with FleetClient(settings) as client:
+        if group is not None:
+            client.settle()
+        targets = command_targets(client, device, group)
+        sent = {}
+        for target in targets:
+            action = action_for(target)
+            if action is not None:
+                sent[target] = client.send_command(target, action)
+        deadline = time.monotonic() + timeout_s
+        answers: dict[str, CommandResponse | None] = dict.fromkeys(targets)
+        for target, correlation in sent.items():
+            answers[target] = client.response(correlation, max(deadline - time.monotonic(), 0))
+    return answers
+
+
 def _fan_out(
     config: Path,
     device: str | None,
@@ -258,17 +284,7 @@ def _fan_out(
     timeout_s: float,
 ) -> None:
     """Send one command to each target at once, then show every answer."""
-    settings = fleet_settings(config)
-    with FleetClient(settings) as client:
-        if group is not None:
-            client.settle()
-        targets = command_targets(client, device, group)
-        sent = {target: client.send_command(target, action) for target in targets}
-        deadline = time.monotonic() + timeout_s
-        answers: dict[str, CommandResponse | None] = {
-            target: client.response(correlation, max(deadline - time.monotonic(), 0))
-            for target, correlation in sent.items()
-        }
+    answers = ask_devices(fleet_settings(config), device, group, lambda _target: action, timeout_s)
     if as_json:
         typer.echo(
             json.dumps({t: a.model_dump(mode="json") if a else None for t, a in answers.items()}, indent=2)
