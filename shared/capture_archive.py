@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shared.capture import CapturedExchange
 from shared.errors import ContractError
+from shared.sqlite import immediate_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (
@@ -105,8 +106,7 @@ class CaptureArchive:
         were new to the archive (one already held from any device is kept once)."""
         pulled_at = datetime.now(UTC).isoformat(timespec="seconds")
         new = 0
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate_transaction(self._conn):
             for exchange in exchanges:
                 digest = exchange.content_sha256()
                 stored = exchange.model_copy(update={"seq": 0})  # where it was seen is in sightings
@@ -131,10 +131,6 @@ class CaptureArchive:
                 "INSERT OR REPLACE INTO cursors (device, store_id, next_seq) VALUES (?, ?, ?)",
                 (device, store_id, next_seq),
             )
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
         return new
 
     def exchanges(self, prompt_version: str | None = None) -> Iterator[ArchivedExchange]:

@@ -12,11 +12,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from shared.capture import MAX_EXCHANGE_BYTES, CaptureChunk, CapturedExchange
+from shared.sqlite import immediate_transaction
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +131,8 @@ class CaptureStore:
             return value
 
     # -- writing -----------------------------------------------------------------------------------
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn)
+    def _transaction(self) -> AbstractContextManager[None]:
+        return immediate_transaction(self._conn)
 
     def add(self, exchange: CapturedExchange) -> int | None:
         """Store ``exchange``; its sequence number, or None when it is larger than an exchange may be
@@ -230,21 +232,3 @@ class CaptureStore:
 def utc(ts: float | None) -> str | None:
     """A stored time as ISO 8601 UTC (status answers)."""
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the connection runs in autocommit)."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def __enter__(self) -> None:
-        self._conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        try:
-            if kind is None:
-                self._conn.execute("COMMIT")
-        finally:
-            if self._conn.in_transaction:  # an error, or a COMMIT that failed (a full disk)
-                self._conn.execute("ROLLBACK")
