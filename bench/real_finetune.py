@@ -18,7 +18,7 @@ Why these choices (see docs/benchmarks.md for the figures):
   requests are kept: at 1536 about 83 % of them (median 1,070 tokens), at ~20 s of forward and
   backward pass per record on 2 CPU cores;
 - mix: ``--reduction-share`` of the records are reduction requests, the rest finals, so the model
-  learns both request kinds; one epoch over ``--train-records`` records, 8 per optimizer step;
+  learns both request kinds; one epoch over ``--train-records`` records, ``--records-per-step`` per optimizer step;
 - ``--prompt-profile none`` is the earlier recipe (raw incident text, ``--answer-part`` of the
   teacher's Markdown), kept for the adapter recipe (``make train-adapter``) and for comparison."""
 
@@ -60,7 +60,7 @@ learning_rate = {lr}
 lr_scheduler = "cosine"
 warmup_ratio = 0.05
 batch_size = 1
-gradient_accumulation = 8
+gradient_accumulation = {per_step}
 logging_steps = 5
 save_steps = 20
 gradient_checkpointing = false
@@ -237,6 +237,12 @@ def main() -> None:
     parser.add_argument("--train-records", type=int, default=304)
     parser.add_argument("--max-tokens", type=int, default=768)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument(
+        "--records-per-step",
+        type=int,
+        default=8,
+        help="records per optimizer step (gradient accumulation): fewer gives more steps for the same compute",
+    )
     parser.add_argument("--task-records", type=int, default=30)
     parser.add_argument("--ppl-records", type=int, default=30)
     parser.add_argument(
@@ -302,7 +308,9 @@ def main() -> None:
     used = train_subset(data, args.train_records, args.reduction_share)
     targets = json.dumps(args.lora_targets.split(","))
     (out / "train.toml").write_text(
-        TRAIN_TOML.format(base=base, max_tokens=args.max_tokens, lr=args.lr, targets=targets)
+        TRAIN_TOML.format(
+            base=base, max_tokens=args.max_tokens, lr=args.lr, targets=targets, per_step=args.records_per_step
+        )
     )
     steps.append(measured("finetune", [*cli, "finetune", "--config", str(out / "train.toml")], log))
     export_command = [*cli, "export", str(run), "--quant", args.quants]
