@@ -94,7 +94,7 @@ def _latency(
         nonlocal swaps
         while not stop.wait(swap_every_s or 0):
             swaps += 1
-            runtime.serve_adapter("task", adapters[swaps % 2], key=f"task-{plane.port}-{swaps}")
+            runtime.adapters.serve("task", adapters[swaps % 2], key=f"task-{plane.port}-{swaps}")
 
     swapper = threading.Thread(target=swap, daemon=True) if swap_every_s is not None else None
     with LoadClients(plane.url, clients=2, model="task", max_tokens=16) as load:
@@ -146,8 +146,8 @@ def main() -> None:
 
     shared = Plane(base, "base")
     try:
-        shared.plane.runtime.serve_adapter("task", first, key="task-0")
-        shared.plane.runtime.serve_adapter("other", second, key="other-0")
+        shared.plane.runtime.adapters.serve("task", first, key="task-0")
+        shared.plane.runtime.adapters.serve("other", second, key="other-0")
         shared_rss = shared.rss_mb()
         adapter_rates = _rates(shared.url, "task", args.rounds)
         base_rates = _rates(shared.url, "base", args.rounds)  # what the base's own type costs

@@ -18,7 +18,8 @@ Why these choices (see docs/benchmarks.md for the figures):
   requests are kept: at 1536 about 83 % of them (median 1,070 tokens), at ~20 s of forward and
   backward pass per record on 2 CPU cores;
 - mix: ``--reduction-share`` of the records are reduction requests, the rest finals, so the model
-  learns both request kinds; one epoch over ``--train-records`` records, ``--records-per-step`` per optimizer step;
+  learns both request kinds; one epoch over ``--train-records`` records, ``--records-per-step`` per
+  optimizer step;
 - ``--prompt-profile none`` is the earlier recipe (raw incident text, ``--answer-part`` of the
   teacher's Markdown), kept for the adapter recipe (``make train-adapter``) and for comparison."""
 
@@ -241,7 +242,7 @@ def main() -> None:
         "--records-per-step",
         type=int,
         default=8,
-        help="records per optimizer step (gradient accumulation): fewer gives more steps for the same compute",
+        help="records per optimizer step (gradient accumulation): fewer, more steps for the same compute",
     )
     parser.add_argument("--task-records", type=int, default=30)
     parser.add_argument("--ppl-records", type=int, default=30)

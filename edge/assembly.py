@@ -48,6 +48,7 @@ from edge.telemetry.thermal import ThermalGovernor, ThermalWatch
 from shared.admission import DeviceProfile
 from shared.config import ConfigError
 from shared.errors import ContractError
+from shared.reasons import Reason
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def device_profile(config: EdgeConfig) -> DeviceProfile:
             ram_mb = read_meminfo_mb(device.procfs_root, "MemTotal")
         except (OSError, ValueError) as exc:
             raise ConfigError(
-                "config-invalid", f"device.ram_mb is unset and cannot be detected: {exc}"
+                Reason.CONFIG_INVALID, f"device.ram_mb is unset and cannot be detected: {exc}"
             ) from None
     return DeviceProfile(
         cpu_arch=device.cpu_arch or detect_cpu_arch(),
@@ -113,10 +114,10 @@ class ControlPlane:
             trust = TrustStore(config.keyring_file, state_dir)
         except OSError as exc:
             raise ConfigError(
-                "config-invalid", f"keyring_file: cannot read {config.keyring_file}: {exc}"
+                Reason.CONFIG_INVALID, f"keyring_file: cannot read {config.keyring_file}: {exc}"
             ) from None
         except ContractError as exc:
-            raise ConfigError("config-invalid", f"keyring_file: {exc}") from None
+            raise ConfigError(Reason.CONFIG_INVALID, f"keyring_file: {exc}") from None
         db = StateDB(state_dir / "state.db")
         ledger, outbox = Ledger(db), Outbox(db)
         topics = Topics(config.device.fleet, root=config.mqtt.topic_root)

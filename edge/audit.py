@@ -16,6 +16,7 @@ from collections.abc import Callable
 from enum import StrEnum
 
 from edge.logs import fields
+from shared.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Audit:
         self._logged_in_window = 0
         self._suppressed = 0
 
-    def refused(self, kind: RefusalKind, reason: str, origin: str, detail: str, **extra: object) -> None:
+    def refused(self, kind: RefusalKind, reason: Reason, origin: str, detail: str, **extra: object) -> None:
         """Record one refusal: ``reason`` is its stable code, ``origin`` where it came from (a topic,
         a client address, a local file), ``detail`` the message; ``extra`` more log fields."""
         now = self._clock()

@@ -27,6 +27,7 @@ from shared.errors import ContractError
 from shared.gguf import DEFAULT_ARCHITECTURES, read_gguf_header
 from shared.manifest import FileRole, RuntimeProfile
 from shared.outcome import Outcome
+from shared.reasons import Reason
 from shared.signing import Keyring
 
 app = typer.Typer(
@@ -155,7 +156,7 @@ def verify(
         trusted, given = Keyring.from_json(keyring.read_bytes()), AdmissionInput()
         allowed = DEFAULT_ARCHITECTURES
     else:
-        raise ContractError("usage", "give --config (device state) or --keyring")
+        raise ContractError(Reason.USAGE, "give --config (device state) or --keyring")
     name = claimed.model_file.name if claimed else artifact.name
     facts = {name: read_file_facts(artifact, FileRole.MODEL, allowed)}
     given = replace(given, files=facts, all_files=False, allowed_architectures=allowed)
@@ -232,6 +233,7 @@ def _default(settings: type[BaseModel], field: str) -> Any:
     return settings.model_fields[field].default
 
 
+# Long because each option is declared in the signature (Typer's way); the body is about 40 lines.
 @app.command()
 def serve(
     model: Annotated[Path, typer.Option("--model", "-m", help="GGUF file to serve.")],
@@ -289,7 +291,7 @@ def serve(
     setup_logging(False)
     if read_gguf_header(model, None).kind != "model":  # refuse a non-GGUF file before llama.cpp sees it
         raise ConfigError(
-            "bad-option", f"--model {model}: a GGUF adapter, not a model (serve it with --adapter)"
+            Reason.BAD_OPTION, f"--model {model}: a GGUF adapter, not a model (serve it with --adapter)"
         )
     adapters = dict(_adapter_option(spec) for spec in adapter or [])
     api = ApiSettings(
@@ -318,7 +320,7 @@ def serve(
             model, name or model.stem, RuntimeProfile(chat_format=chat_format, n_ctx=n_ctx)
         )
         for adapter_name, adapter_file in adapters.items():
-            plane.runtime.serve_adapter(adapter_name, adapter_file, key=adapter_name)
+            plane.runtime.adapters.serve(adapter_name, adapter_file, key=adapter_name)
         log.info("serving %s", model)
         stopping.wait()
     finally:
@@ -329,10 +331,10 @@ def _adapter_option(spec: str) -> tuple[str, Path]:
     """``NAME=FILE`` of ``serve --adapter``, the file checked to be a LoRA adapter GGUF."""
     name, sep, file = spec.partition("=")
     if not sep or not name or not file:
-        raise ConfigError("bad-option", f"--adapter {spec!r}: expected NAME=FILE")
+        raise ConfigError(Reason.BAD_OPTION, f"--adapter {spec!r}: expected NAME=FILE")
     header = read_gguf_header(Path(file), None)
     if (header.kind, header.adapter_type) != ("adapter", "lora"):
-        raise ConfigError("bad-option", f"--adapter {spec!r}: {file} is not a LoRA adapter GGUF")
+        raise ConfigError(Reason.BAD_OPTION, f"--adapter {spec!r}: {file} is not a LoRA adapter GGUF")
     return name, Path(file)
 
 

@@ -13,6 +13,7 @@ from edge.logs import LogFormat
 from shared.capture import RedactionKind
 from shared.config import CONFIG_DIR, STATE_DIR, ConfigError, ConfigModel, ConfigPath, MqttSettings
 from shared.gguf import DEFAULT_ARCHITECTURES
+from shared.reasons import Reason
 from shared.schema import Identifier
 
 DEFAULT_CONFIG_FILE = CONFIG_DIR / "edge.toml"
@@ -116,10 +117,10 @@ class ApiSettings(ConfigModel):
         try:
             token = self.bearer_token_file.read_text().strip()
         except OSError as exc:
-            raise ConfigError("config-invalid", f"api.bearer_token_file: {exc}") from None
+            raise ConfigError(Reason.CONFIG_INVALID, f"api.bearer_token_file: {exc}") from None
         if len(token) < 16:
             raise ConfigError(
-                "config-invalid", "api.bearer_token_file: the token must be at least 16 characters"
+                Reason.CONFIG_INVALID, "api.bearer_token_file: the token must be at least 16 characters"
             )
         return token
 

@@ -28,6 +28,7 @@ from edge.telemetry.loop import TelemetryLoop
 from edge.telemetry.sampler import TelemetrySampler
 from shared.errors import ContractError
 from shared.messages import DeviceStatus, Telemetry
+from shared.reasons import Reason
 from shared.signing import Envelope
 from shared.topics import TopicError, TopicKind
 
@@ -205,7 +206,10 @@ class EdgeDaemon:
             self._inbox.put_nowait(message)
         except queue.Full:
             self.control.audit.refused(
-                RefusalKind.MESSAGE, "inbox-full", message.topic, f"more than {INBOX_LIMIT} messages waiting"
+                RefusalKind.MESSAGE,
+                Reason.INBOX_FULL,
+                message.topic,
+                f"more than {INBOX_LIMIT} messages waiting",
             )
 
     def _connected(self) -> None:
@@ -225,7 +229,7 @@ class EdgeDaemon:
             self._command_message(message)
         else:
             self.control.audit.refused(
-                RefusalKind.MESSAGE, "wrong-topic", message.topic, "not a topic this device acts on"
+                RefusalKind.MESSAGE, Reason.WRONG_TOPIC, message.topic, "not a topic this device acts on"
             )
 
     def _keyring_message(self, topic: str, payload: bytes) -> None:

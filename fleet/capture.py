@@ -30,6 +30,7 @@ from fleet.settings import DEFAULT_FLEET_CONFIG
 from shared.capture import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, CaptureChunk
 from shared.capture_archive import CaptureArchive, Cursor
 from shared.messages import CommandResponse
+from shared.reasons import Reason
 
 app = typer.Typer(help="Requests captured on devices: pull them for training, see what is held, purge.")
 
@@ -52,7 +53,7 @@ def parse_since(value: str | None, now: datetime | None = None) -> datetime | No
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise FleetError(
-            "usage", f"--since {value!r}: give a duration (7d, 12h, 30m, 90s) or an ISO 8601 time"
+            Reason.USAGE, f"--since {value!r}: give a duration (7d, 12h, 30m, 90s) or an ISO 8601 time"
         ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
@@ -262,7 +263,9 @@ def purge(
     if pulled_only:
         path = archive_path or settings.capture_archive
         if not path.is_file():
-            raise FleetError("usage", f"--pulled-only: no capture archive at {path} (nothing was pulled)")
+            raise FleetError(
+                Reason.USAGE, f"--pulled-only: no capture archive at {path} (nothing was pulled)"
+            )
         archive = CaptureArchive(path, create=False)
     what = "what was pulled" if pulled_only else "every captured exchange"
     if not yes and not typer.confirm(f"delete {what} on {device or f'group {group}'}?"):

@@ -29,6 +29,7 @@ from shared.manifest_builder import (
     build_manifest,
 )
 from shared.messages import COMMAND_PAYLOAD_TYPE, Command
+from shared.reasons import Reason
 from shared.schema import Contract
 from shared.signing import (
     KEYRING_PAYLOAD_TYPE,
@@ -80,7 +81,7 @@ _PAYLOADS: dict[PayloadKind, tuple[type[Contract], str, Role]] = {
 
 def _write_new(path: Path, data: bytes, force: bool) -> None:
     if path.exists() and not force:
-        raise ContractError("exists", f"{path}: already exists (use --force to replace it)")
+        raise ContractError(Reason.EXISTS, f"{path}: already exists (use --force to replace it)")
     path.write_bytes(data)
 
 
@@ -105,7 +106,7 @@ def keys_generate(
     public = TrustedKey(keyid=key.keyid, role=role, public_key=key.public_b64, name=name)
     private_path, public_path = out_dir / f"{name}.key", out_dir / f"{name}.pub.json"
     if public_path.exists():
-        raise ContractError("exists", f"{public_path}: already exists; refusing to replace a key")
+        raise ContractError(Reason.EXISTS, f"{public_path}: already exists; refusing to replace a key")
     write_private_key(key, private_path)
     public_path.write_bytes(public.to_json())
     console.print(_key_table([public], f"new {role.value} key"))
@@ -140,7 +141,7 @@ def _parse_thresholds(values: list[str]) -> Thresholds:
         role, sep, count = value.partition("=")
         if not sep or role not in Role.__members__.values() or not count.isdigit():
             raise ContractError(
-                "usage", f"--threshold {value!r}: expected ROLE=N with ROLE in root/trainer/operator"
+                Reason.USAGE, f"--threshold {value!r}: expected ROLE=N with ROLE in root/trainer/operator"
             )
         parsed[role] = int(count)
     return Thresholds(**parsed)
@@ -202,7 +203,7 @@ def manifest_create(
     """Describe a GGUF an operator already has: size, sha256 and quantization are read from the file.
     A LoRA adapter needs --base-file (and --base-url): the manifest binds it to that exact base."""
     if (base_file is None) != (not base_url):
-        raise ArtifactError("bad-option", "--base-file and --base-url go together (for a LoRA adapter)")
+        raise ArtifactError(Reason.BAD_OPTION, "--base-file and --base-url go together (for a LoRA adapter)")
     runtime = RuntimeProfile(
         chat_format=chat_format,
         chat_template=chat_template_file.read_text() if chat_template_file else None,

@@ -28,6 +28,7 @@ from shared.messages import (
     decode_payload,
 )
 from shared.mqtt import mqtt_client
+from shared.reasons import Reason
 from shared.signing import load_private_key, sign_envelope
 from shared.topics import TopicKind, Topics
 
@@ -108,12 +109,14 @@ class FleetClient:
             )
         except OSError as exc:
             raise FleetError(
-                "broker-unreachable", f"cannot reach the broker at {m.host}:{m.port}: {exc}"
+                Reason.BROKER_UNREACHABLE, f"cannot reach the broker at {m.host}:{m.port}: {exc}"
             ) from None
         self.client.loop_start()
         if not self._subscribed.wait(timeout_s):
             self.close()
-            raise FleetError("broker-unreachable", f"no subscription acknowledgement from {m.host}:{m.port}")
+            raise FleetError(
+                Reason.BROKER_UNREACHABLE, f"no subscription acknowledgement from {m.host}:{m.port}"
+            )
         with self._lock:
             self._last_status_at = time.monotonic()
 
@@ -238,7 +241,7 @@ class FleetClient:
         """Send a command and wait for its answer; FleetError when none comes."""
         response = self.response(self.send_command(device, action), timeout_s)
         if response is None:
-            raise FleetError("no-response", f"{device} did not answer within {timeout_s:.0f} s")
+            raise FleetError(Reason.NO_RESPONSE, f"{device} did not answer within {timeout_s:.0f} s")
         return response
 
     def publish_desired(self, topic: str, envelope: bytes) -> None:

@@ -23,6 +23,7 @@ from fleet.settings import DEFAULT_FLEET_CONFIG, FleetSettings
 from fleet.store import FleetStore
 from shared.config import load_config
 from shared.messages import CommandResponse
+from shared.reasons import Reason
 from shared.throttle import active_flags
 
 console = Console()
@@ -241,12 +242,12 @@ def rollout(
 def command_targets(client: FleetClient, device: str | None, group: str | None) -> list[str]:
     """The one device, or every device of the group that has reported a status."""
     if (device is None) == (group is None):
-        raise FleetError("usage", "give exactly one of --device and --group")
+        raise FleetError(Reason.USAGE, "give exactly one of --device and --group")
     if device is not None:
         return [device]
     devices = [v.device_id for v in client.snapshot(group)]
     if not devices:
-        raise FleetError("no-devices", f"no device of group {group} has reported a status")
+        raise FleetError(Reason.NO_DEVICES, f"no device of group {group} has reported a status")
     return devices
 
 

@@ -25,6 +25,7 @@ from shared.errors import ContractError
 from shared.manifest import Manifest
 from shared.messages import CommandResponse
 from shared.outcome import result_succeeded
+from shared.reasons import Reason
 from shared.signing import Envelope
 
 #: How often a wave looks for answers while it waits.
@@ -118,9 +119,11 @@ class FailureLimits:
             try:
                 fraction = float(rate.strip().removesuffix("%")) / 100
             except ValueError:
-                raise RolloutError("usage", f"--max-failure-rate: {rate!r} is not a percentage") from None
+                raise RolloutError(
+                    Reason.USAGE, f"--max-failure-rate: {rate!r} is not a percentage"
+                ) from None
             if not 0 <= fraction <= 1:
-                raise RolloutError("usage", f"--max-failure-rate: {rate!r} must be within 0% and 100%")
+                raise RolloutError(Reason.USAGE, f"--max-failure-rate: {rate!r} must be within 0% and 100%")
         if max_failures is None and fraction is None:
             max_failures = 0  # the safe default: the first failure halts
         return cls(max_failures, fraction, min_finished)
@@ -134,9 +137,9 @@ def parse_waves(text: str) -> list[float]:
         try:
             fraction = float(value) / 100
         except ValueError:
-            raise RolloutError("usage", f"--waves: {part!r} is not a percentage") from None
+            raise RolloutError(Reason.USAGE, f"--waves: {part!r} is not a percentage") from None
         if not 0 < fraction <= 1 or (fractions and fraction <= fractions[-1]):
-            raise RolloutError("usage", f"--waves: {text!r} must increase, each in (0%, 100%]")
+            raise RolloutError(Reason.USAGE, f"--waves: {text!r} must increase, each in (0%, 100%]")
         fractions.append(fraction)
     if fractions[-1] != 1:
         fractions.append(1.0)  # a rollout that stops short would leave devices behind silently
@@ -285,11 +288,11 @@ def resumable_state(path: Path, manifest_sha256: str) -> RolloutState | None:
     state = RolloutState.model_validate_json(path.read_text())
     if state.manifest_sha256 != manifest_sha256:
         raise RolloutError(
-            "rollout-mismatch", f"{path} belongs to another manifest; pass a different --state file"
+            Reason.ROLLOUT_MISMATCH, f"{path} belongs to another manifest; pass a different --state file"
         )
     if state.status == "halted":
         raise RolloutError(
-            "rollout-halted", f"{path}: halted ({state.halted_reason}); delete it to start over"
+            Reason.ROLLOUT_HALTED, f"{path}: halted ({state.halted_reason}); delete it to start over"
         )
     return state
 
@@ -314,9 +317,9 @@ def start_or_resume(
         return resumed, path
     devices = [view.device_id for view in client.snapshot(group)]
     if not devices:
-        raise RolloutError("no-devices", f"no device of {group or 'the fleet'} has reported a status")
+        raise RolloutError(Reason.NO_DEVICES, f"no device of {group or 'the fleet'} has reported a status")
     if canary >= len(devices) and len(devices) > 1:
-        raise RolloutError("usage", f"--canary {canary} covers all {len(devices)} devices")
+        raise RolloutError(Reason.USAGE, f"--canary {canary} covers all {len(devices)} devices")
     state = RolloutState(
         manifest_sha256=digest,
         manifest_name=manifest.name,

@@ -22,6 +22,7 @@ from typing import cast
 from shared.errors import ArtifactError, ContractError, SchemaError
 from shared.gguf import GgufHeader
 from shared.manifest import MANIFEST_PAYLOAD_TYPE, ArtifactFile, FileRole, Manifest
+from shared.reasons import Reason
 from shared.signing import Envelope, Keyring, Role, verify_envelope
 
 
@@ -60,7 +61,7 @@ def check_signature(envelope: Envelope | bytes, keyring: Keyring) -> bytes:
 def check_expiry(manifest: Manifest, now: datetime) -> None:
     if manifest.is_expired(now):
         raise SchemaError(
-            "expired",
+            Reason.EXPIRED,
             f"manifest {manifest.name} serial {manifest.serial}: "
             f"expired at {manifest.expires_at.isoformat()}",
         )
@@ -70,7 +71,7 @@ def check_serial(manifest: Manifest, serial_floor: int) -> None:
     """Anti-rollback: only a strictly newer serial on the channel is accepted."""
     if manifest.serial <= serial_floor:
         raise AdmissionError(
-            "serial-not-newer",
+            Reason.SERIAL_NOT_NEWER,
             f"manifest {manifest.name} serial {manifest.serial} is not newer than serial {serial_floor} "
             f"already accepted on channel {manifest.channel!r} (only an operator rollback goes back)",
         )
@@ -81,18 +82,18 @@ def check_compatibility(manifest: Manifest, device: DeviceProfile) -> None:
     compat = manifest.compatibility
     if device.cpu_arch not in compat.cpu_arch:
         raise AdmissionError(
-            "incompatible-arch",
+            Reason.INCOMPATIBLE_ARCH,
             f"manifest {manifest.name} is built for {', '.join(compat.cpu_arch)}; this device is "
             f"{device.cpu_arch}",
         )
     if compat.min_ram_mb > device.ram_mb:
         raise AdmissionError(
-            "insufficient-ram",
+            Reason.INSUFFICIENT_RAM,
             f"manifest {manifest.name} needs {compat.min_ram_mb} MiB RAM; this device has {device.ram_mb}",
         )
     if compat.device_groups and not set(compat.device_groups) & set(device.groups):
         raise AdmissionError(
-            "wrong-group",
+            Reason.WRONG_GROUP,
             f"manifest {manifest.name} is for groups {', '.join(compat.device_groups)}; this device is in "
             f"{', '.join(device.groups) or 'no group'}",
         )
@@ -101,14 +102,16 @@ def check_compatibility(manifest: Manifest, device: DeviceProfile) -> None:
 def check_file(entry: ArtifactFile, facts: FileFacts | None) -> None:
     """Exactly the declared size and sha256."""
     if facts is None:
-        raise ArtifactError("missing-file", f"artifact {entry.name}: not available")
+        raise ArtifactError(Reason.MISSING_FILE, f"artifact {entry.name}: not available")
     if facts.size != entry.size:
         raise ArtifactError(
-            "size-mismatch", f"artifact {entry.name}: size is {facts.size} bytes, manifest says {entry.size}"
+            Reason.SIZE_MISMATCH,
+            f"artifact {entry.name}: size is {facts.size} bytes, manifest says {entry.size}",
         )
     if facts.sha256 != entry.sha256:
         raise ArtifactError(
-            "hash-mismatch", f"artifact {entry.name}: sha256 is {facts.sha256}, manifest says {entry.sha256}"
+            Reason.HASH_MISMATCH,
+            f"artifact {entry.name}: sha256 is {facts.sha256}, manifest says {entry.sha256}",
         )
 
 
@@ -120,11 +123,11 @@ def check_model_header(
     if isinstance(header, ContractError):
         raise header
     if header is None:
-        raise ArtifactError("bad-gguf", f"{manifest.model_file.name}: the GGUF header was not read")
+        raise ArtifactError(Reason.BAD_GGUF, f"{manifest.model_file.name}: the GGUF header was not read")
     name = manifest.model_file.name
     if header.architecture not in allowed_architectures:
         raise ArtifactError(
-            "bad-gguf",
+            Reason.BAD_GGUF,
             f"{name}: not an acceptable GGUF file: "
             f"architecture {header.architecture!r} is not allowed on this device",
         )
@@ -139,13 +142,13 @@ def check_adapter_binding(manifest: Manifest, header: GgufHeader) -> None:
     if manifest.base is None:
         if header.kind != "model":
             raise ArtifactError(
-                "not-a-model",
+                Reason.NOT_A_MODEL,
                 f"{name} is a GGUF {header.kind!r}: an adapter needs a manifest naming its base",
             )
         return
     if header.kind != "adapter" or header.adapter_type != "lora":
         raise ArtifactError(
-            "not-an-adapter",
+            Reason.NOT_AN_ADAPTER,
             f"{name} is a GGUF {header.kind!r} ({header.adapter_type or 'no adapter type'}), "
             "but the manifest describes a LoRA adapter",
         )
@@ -156,7 +159,7 @@ def check_recorded_base(file_name: str, header: GgufHeader, base_name: str, base
     """The adapter file records (``immune_edge.base_sha256``) exactly the base it is said to run on."""
     if header.base_sha256 != base_sha256:
         raise ArtifactError(
-            "base-mismatch",
+            Reason.BASE_MISMATCH,
             f"{file_name} was exported against base sha256 {header.base_sha256 or '(not recorded)'}, "
             f"not {base_name} (sha256 {base_sha256})",
         )
@@ -169,7 +172,7 @@ def check_base_served(manifest: Manifest, served_base_sha256: str | None) -> Non
     if served_base_sha256 != manifest.base.sha256:
         serving = f"sha256 {served_base_sha256}" if served_base_sha256 else "no base model"
         raise AdmissionError(
-            "base-mismatch",
+            Reason.BASE_MISMATCH,
             f"adapter {manifest.name} needs base {manifest.base.name} (sha256 {manifest.base.sha256}); "
             f"this device serves {serving}",
         )
@@ -280,7 +283,8 @@ def check_known_bad(manifest: Manifest, known_bad: Mapping[tuple[str, int], str]
     reason = known_bad.get((manifest.channel, manifest.serial))
     if reason is not None:
         raise AdmissionError(
-            "known-bad", f"{manifest.name} serial {manifest.serial} was marked bad on this device: {reason}"
+            Reason.KNOWN_BAD,
+            f"{manifest.name} serial {manifest.serial} was marked bad on this device: {reason}",
         )
 
 

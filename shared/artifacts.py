@@ -11,6 +11,7 @@ from shared.admission import FileFacts, check_file
 from shared.errors import ArtifactError, ContractError
 from shared.gguf import DEFAULT_ARCHITECTURES, read_gguf_header
 from shared.manifest import ArtifactFile, FileRole
+from shared.reasons import Reason
 
 _CHUNK = 1024 * 1024
 GGUF_MAGIC = b"GGUF"
@@ -41,7 +42,7 @@ def describe_artifact(
     if role is FileRole.MODEL:
         with path.open("rb") as handle:
             if handle.read(4) != GGUF_MAGIC:
-                raise ArtifactError("not-gguf", f"{path}: not a GGUF file (magic bytes are not 'GGUF')")
+                raise ArtifactError(Reason.NOT_GGUF, f"{path}: not a GGUF file (magic bytes are not 'GGUF')")
     size, digest = sha256_file(path, on_progress)
     return ArtifactFile.model_validate(
         {

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shared.capture import CapturedExchange
 from shared.errors import ContractError
+from shared.reasons import Reason
 from shared.sqlite import immediate_transaction
 
 _SCHEMA = """
@@ -78,7 +79,7 @@ class CaptureArchive:
     def __init__(self, path: Path, create: bool = True) -> None:
         if not create and not path.is_file():
             raise ArchiveError(
-                "missing-archive", f"{path}: no capture archive (run immune-fleet capture pull)"
+                Reason.MISSING_ARCHIVE, f"{path}: no capture archive (run immune-fleet capture pull)"
             )
         self.path = path
         if create:
@@ -89,7 +90,7 @@ class CaptureArchive:
             self._conn = sqlite3.connect(path, isolation_level=None)
             self._conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise ArchiveError("bad-archive", f"{path}: not a capture archive ({exc})") from None
+            raise ArchiveError(Reason.BAD_ARCHIVE, f"{path}: not a capture archive ({exc})") from None
 
     def close(self) -> None:
         self._conn.close()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from shared.errors import ContractError
+from shared.errors import ContractError, TransientError
 
 
 def transfer_progress(console: Console, transient: bool = True) -> Progress:
@@ -25,12 +25,16 @@ def transfer_progress(console: Console, transient: bool = True) -> Progress:
 
 
 def run_cli(app: Callable[[], object]) -> None:
-    """Run a Typer ``app``; a ContractError or OSError is printed as one line on stderr, exit 1."""
+    """Run a Typer ``app``; a ContractError, TransientError or OSError is printed as one line on
+    stderr, exit 1."""
     err_console = Console(stderr=True)
     try:
         app()
     except ContractError as exc:
         err_console.print(f"REJECTED ({exc.reason}): {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except TransientError as exc:  # the input may be fine: the same command may succeed later
+        err_console.print(f"FAILED ({exc.reason}, try again): {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except OSError as exc:
         err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)

@@ -9,6 +9,7 @@ from typing import Annotated, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import ContractError, describe_validation_error
+from shared.reasons import Reason
 from shared.topics import DEFAULT_ROOT
 
 CONFIG_DIR = Path("/etc/immune-edge")
@@ -68,14 +69,14 @@ def load_config(path: Path, model: type[ConfigT]) -> ConfigT:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError("config-missing", f"{path}: config file not found") from None
+        raise ConfigError(Reason.CONFIG_MISSING, f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("config-unreadable", f"{path}: cannot read config ({exc})") from None
+        raise ConfigError(Reason.CONFIG_UNREADABLE, f"{path}: cannot read config ({exc})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config-syntax", f"{path}: invalid TOML: {exc}") from None
+        raise ConfigError(Reason.CONFIG_SYNTAX, f"{path}: invalid TOML: {exc}") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("config-invalid", describe_validation_error(exc, str(path), "key ")) from None
+        raise ConfigError(Reason.CONFIG_INVALID, describe_validation_error(exc, str(path), "key ")) from None

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from shared.reasons import Reason
 
-class ContractError(ValueError):
-    """Input that does not satisfy a shared contract (schema, signature, size, topic...).
 
-    ``reason`` is a short stable code (for events and tests); ``str(err)`` is the
-    human message, which always names the offending field, key or signature.
-    """
+class ReasonedError(Exception):
+    """An error that carries a stable reason code (``reason``, a ``Reason`` member) beside its human
+    message; ``str(err)`` always names the offending field, key, file or signature."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        #: Converting checks the code: an unknown one is a programming error, caught by the tests.
+        self.reason = Reason(reason)
 
 
-class TransientError(ContractError):
-    """The device could not finish for now (network, disk): the same input may succeed later, so it
-    is retried; every other ContractError is permanent for that input."""
+class ContractError(ReasonedError, ValueError):
+    """Input that does not satisfy a shared contract (schema, signature, size, topic...): permanent
+    for that input, so it is refused, never retried."""
+
+
+class TransientError(ReasonedError):
+    """The device could not finish for now (network, disk, shutdown): the input may be fine and the
+    same attempt may succeed later, so it is retried. Deliberately not a ContractError: code that
+    refuses bad input must never catch it by accident."""
 
 
 class SchemaError(ContractError):
@@ -45,4 +51,4 @@ def describe_validation_error(exc: ValidationError, what: str, key_label: str = 
 
 def schema_error(exc: ValidationError, what: str) -> SchemaError:
     """Wrap a pydantic ValidationError as a SchemaError naming the fields."""
-    return SchemaError("schema", describe_validation_error(exc, what))
+    return SchemaError(Reason.SCHEMA, describe_validation_error(exc, what))

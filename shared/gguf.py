@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from shared.errors import ArtifactError
+from shared.reasons import Reason
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -101,7 +102,7 @@ class GgufHeader:
 
 
 def _reject(path: Path, problem: str) -> ArtifactError:
-    return ArtifactError("bad-gguf", f"{path.name}: not an acceptable GGUF file: {problem}")
+    return ArtifactError(Reason.BAD_GGUF, f"{path.name}: not an acceptable GGUF file: {problem}")
 
 
 class _Reader:

@@ -15,6 +15,7 @@ from shared.artifacts import describe_artifact
 from shared.errors import ArtifactError
 from shared.gguf import GgufHeader, minimum_ram_mb, read_gguf_header
 from shared.manifest import BaseModelRef, HealthGate, Manifest, Quantization, RuntimeProfile
+from shared.reasons import Reason
 
 #: The manifest defaults every publisher shares (``immune-train publish``, ``immune-fleet manifest create``).
 DEFAULT_CHANNEL = "stable"
@@ -52,7 +53,9 @@ class ManifestSpec:
 
 def _check_adapter(gguf: Path, header: GgufHeader, base: BaseModelRef | None) -> None:
     if base is None:
-        raise ArtifactError("missing-base", f"{gguf.name} is a LoRA adapter: say which base GGUF it runs on")
+        raise ArtifactError(
+            Reason.MISSING_BASE, f"{gguf.name} is a LoRA adapter: say which base GGUF it runs on"
+        )
     check_recorded_base(gguf.name, header, base.name, base.sha256)
 
 
@@ -63,14 +66,14 @@ def file_quantization(gguf: Path, header: GgufHeader, claimed: Quantization | No
     if actual is None:
         if claimed is None:
             raise ArtifactError(
-                "unknown-quantization",
+                Reason.UNKNOWN_QUANTIZATION,
                 f"{gguf.name}: the header's general.file_type ({header.file_type}) is not one a manifest "
                 "can name; give the quantization explicitly",
             )
         return claimed
     if claimed is not None and claimed.value != actual:
         raise ArtifactError(
-            "quantization-mismatch",
+            Reason.QUANTIZATION_MISMATCH,
             f"{gguf.name}: the file is {actual} (general.file_type {header.file_type}), not {claimed.value}",
         )
     return Quantization(actual)
@@ -85,7 +88,9 @@ def build_manifest(
         _check_adapter(gguf, header, spec.base)
         quantization = spec.quantization or Quantization.F16  # an adapter's header names no file type
     elif spec.base is not None:
-        raise ArtifactError("not-an-adapter", f"{gguf.name} is a GGUF {header.kind!r}, but a base was given")
+        raise ArtifactError(
+            Reason.NOT_AN_ADAPTER, f"{gguf.name} is a GGUF {header.kind!r}, but a base was given"
+        )
     else:
         quantization = file_quantization(gguf, header, spec.quantization)
     entry = describe_artifact(gguf, list(spec.urls), on_progress=on_progress)

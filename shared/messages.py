@@ -12,6 +12,7 @@ from pydantic import AwareDatetime, ConfigDict, Field, model_validator
 from shared.capture import CaptureChunk, CapturePullAction, CapturePurgeAction
 from shared.errors import SchemaError
 from shared.manifest import ModelName
+from shared.reasons import Reason
 from shared.schema import Contract, Identifier, Sha256Hex
 from shared.signing import Envelope
 from shared.topics import TopicKind, TopicRef
@@ -331,7 +332,7 @@ def decode_payload(ref: TopicRef, payload: bytes) -> Contract | None:
         claimed = getattr(message, field, None)
         if expected is not None and claimed is not None and claimed != expected:
             raise SchemaError(
-                "identity",
+                Reason.IDENTITY,
                 f"{ref.kind.value} payload: {field} {claimed!r} does not match the topic ({expected!r})",
             )
     return message

@@ -9,6 +9,7 @@ from typing import Annotated, ClassVar, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from shared.errors import SchemaError, schema_error
+from shared.reasons import Reason
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
@@ -72,7 +73,7 @@ class Contract(BaseModel):
         size = len(data.encode() if isinstance(data, str) else data)
         if size > cls.MAX_BYTES:
             raise SchemaError(
-                "too-large", f"{label}: {size} bytes exceeds the limit of {cls.MAX_BYTES} bytes"
+                Reason.TOO_LARGE, f"{label}: {size} bytes exceeds the limit of {cls.MAX_BYTES} bytes"
             )
         try:
             return cls.model_validate_json(data)

@@ -22,6 +22,7 @@ from enum import StrEnum
 from pydantic import TypeAdapter, ValidationError
 
 from shared.errors import ContractError
+from shared.reasons import Reason
 from shared.schema import Identifier
 
 DEFAULT_ROOT = "immune-edge/v1"
@@ -74,7 +75,7 @@ def check_identifier(value: str, what: str) -> str:
     try:
         return _identifier.validate_python(value)
     except ValidationError as exc:
-        raise TopicError("topic", f"{what}: {exc.errors(include_url=False)[0]['msg']}") from None
+        raise TopicError(Reason.TOPIC, f"{what}: {exc.errors(include_url=False)[0]['msg']}") from None
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class Topics:
         """Parse a topic of this fleet, or raise TopicError naming what is wrong."""
         prefix = self.base + "/"
         if not topic.startswith(prefix):
-            raise TopicError("topic", f"topic {topic!r} is not under {prefix!r}")
+            raise TopicError(Reason.TOPIC, f"topic {topic!r} is not under {prefix!r}")
         parts = topic[len(prefix) :].split("/")
         for part in parts:
             check_identifier(part, f"topic {topic!r}")
@@ -176,7 +177,7 @@ class Topics:
                 return TopicRef(_DEVICE_LEAVES[leaf], self.fleet, device=device)
             case ["operator", operator, "response"]:
                 return TopicRef(TopicKind.RESPONSE, self.fleet, operator=operator)
-        raise TopicError("topic", f"topic {topic!r} is not part of the immune-edge protocol")
+        raise TopicError(Reason.TOPIC, f"topic {topic!r} is not part of the immune-edge protocol")
 
 
 def render_mosquitto_acl(

@@ -20,6 +20,7 @@ from edge.state.ledger import ChangeKind, InstalledModel
 from shared.config import load_config
 from shared.messages import DeploymentState
 from shared.outcome import ResultCode
+from shared.reasons import Reason
 from shared.topics import TopicKind, TopicRef
 from tests.harness.broker import Mosquitto
 from tests.harness.edge import sign_manifest, write_edge_config
@@ -122,18 +123,18 @@ def test_a_move_the_table_lacks_is_refused(kind, reached, state) -> None:
 # -- the deployer's go-live -------------------------------------------------------------------------------
 def test_a_failed_trial_marks_the_serial_bad_and_serves_the_previous_model(device: Device) -> None:
     assert device.install("one", 1).result is ResultCode.COMMITTED
-    device.activator.fail_next["trial"] = ActivationError("trial-failed", "answers were empty")
+    device.activator.fail_next["trial"] = ActivationError(Reason.TRIAL_ERRORS, "answers were empty")
     outcome = device.install("two", 2)
-    assert (outcome.result, outcome.reason) == (ResultCode.ROLLED_BACK, "trial-failed")
+    assert (outcome.result, outcome.reason) == (ResultCode.ROLLED_BACK, Reason.TRIAL_ERRORS)
     assert device.ledger.current().serial == 1 and device.ledger.previous() is None
-    assert device.ledger.bad_serials() == {("stable", 2): "trial-failed: answers were empty"}
+    assert device.ledger.bad_serials() == {("stable", 2): "trial-errors: answers were empty"}
     assert device.ledger.last_serial("stable") == 2  # the floor stays: serial 2 is not offered again
     assert device.activator.calls[-1] == ("restore", ("stable", 1))
 
 
 def test_a_model_that_cannot_start_fails_without_a_bad_mark(device: Device) -> None:
     assert device.install("one", 1).ok
-    device.activator.fail_next["activate"] = ActivationError("load-failed", "out of memory")
+    device.activator.fail_next["activate"] = ActivationError(Reason.LOAD_FAILED, "out of memory")
     outcome = device.install("two", 2)
     assert (outcome.result, outcome.reason) == (ResultCode.FAILED, "load-failed")
     assert device.ledger.current().serial == 1 and device.ledger.bad_serials() == {}
@@ -155,7 +156,9 @@ def test_a_rollback_keeps_the_floor_gets_no_trial_and_a_pin_pins(device: Device)
 # -- restart recovery -------------------------------------------------------------------------------------
 def _interrupted_in_trial(device: Device) -> None:
     device.install("one", 1)
-    device.activator.fail_next["trial"] = ActivationInterruptedError("stopping", "the daemon is stopping")
+    device.activator.fail_next["trial"] = ActivationInterruptedError(
+        Reason.SHUTDOWN, "the daemon is stopping"
+    )
     outcome = device.install("two", 2)
     assert outcome.reason == "interrupted" and device.ledger.last_deployment().state is S.TRIAL
 
@@ -187,7 +190,9 @@ def test_a_rollback_interrupted_while_activating_is_switched_again(device: Devic
     device.install("one", 1)
     device.install("two", 2)
     device.activator.calls.clear()
-    device.activator.fail_next["activate"] = ActivationInterruptedError("stopping", "the daemon is stopping")
+    device.activator.fail_next["activate"] = ActivationInterruptedError(
+        Reason.SHUTDOWN, "the daemon is stopping"
+    )
     OperatorActions(device.deployer).rollback(None, "operator")
     row = device.ledger.last_deployment()
     assert (row.kind, row.state) == (ChangeKind.ROLLBACK, S.ACTIVATING)

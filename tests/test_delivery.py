@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from edge.delivery.downloader import Downloader, DownloadError, DownloadPolicy
+from edge.delivery.downloader import Downloader, DownloadError, DownloadInterruptedError, DownloadPolicy
 from edge.delivery.store import ContentStore
-from shared.errors import ArtifactError
+from shared.errors import ArtifactError, ContractError
 from shared.gguf import read_gguf_header
 from shared.manifest import ArtifactFile
+from shared.reasons import Reason
 from tests.factories import gguf_bytes
 from tests.harness.artifact_server import ArtifactServer, Fault
 from tests.harness.waiting import wait_until
@@ -122,9 +123,10 @@ def test_server_declaring_another_size_is_refused(artifact_server, store, blob) 
 def test_not_enough_disk_space_fails_before_any_request(artifact_server, store, blob) -> None:
     entry = entry_for(blob, artifact_server.add("m.gguf", blob))
     policy = DownloadPolicy(free_space_margin_bytes=1 << 60)
-    with pytest.raises(DownloadError, match="needs .* bytes free") as err:
+    with pytest.raises(DownloadInterruptedError, match="needs .* bytes free") as err:
         Downloader(store, policy).fetch(entry)
-    assert err.value.reason == "disk-space"
+    assert err.value.reason is Reason.DISK_SPACE
+    assert not isinstance(err.value, ContractError)  # transient: retried, never refused as bad input
     assert artifact_server.requests == []
 
 

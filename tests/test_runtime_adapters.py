@@ -71,8 +71,8 @@ def plane(tmp_path_factory, smollm2_model) -> Iterator[Plane]:
 
 def test_two_adapters_share_one_worker_and_each_answers_as_itself(plane: Plane) -> None:
     runtime, router = plane.plane.runtime, plane.plane.router
-    runtime.serve_adapter("slips-summary", plane.adapters["lora-1"], key="summary-1")
-    runtime.serve_adapter("slips-risk", plane.adapters["lora-2"], key="risk-1")
+    runtime.adapters.serve("slips-summary", plane.adapters["lora-1"], key="summary-1")
+    runtime.adapters.serve("slips-risk", plane.adapters["lora-2"], key="risk-1")
     listed = [m["id"] for m in httpx.get(f"{plane.base_url}/v1/models").json()["data"]]
     assert listed == ["smollm2-base", "slips", "slips-risk", "slips-summary"]  # adapters by name
 
@@ -95,8 +95,8 @@ def test_two_adapters_share_one_worker_and_each_answers_as_itself(plane: Plane) 
 
 def test_telemetry_and_metrics_report_each_adapter(plane: Plane, tmp_path: Path) -> None:
     runtime, metrics = plane.plane.runtime, plane.plane.metrics
-    runtime.serve_adapter("slips-summary", plane.adapters["lora-1"], key="summary-1")
-    runtime.serve_adapter("risk.v2", plane.adapters["lora-2"], key="risk-2")
+    runtime.adapters.serve("slips-summary", plane.adapters["lora-1"], key="summary-1")
+    runtime.adapters.serve("risk.v2", plane.adapters["lora-2"], key="risk-2")
     sensors = HostSensors(tmp_path / "sys", tmp_path / "proc", vcgencmd=None)
     ledger = Ledger(StateDB(tmp_path / "state.db"))
     sampler = TelemetrySampler("pi-a", "lab", sensors, ledger, tmp_path, runtime, metrics)
@@ -116,20 +116,20 @@ def test_telemetry_and_metrics_report_each_adapter(plane: Plane, tmp_path: Path)
     ok = 'immune_edge_model_requests_total{model="slips-summary",outcome="ok"}'
     assert float(next(line for line in text.splitlines() if line.startswith(ok)).split()[-1]) >= 2
     assert 'immune_edge_model_completion_tokens_total{model="smollm2-base"}' in text
-    runtime.remove_adapter("risk.v2")
+    runtime.adapters.remove("risk.v2")
 
 
 def test_adapters_added_replaced_and_removed_under_load_fail_no_request(plane: Plane) -> None:
     runtime = plane.plane.runtime
-    runtime.serve_adapter("slips-summary", plane.adapters["lora-1"], key="summary-1")
+    runtime.adapters.serve("slips-summary", plane.adapters["lora-1"], key="summary-1")
     before = plane.answer("slips-summary")
     with LoadClients(plane.base_url, clients=4, model="slips-summary") as load:
         load.wait_for_requests(4)
-        runtime.serve_adapter("slips-triage", plane.adapters["lora-3"], key="triage-1")
+        runtime.adapters.serve("slips-triage", plane.adapters["lora-3"], key="triage-1")
         load.wait_for_requests(4)
-        runtime.serve_adapter("slips-summary", plane.adapters["lora-4"], key="summary-2")  # replaced
+        runtime.adapters.serve("slips-summary", plane.adapters["lora-4"], key="summary-2")  # replaced
         load.wait_for_requests(4)
-        runtime.remove_adapter("slips-triage")
+        runtime.adapters.remove("slips-triage")
         load.wait_for_requests(4)
     assert load.failures() == [] and len(load.snapshot()) >= 16
     assert {o.model for o in load.snapshot()} == {"slips-summary"}
@@ -141,16 +141,16 @@ def test_adapters_added_replaced_and_removed_under_load_fail_no_request(plane: P
 
 def test_an_adapter_failing_its_gate_is_not_served_and_the_others_keep_serving(plane: Plane) -> None:
     runtime = plane.plane.runtime
-    runtime.serve_adapter("slips-risk", plane.adapters["lora-2"], key="risk-1")
+    runtime.adapters.serve("slips-risk", plane.adapters["lora-2"], key="risk-1")
     risk = plane.answer("slips-risk")
     slow = GateCriteria(golden_prompts=("Say hello.",), min_tokens_per_second=1e9)
     with pytest.raises(ActivationError) as refused:
-        runtime.serve_adapter("slips-risk", plane.adapters["lora-3"], key="risk-2", criteria=slow)
+        runtime.adapters.serve("slips-risk", plane.adapters["lora-3"], key="risk-2", criteria=slow)
     assert refused.value.reason == "health-gate-slow"
     assert plane.answer("slips-risk") == risk  # still the version that passed
     assert "risk-2" not in plane.plane.router.active.worker.adapters
     with pytest.raises(ActivationError, match="names already served: smollm2-base") as clash:
-        runtime.serve_adapter("smollm2-base", plane.adapters["lora-3"], key="clash")
+        runtime.adapters.serve("smollm2-base", plane.adapters["lora-3"], key="clash")
     assert clash.value.reason == "name-clash"
 
 
@@ -159,7 +159,7 @@ def test_an_adapter_made_for_another_base_is_refused_by_llama_cpp(
 ) -> None:
     foreign = write_lora(tmp_path / "gemma-lora.gguf", gemma3_model, seed=5)
     with pytest.raises(ActivationError) as refused:
-        plane.plane.runtime.serve_adapter("slips-gemma", foreign, key="gemma-1")
+        plane.plane.runtime.adapters.serve("slips-gemma", foreign, key="gemma-1")
     assert refused.value.reason == "load-failed" and "could not load the adapter" in str(refused.value)
     assert plane.plane.router.active.worker.alive
     assert plane.ask("smollm2-base").status_code == 200
@@ -167,7 +167,7 @@ def test_an_adapter_made_for_another_base_is_refused_by_llama_cpp(
 
 def test_a_restarted_worker_loads_its_adapters_again(plane: Plane) -> None:
     runtime, router = plane.plane.runtime, plane.plane.router
-    runtime.serve_adapter("slips-summary", plane.adapters["lora-1"], key="summary-1")
+    runtime.adapters.serve("slips-summary", plane.adapters["lora-1"], key="summary-1")
     summary = plane.answer("slips-summary")
     dead = router.active.worker
     os.kill(dead.pid, signal.SIGKILL)

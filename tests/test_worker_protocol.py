@@ -128,3 +128,41 @@ def test_threads_are_measured_at_load_within_what_the_process_may_use(smollm2_mo
     assert (one.n_threads, one.n_threads_batch) == (1, 1)
     assert 1 <= every.n_threads <= len(allowed) and every.n_threads_batch == 1
     assert one.tuned_threads == (1, 1)
+
+
+def test_a_model_that_answers_nothing_fails_its_gate_as_empty(smollm2_model, worker):
+    """`health-gate-empty`: the model's own stop sequences (every printable character) end each golden
+    answer before its first character, so the model loads and answers, with no text. The same prompt
+    passes the gate on a worker without them, so the refusal is the empty answer, not the prompt."""
+    import string
+
+    from edge.runtime.health import GateCriteria, GateError, run_health_gate
+    from shared.reasons import Reason
+
+    criteria = GateCriteria(golden_prompts=("Say hello.",), max_tokens=8)
+    assert run_health_gate(worker, criteria, None).answers[0].strip()
+    spec = LoadSpec(model_path=str(smollm2_model), n_ctx=512, n_threads=1, stop=list(string.printable))
+    mute = WorkerHandle(spec, "mute").start()
+    try:
+        with pytest.raises(GateError, match="produced no text") as refused:
+            run_health_gate(mute, criteria, None)
+    finally:
+        mute.stop()
+    assert refused.value.reason is Reason.HEALTH_GATE_EMPTY
+
+
+def test_a_worker_that_dies_fails_its_gate_as_a_worker_fault(smollm2_model):
+    """`health-gate-worker`: the worker process is killed after loading; the gate names the worker,
+    not the model's answers or speed."""
+    from edge.runtime.health import GateCriteria, GateError, run_health_gate
+    from shared.reasons import Reason
+
+    handle = WorkerHandle(LoadSpec(model_path=str(smollm2_model), n_ctx=512, n_threads=1), "killed").start()
+    try:
+        handle._process.kill()
+        handle._process.join(10)
+        with pytest.raises(GateError, match="the worker failed during the health gate") as refused:
+            run_health_gate(handle, GateCriteria(golden_prompts=("Say hello.",)), None)
+    finally:
+        handle.stop()
+    assert refused.value.reason is Reason.HEALTH_GATE_WORKER

@@ -21,6 +21,7 @@ from pathlib import Path
 from shared.artifacts import sha256_file
 from shared.gguf import BASE_SHA256_KEY, read_gguf_header
 from shared.manifest import Quantization
+from shared.reasons import Reason
 from trainer.base_model import is_gguf
 from trainer.errors import TrainerError
 from trainer.gguf_metadata import stamp_string
@@ -43,7 +44,7 @@ def export_adapter(
     spec = str(run.config["base_model"])
     if not is_gguf(spec):
         raise TrainerError(
-            "adapter-needs-gguf-base",
+            Reason.ADAPTER_NEEDS_GGUF_BASE,
             f"base_model {spec} is not a GGUF: an adapter runs on the base GGUF the devices hold, "
             'so train from that file (base_model = "<file>.gguf")',
         )
@@ -52,7 +53,7 @@ def export_adapter(
     base_folder = Path(config["base_model_name_or_path"])
     if not (base_folder / "config.json").is_file():
         raise TrainerError(
-            "missing-base", f"{base_folder}: the converted base the adapter was trained on is gone"
+            Reason.MISSING_BASE, f"{base_folder}: the converted base the adapter was trained on is gone"
         )
     target = layout.export.adapter(run_dir.name)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,13 +68,15 @@ def export_adapter(
         str(layout.adapter_dir),
     )  # fmt: skip
     if result.returncode != 0 or not target.is_file():
-        raise TrainerError("export-failed", f"convert_lora_to_gguf.py failed: {result.stderr.strip()[-400:]}")
+        raise TrainerError(
+            Reason.EXPORT_FAILED, f"convert_lora_to_gguf.py failed: {result.stderr.strip()[-400:]}"
+        )
     base_size, base_sha256 = sha256_file(base)
     stamp_string(target, BASE_SHA256_KEY, base_sha256)
     header = read_gguf_header(target, None)
     if (header.kind, header.adapter_type, header.base_sha256) != ("adapter", "lora", base_sha256):
         raise TrainerError(
-            "export-failed", f"{target.name} does not read back as a LoRA adapter for {base.name}"
+            Reason.EXPORT_FAILED, f"{target.name} does not read back as a LoRA adapter for {base.name}"
         )
     size, sha256 = sha256_file(target)
     exported = ExportedAdapter(
@@ -100,7 +103,7 @@ def _answers(base: Path, adapter: Path) -> bool:
         model = Llama(model_path=str(base), lora_path=str(adapter), n_ctx=256, n_threads=2, verbose=False)
     except ValueError as exc:
         raise TrainerError(
-            "export-failed", f"llama-cpp-python cannot apply {adapter.name} to {base.name}: {exc}"
+            Reason.EXPORT_FAILED, f"llama-cpp-python cannot apply {adapter.name} to {base.name}: {exc}"
         ) from None
     try:
         text = model.create_completion("Port scans are", max_tokens=8, temperature=0.0)["choices"][0]["text"]

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from shared.artifacts import sha256_file
 from shared.errors import ArtifactError
 from shared.gguf import read_gguf_header
+from shared.reasons import Reason
 from trainer.errors import TrainerError
 from trainer.nll import llama_nll, token_nll
 from trainer.tokenizer_fidelity import FidelityReport, compare_tokenizers, gguf_reference, hf_reference
@@ -94,11 +95,11 @@ def is_gguf(spec: str) -> bool:
 def gguf_architecture(path: Path) -> str:
     """The ``general.architecture`` of a GGUF; TrainerError when the file is missing or not a GGUF."""
     if not path.is_file():
-        raise TrainerError("missing-base-model", f"{path}: no such GGUF file")
+        raise TrainerError(Reason.MISSING_BASE_MODEL, f"{path}: no such GGUF file")
     try:
         return read_gguf_header(path, allowed_architectures=None).architecture
     except ArtifactError as exc:
-        raise TrainerError("bad-base-model", f"{path}: {exc}") from exc
+        raise TrainerError(Reason.BAD_BASE_MODEL, f"{path}: {exc}") from exc
 
 
 def check_convertible(path: Path) -> str:
@@ -106,7 +107,7 @@ def check_convertible(path: Path) -> str:
     architecture = gguf_architecture(path)
     if architecture not in CONVERTIBLE_ARCHITECTURES:
         raise TrainerError(
-            "unsupported-architecture",
+            Reason.UNSUPPORTED_ARCHITECTURE,
             f"{path.name}: architecture {architecture!r} cannot be trained from a GGUF here "
             f"(supported: {', '.join(sorted(CONVERTIBLE_ARCHITECTURES))}); use its Hugging Face folder",
         )
@@ -123,7 +124,7 @@ def _rebuilt_tokenizer(path: Path, size: int, mtime_ns: int) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError) as exc:
-        raise TrainerError("bad-tokenizer", f"cannot read the tokenizer of {path}: {exc}") from exc
+        raise TrainerError(Reason.BAD_TOKENIZER, f"cannot read the tokenizer of {path}: {exc}") from exc
 
 
 def load_gguf_tokenizer(path: Path) -> Any:
@@ -222,7 +223,7 @@ def resolve_base(
         log.info("base %s: using the converted copy in %s", path.name, target)
         return BaseSource(spec=spec, load_path=str(target), gguf=path, converted=converted)
     if not samples:
-        raise TrainerError("empty-dataset", "no sample conversations to check the converted base with")
+        raise TrainerError(Reason.EMPTY_DATASET, "no sample conversations to check the converted base with")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         staging = Path(scratch) / "model"
@@ -263,7 +264,7 @@ def require_parity(parity: ParityCheck, path: Path, architecture: str) -> None:
     """TrainerError('broken-conversion') when the converted weights do not behave like the GGUF's."""
     if abs(math.log1p(parity.gap)) > math.log1p(PARITY_TOLERANCE):
         raise TrainerError(
-            "broken-conversion",
+            Reason.BROKEN_CONVERSION,
             f"{path.name} ({architecture}): converted to transformers, the model's perplexity is "
             f"{parity.perplexity_converted:.3g} where llama-cpp-python gets "
             f"{parity.perplexity_llama_cpp:.3g} on the same {parity.tokens} tokens "
@@ -281,7 +282,7 @@ def _dequantize(path: Path) -> Any:
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise TrainerError("bad-base-model", f"transformers cannot load {path.name}: {exc}") from exc
+        raise TrainerError(Reason.BAD_BASE_MODEL, f"transformers cannot load {path.name}: {exc}") from exc
     # The weights are plain float32 tensors now; without this, transformers refuses to save the model
     # ("quantized with GGUF and not serializable") and later loaders would look for a GGUF quantizer.
     model.hf_quantizer = None
@@ -312,7 +313,9 @@ def parity_check(model: Any, gguf: Path, texts: Sequence[str]) -> ParityCheck:
     finally:
         llama.close()
     if tokens_seen == 0:
-        raise TrainerError("empty-dataset", "the sample conversations gave no tokens to check the base on")
+        raise TrainerError(
+            Reason.EMPTY_DATASET, "the sample conversations gave no tokens to check the base on"
+        )
     return ParityCheck(
         perplexity_converted=math.exp(nll_converted / tokens_seen),
         perplexity_llama_cpp=math.exp(nll_llama / tokens_seen),
@@ -342,4 +345,6 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise TrainerError("bad-tokenizer", f"cannot load a tokenizer from {name_or_path}: {exc}") from exc
+        raise TrainerError(
+            Reason.BAD_TOKENIZER, f"cannot load a tokenizer from {name_or_path}: {exc}"
+        ) from exc

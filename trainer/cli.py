@@ -15,6 +15,7 @@ from rich.table import Table
 from shared.cli_entry import run_cli, transfer_progress
 from shared.manifest import Quantization
 from shared.manifest_builder import DEFAULT_CHANNEL, DEFAULT_CPU_ARCH, DEFAULT_TASK
+from shared.reasons import Reason
 from trainer import toolchain as toolchain_module
 from trainer.base_model import load_tokenizer
 from trainer.context import publish_context, request_fit_beside
@@ -134,7 +135,7 @@ def prepare_command(
     if prompt_profile is not None:
         get_profile(prompt_profile)  # an unknown name fails before the tokenizer loads
     if not sources and from_capture is None:
-        raise TrainerError("bad-input", "give at least one dataset, or --from-capture")
+        raise TrainerError(Reason.BAD_INPUT, "give at least one dataset, or --from-capture")
     with _spinner("preparing records"):
         model_tokenizer = load_tokenizer(tokenizer)
         result = prepare(

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from shared.manifest_builder import DEFAULT_N_CTX
+from shared.reasons import Reason
 from trainer.errors import TrainerError
 from trainer.records import EvalReport, RequestFit
 
@@ -23,7 +24,7 @@ def request_fit_beside(data: Path) -> RequestFit | None:
         found = json.loads(stats.read_text()).get("requests")
         return None if found is None else RequestFit.model_validate(found)
     except (json.JSONDecodeError, ValidationError, AttributeError) as exc:
-        raise TrainerError("bad-stats", f"{stats}: not prepare's stats ({exc})") from None
+        raise TrainerError(Reason.BAD_STATS, f"{stats}: not prepare's stats ({exc})") from None
 
 
 def publish_context(report: EvalReport, n_ctx: int | None) -> int:
@@ -35,7 +36,7 @@ def publish_context(report: EvalReport, n_ctx: int | None) -> int:
         return fit.context_needed
     if n_ctx < fit.context_needed:
         raise TrainerError(
-            "context-too-small",
+            Reason.CONTEXT_TOO_SMALL,
             f"--n-ctx {n_ctx} is smaller than the {fit.context_needed} tokens {fit.profile} needs: its "
             f"longest request is {fit.longest_prompt_tokens} tokens ({fit.longest_request}) plus "
             f"max_tokens {fit.max_tokens}",

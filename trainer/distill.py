@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.reasons import Reason
 from trainer.dataset.records import ChatMessage, ChatRecord, read_records
 from trainer.dataset.slips import clean_answer
 from trainer.errors import TrainerError
@@ -140,7 +141,7 @@ def request_profile(record: ChatRecord) -> PromptProfile:
     name = record.meta.get("profile")
     if not name or record.meta.get("request") not in ("final", "reduction"):
         raise TrainerError(
-            "bad-input",
+            Reason.BAD_INPUT,
             f"record {record.id} was not rendered by a prompt profile (prepare it with --prompt-profile)",
         )
     return get_profile(name)
@@ -189,18 +190,18 @@ class Distiller:
                 reason = f"no answer within {self.teacher.timeout_s:g} s"
             except httpx.TransportError as exc:  # nothing listens, DNS, TLS: every request would fail
                 raise TeacherDownError(
-                    "teacher-unreachable", f"cannot reach the teacher at {self.teacher.endpoint}: {exc}"
+                    Reason.TEACHER_UNREACHABLE, f"cannot reach the teacher at {self.teacher.endpoint}: {exc}"
                 ) from exc
             else:
                 if response.status_code in (401, 403):
                     raise TeacherDownError(
-                        "teacher-unauthorized",
+                        Reason.TEACHER_UNAUTHORIZED,
                         f"the teacher at {self.teacher.endpoint} refused the credentials "
                         f"(HTTP {response.status_code}); give --api-key-file",
                     )
                 if response.status_code == 404:  # no such endpoint or model: no request can succeed
                     raise TeacherDownError(
-                        "teacher-model-unknown",
+                        Reason.TEACHER_MODEL_UNKNOWN,
                         f"the teacher at {self.teacher.endpoint} has no model {self.teacher.model!r} or "
                         f"no such endpoint (HTTP 404): {response.text[:200]}",
                     )
@@ -273,7 +274,7 @@ def already_written(output: Path) -> set[str]:
             if number == len(lines):  # the line a crash cut short
                 log.warning("%s: dropping its torn last line", output)
                 continue
-            raise TrainerError("bad-record", f"{output}:{number}: not a distilled record") from None
+            raise TrainerError(Reason.BAD_RECORD, f"{output}:{number}: not a distilled record") from None
         ids.add(record.id)
         kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines) or (lines and not lines[-1].endswith("\n")):
@@ -317,12 +318,14 @@ def distill(
     """Distill a prepared folder (train.jsonl, eval.jsonl) into ``output_dir``; ``stats.json`` is
     copied beside with a ``distill`` section, so eval and publish still find the request fit."""
     if not data_dir.is_dir():
-        raise TrainerError("missing-data", f"{data_dir}: no such folder (run immune-train prepare)")
+        raise TrainerError(Reason.MISSING_DATA, f"{data_dir}: no such folder (run immune-train prepare)")
     splits = [name for name in SPLITS if (data_dir / name).is_file()]
     if not splits:
-        raise TrainerError("missing-data", f"{data_dir}: no train.jsonl or eval.jsonl to distill")
+        raise TrainerError(Reason.MISSING_DATA, f"{data_dir}: no train.jsonl or eval.jsonl to distill")
     if data_dir.resolve() == output_dir.resolve():
-        raise TrainerError("bad-input", "distill writes beside its input, not over it: give another --output")
+        raise TrainerError(
+            Reason.BAD_INPUT, "distill writes beside its input, not over it: give another --output"
+        )
     reports = {
         name: distill_split(data_dir / name, output_dir / name, teacher, on_outcome) for name in splits
     }
@@ -340,7 +343,7 @@ def distill(
             reasons.update(report.left_out)
         first = next((r.examples[0][1] for r in reports.values() if r.examples), "no records")
         raise TrainerError(
-            "no-teacher-answers",
+            Reason.NO_TEACHER_ANSWERS,
             f"the teacher gave no usable answer ({dict(reasons)}; e.g. {first})",
         )
     return reports

@@ -20,6 +20,7 @@ from shared.artifacts import sha256_file
 from shared.errors import ArtifactError
 from shared.gguf import read_gguf_header
 from shared.manifest import Quantization
+from shared.reasons import Reason
 from trainer.comparison import compare_perplexity, compare_scores
 from trainer.dataset.records import ChatRecord
 from trainer.errors import TrainerError
@@ -75,7 +76,9 @@ def _render(model: Any, messages: list[dict[str, str]]) -> str:
 
     template = model.metadata.get("tokenizer.chat_template")
     if not template:
-        raise TrainerError("missing-chat-template", "the GGUF has no tokenizer.chat_template to render with")
+        raise TrainerError(
+            Reason.MISSING_CHAT_TEMPLATE, "the GGUF has no tokenizer.chat_template to render with"
+        )
     eos = model.detokenize([model.token_eos()], special=True).decode("utf-8", "replace")
     bos = model.detokenize([model.token_bos()], special=True).decode("utf-8", "replace")
     formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, add_generation_prompt=False)
@@ -105,7 +108,7 @@ def perplexity_of(nlls: Sequence[tuple[float, int]]) -> float:
     """exp(mean NLL per token) over all records."""
     total_tokens = sum(count for _, count in nlls)
     if total_tokens == 0:
-        raise TrainerError("empty-dataset", "no evaluation tokens: the held-out set is empty")
+        raise TrainerError(Reason.EMPTY_DATASET, "no evaluation tokens: the held-out set is empty")
     return math.exp(sum(nll for nll, _ in nlls) / total_tokens)
 
 
@@ -204,7 +207,7 @@ def captured_answers(task_set: Sequence[ChatRecord]) -> _Measured:
     missing = [r.id for r in task_set if not r.meta.get("captured_answer")]
     if missing:
         raise TrainerError(
-            "bad-baseline",
+            Reason.BAD_BASELINE,
             f"{len(missing)} held-out record(s) (first: {missing[0]}) hold no captured answer: "
             "--baseline-captured needs records prepared with --from-capture",
         )
@@ -224,11 +227,13 @@ def captured_answers(task_set: Sequence[ChatRecord]) -> _Measured:
 def check_baseline(path: Path) -> Path:
     """A baseline must be a GGUF file llama-cpp-python can run (the base model or the champion)."""
     if not path.is_file():
-        raise TrainerError("bad-baseline", f"{path}: no such baseline file")
+        raise TrainerError(Reason.BAD_BASELINE, f"{path}: no such baseline file")
     try:
         read_gguf_header(path, allowed_architectures=None)
     except ArtifactError as exc:
-        raise TrainerError("bad-baseline", f"{path}: the baseline must be a GGUF model file ({exc})") from exc
+        raise TrainerError(
+            Reason.BAD_BASELINE, f"{path}: the baseline must be a GGUF model file ({exc})"
+        ) from exc
     return path
 
 
@@ -248,11 +253,11 @@ def evaluate(
     longest held-out request seen. ``baseline_captured``: the baseline is the fleet model's own answers
     kept in the records (``prepare --from-capture``), instead of a GGUF."""
     if baseline is not None and baseline_captured:
-        raise TrainerError("bad-baseline", "give a baseline GGUF or --baseline-captured, not both")
+        raise TrainerError(Reason.BAD_BASELINE, "give a baseline GGUF or --baseline-captured, not both")
     if baseline is not None:
         check_baseline(baseline)
     if not records:
-        raise TrainerError("empty-dataset", "the held-out set is empty: nothing to evaluate on")
+        raise TrainerError(Reason.EMPTY_DATASET, "the held-out set is empty: nothing to evaluate on")
     ppl_set = list(records[: options.ppl_records])
     task_set = task_records(records, options.task_records)
     if request_fit is None and any(r.meta.get("profile") for r in task_set):
@@ -379,7 +384,9 @@ def _score_adapter(
         return None
     base = Path(exported.base_path)
     if not base.is_file() or sha256_file(base)[1] != exported.base_sha256:
-        raise TrainerError("missing-base", f"{base}: the adapter's base GGUF is gone or changed since export")
+        raise TrainerError(
+            Reason.MISSING_BASE, f"{base}: the adapter's base GGUF is gone or changed since export"
+        )
     found = _measure(base, ppl_set, task_set, options, adapter=export_dir / exported.file)
     ppl = perplexity_of(found.nlls)
     log.info("adapter %s on %s: perplexity %.3f", exported.file, base.name, ppl)
@@ -408,5 +415,7 @@ def load_eval(export_dir: Path) -> EvalReport:
     """The evaluation report of an export folder; publishing without one is refused."""
     path = ExportLayout(export_dir).eval_file
     if not path.is_file():
-        raise TrainerError("not-evaluated", f"{path}: no evaluation report (run immune-train eval first)")
+        raise TrainerError(
+            Reason.NOT_EVALUATED, f"{path}: no evaluation report (run immune-train eval first)"
+        )
     return EvalReport.read(path, "run immune-train eval first")

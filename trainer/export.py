@@ -12,6 +12,7 @@ from pathlib import Path
 
 from shared.artifacts import sha256_file
 from shared.manifest import Quantization
+from shared.reasons import Reason
 from trainer.adapter_export import export_adapter
 from trainer.base_model import is_gguf, load_tokenizer
 from trainer.dataset.records import ChatRecord, read_records
@@ -54,7 +55,7 @@ def parse_quant(name: str) -> Quantization:
         return Quantization(name.strip().lower())
     except ValueError:
         known = ", ".join(q.value for q in Quantization)
-        raise TrainerError("bad-quant", f"unknown quantization {name!r} (known: {known})") from None
+        raise TrainerError(Reason.BAD_QUANT, f"unknown quantization {name!r} (known: {known})") from None
 
 
 def export(
@@ -73,11 +74,13 @@ def export(
     ``adapter_gguf``, the LoRA is also written alone for its base GGUF, or for that base requantized
     to ``adapter_base`` (trainer.adapter_export)."""
     if adapter_base is not None and not adapter_gguf:
-        raise TrainerError("bad-option", "--adapter-base chooses the base of the adapter: add --adapter")
+        raise TrainerError(Reason.BAD_OPTION, "--adapter-base chooses the base of the adapter: add --adapter")
     layout = RunLayout(run_dir)
     adapter = layout.adapter_dir
     if not (adapter / "adapter_config.json").is_file():
-        raise TrainerError("missing-adapter", f"{adapter}: no LoRA adapter (run immune-train finetune first)")
+        raise TrainerError(
+            Reason.MISSING_ADAPTER, f"{adapter}: no LoRA adapter (run immune-train finetune first)"
+        )
     run = RunRecord.read(layout.run_file, "run immune-train finetune first")
     toolchain.check()
     toolchain.activate()
@@ -87,7 +90,7 @@ def export(
         model_name=str(adapter), load_in_4bit=False, dtype=None, local_files_only=True
     )
     if not getattr(tokenizer, "chat_template", None):
-        raise TrainerError("missing-chat-template", f"{adapter}: the tokenizer has no chat template")
+        raise TrainerError(Reason.MISSING_CHAT_TEMPLATE, f"{adapter}: the tokenizer has no chat template")
     target = layout.export.root
     if target.exists():
         shutil.rmtree(target)
@@ -96,7 +99,7 @@ def export(
     model.save_pretrained_gguf(str(target), tokenizer, quantization_method=[Quantization.F16.value])
     written = sorted(target.glob("*.F16.gguf"))
     if not written:
-        raise TrainerError("export-failed", f"Unsloth wrote no F16 GGUF into {target}")
+        raise TrainerError(Reason.EXPORT_FAILED, f"Unsloth wrote no F16 GGUF into {target}")
     f16 = written[0].rename(layout.export.gguf(run_dir.name, Quantization.F16))
     spec = str(run.config["base_model"])
     transplant_tokenizer(base_vocabulary(spec, toolchain, target), f16)
@@ -186,7 +189,7 @@ def base_vocabulary(spec: str, toolchain: Toolchain, directory: Path) -> Path:
     )
     if result.returncode != 0 or not target.is_file():
         raise TrainerError(
-            "export-failed", f"cannot read the base tokenizer of {spec}: {result.stderr.strip()[-300:]}"
+            Reason.EXPORT_FAILED, f"cannot read the base tokenizer of {spec}: {result.stderr.strip()[-300:]}"
         )
     return target
 

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from shared.reasons import Reason
 from trainer.base_model import describe, resolve_base
 from trainer.config import TrainConfig
 from trainer.dataset.captured import refuse_captured_answers
@@ -65,7 +66,7 @@ def _load_split(path: Path | None, what: str) -> list[ChatRecord]:
         return []
     records = list(read_records(path))
     if not records and what == "train":
-        raise TrainerError("empty-dataset", f"{path}: the training set is empty")
+        raise TrainerError(Reason.EMPTY_DATASET, f"{path}: the training set is empty")
     refuse_captured_answers(records, path)
     return records
 
@@ -90,7 +91,7 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     layout = RunLayout(config.output_dir)
     checkpoints = layout.checkpoints_dir
     if resume and not _has_checkpoint(checkpoints):
-        raise TrainerError("no-checkpoint", f"{checkpoints}: no checkpoint to resume from")
+        raise TrainerError(Reason.NO_CHECKPOINT, f"{checkpoints}: no checkpoint to resume from")
 
     import torch  # heavy imports only once the inputs are known to be good
     from datasets import Dataset
@@ -112,10 +113,12 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
             local_files_only=True,
         )
     except (OSError, ValueError) as exc:
-        raise TrainerError("bad-base-model", f"cannot load base model {config.base_model}: {exc}") from exc
+        raise TrainerError(
+            Reason.BAD_BASE_MODEL, f"cannot load base model {config.base_model}: {exc}"
+        ) from exc
     if not getattr(tokenizer, "chat_template", None):
         raise TrainerError(
-            "missing-chat-template", f"{config.base_model}: the tokenizer has no chat template"
+            Reason.MISSING_CHAT_TEMPLATE, f"{config.base_model}: the tokenizer has no chat template"
         )
 
     lora = config.lora

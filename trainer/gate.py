@@ -11,6 +11,7 @@ from pydantic import Field
 from shared.config import ConfigModel
 from shared.manifest import BaselineComparison as ManifestComparison
 from shared.manifest import MetricDelta, Quantization
+from shared.reasons import Reason
 from trainer.comparison import LOWER_IS_BETTER, MetricComparison
 from trainer.errors import TrainerError
 from trainer.records import EvalReport
@@ -38,18 +39,20 @@ def apply_gate(report: EvalReport, quant: Quantization, gate: GateSettings) -> M
     if comparison is None:
         if gate.margins:
             raise TrainerError(
-                "no-baseline",
+                Reason.NO_BASELINE,
                 "publish.toml sets a champion/challenger gate but eval.json holds no baseline comparison "
                 "(run immune-train eval --baseline CHAMPION.gguf)",
             )
         return None
     metrics = comparison.quants.get(quant)
     if metrics is None:
-        raise TrainerError("no-baseline", f"{quant.value} was not compared with the baseline in eval.json")
+        raise TrainerError(
+            Reason.NO_BASELINE, f"{quant.value} was not compared with the baseline in eval.json"
+        )
     missing = sorted(set(gate.margins) - set(metrics))
     if missing:
         raise TrainerError(
-            "no-baseline", f"the gate names metrics eval did not compare: {', '.join(missing)}"
+            Reason.NO_BASELINE, f"the gate names metrics eval did not compare: {', '.join(missing)}"
         )
     short = [
         f"{name} {metrics[name].challenger:.4g} vs {comparison.label} {metrics[name].baseline:.4g} "
@@ -59,7 +62,7 @@ def apply_gate(report: EvalReport, quant: Quantization, gate: GateSettings) -> M
     ]
     if short:
         raise TrainerError(
-            "champion-better",
+            Reason.CHAMPION_BETTER,
             f"{quant.value} scores below the {comparison.label} ({comparison.file}): " + "; ".join(short),
         )
     return ManifestComparison(

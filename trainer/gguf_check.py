@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from shared.manifest import Quantization
+from shared.reasons import Reason
 from trainer.errors import TrainerError
 
 # The tensor type most weights must have for each file type (K-quants mix in a few higher ones).
@@ -71,7 +72,9 @@ def check_tensor_types(path: Path, quant: Quantization) -> dict[str, int]:
     block = 256 if expected.endswith("_K") else 32
     weights = _quantizable_types(path, block)
     if not weights or max(weights, key=weights.__getitem__) != expected:
-        raise TrainerError("wrong-quant", f"{path.name}: expected mostly {expected} tensors, found {types}")
+        raise TrainerError(
+            Reason.WRONG_QUANT, f"{path.name}: expected mostly {expected} tensors, found {types}"
+        )
     return types
 
 
@@ -83,7 +86,9 @@ def smoke_generate(path: Path, prompt: str = "Source IP", max_tokens: int = 8) -
         model = Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
         result = model.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
     except (ValueError, RuntimeError) as exc:
-        raise TrainerError("load-failed", f"{path.name}: llama-cpp-python cannot run it ({exc})") from exc
+        raise TrainerError(
+            Reason.LOAD_FAILED, f"{path.name}: llama-cpp-python cannot run it ({exc})"
+        ) from exc
     finally:
         if "model" in locals():
             model.close()

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from shared.reasons import Reason
 from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def transplant_tokenizer(base: Path, target: Path) -> None:
     reader = gguf.GGUFReader(str(target))
     if _token_count(source) != _token_count(reader):
         raise TrainerError(
-            "tokenizer-mismatch",
+            Reason.TOKENIZER_MISMATCH,
             f"{target.name} has {_token_count(reader)} tokens, its base {base.name} {_token_count(source)}: "
             "the export is not a fine-tune of that base",
         )

@@ -37,6 +37,7 @@ from shared.manifest_builder import (
     build_manifest,
 )
 from shared.mqtt import mqtt_client
+from shared.reasons import Reason
 from shared.schema import Identifier
 from shared.signing import Envelope, Keyring, Role, SigningKey, sign_envelope
 from shared.signing.keys import load_private_key
@@ -118,23 +119,24 @@ def trainer_keys(settings: PublishSettings, keyring: Keyring) -> list[SigningKey
     keys: list[SigningKey] = []
     for path in settings.trainer_keys:
         if not path.is_file():
-            raise TrainerError("missing-key", f"{path}: trainer key file not found")
+            raise TrainerError(Reason.MISSING_KEY, f"{path}: trainer key file not found")
         key = load_private_key(path)
         trusted = keyring.find(key.keyid)
         if trusted is None:
             raise TrainerError(
-                "unknown-key", f"{path}: key {key.keyid[:12]} is not in the keyring {settings.keyring_file}"
+                Reason.UNKNOWN_KEY,
+                f"{path}: key {key.keyid[:12]} is not in the keyring {settings.keyring_file}",
             )
         if trusted.role is not Role.TRAINER:
             raise TrainerError(
-                "wrong-role",
+                Reason.WRONG_ROLE,
                 f"{path}: key {trusted.label} has role {trusted.role.value}, manifests need a trainer key",
             )
         keys.append(key)
     needed = keyring.thresholds.of(Role.TRAINER)
     if len({key.keyid for key in keys}) < needed:
         raise TrainerError(
-            "threshold", f"the keyring needs {needed} distinct trainer keys, {len(keys)} given"
+            Reason.THRESHOLD, f"the keyring needs {needed} distinct trainer keys, {len(keys)} given"
         )
     return keys
 
@@ -172,10 +174,10 @@ def upload(store: StoreSettings, source: Path, object_path: str, on_progress: Ca
         try:
             response = httpx.put(url, content=chunks(), headers=headers, timeout=600)
         except httpx.HTTPError as exc:
-            raise TrainerError("upload-failed", f"PUT {url}: {exc}") from exc
+            raise TrainerError(Reason.UPLOAD_FAILED, f"PUT {url}: {exc}") from exc
         if response.status_code not in (200, 201, 204):
             raise TrainerError(
-                "upload-failed", f"PUT {url}: HTTP {response.status_code} {response.text[:200]}"
+                Reason.UPLOAD_FAILED, f"PUT {url}: HTTP {response.status_code} {response.text[:200]}"
             )
     return f"{store.base_url.rstrip('/')}/{object_path}"
 
@@ -196,7 +198,8 @@ def build_publish_manifest(
     template = chat_template_of(template_from or gguf)
     if not template:
         raise TrainerError(
-            "missing-chat-template", f"{gguf.name}: no tokenizer.chat_template; devices could not prompt it"
+            Reason.MISSING_CHAT_TEMPLATE,
+            f"{gguf.name}: no tokenizer.chat_template; devices could not prompt it",
         )
     eval_entry = {
         "perplexity": scores.perplexity,
@@ -239,7 +242,7 @@ def _adapter_scores(report: EvalReport, request: PublishRequest) -> tuple[QuantS
     export = read_export_report(request.export_dir)
     exported = export.adapter if export is not None else None
     if lora is None or exported is None or lora.file != exported.file:
-        raise TrainerError("not-evaluated", "no evaluated adapter (run export --adapter, then eval)")
+        raise TrainerError(Reason.NOT_EVALUATED, "no evaluated adapter (run export --adapter, then eval)")
     scores = QuantScores(
         file=lora.file,
         perplexity=lora.perplexity,
@@ -258,11 +261,11 @@ def _passing(
     scores = report.quants.get(quant)
     if scores is None:
         raise TrainerError(
-            "not-evaluated", f"{quant.value} was not evaluated (run immune-train eval with it)"
+            Reason.NOT_EVALUATED, f"{quant.value} was not evaluated (run immune-train eval with it)"
         )
     if not scores.accepted:
         raise TrainerError(
-            "eval-refused",
+            Reason.EVAL_REFUSED,
             f"{quant.value}: perplexity rise {scores.perplexity_rise_vs_f16:+.1%} vs F16 exceeds "
             f"the bound {report.max_ppl_rise:.1%}; it may not be published",
         )
@@ -282,7 +285,7 @@ def choose_for_target(
     if not costs:
         names = ", ".join(q.value for q in target.candidates)
         raise TrainerError(
-            "not-evaluated",
+            Reason.NOT_EVALUATED,
             f"none of {target.name}'s candidates ({names}) was evaluated "
             f"(immune-train export --target {target.name}, then eval --target {target.name})",
         )
@@ -299,7 +302,9 @@ def choose_for_target(
         log.info("%s: %s is the fastest candidate that passes (%s)", target.name, quant.value,
                  "; ".join(refused) or "none faster refused")  # fmt: skip
         return quant, record
-    raise TrainerError("no-candidate", f"no {target.name} candidate may be published: " + "; ".join(refused))
+    raise TrainerError(
+        Reason.NO_CANDIDATE, f"no {target.name} candidate may be published: " + "; ".join(refused)
+    )
 
 
 def publish(
@@ -334,12 +339,14 @@ def _publish_adapter(
     scores, exported = _adapter_scores(report, request)
     if not scores.accepted:
         raise TrainerError(
-            "eval-refused",
+            Reason.EVAL_REFUSED,
             f"adapter: perplexity rise {scores.perplexity_rise_vs_f16:+.1%} vs the merged F16 exceeds "
             f"the bound {report.max_ppl_rise:.1%}; it may not be published",
         )
     if settings.gate.margins:
-        raise TrainerError("no-baseline", "the [gate] compares merged models; adapters have no champion yet")
+        raise TrainerError(
+            Reason.NO_BASELINE, "the [gate] compares merged models; adapters have no champion yet"
+        )
     keyring, keys = _signers(settings)
     base = Path(exported.base_path)
     # Content-addressed: every adapter of this base points at the same copy.
@@ -355,7 +362,7 @@ def _publish_adapter(
 
 def _signers(settings: PublishSettings) -> tuple[Keyring, list[SigningKey]]:
     if not settings.keyring_file.is_file():
-        raise TrainerError("missing-keyring", f"{settings.keyring_file}: keyring file not found")
+        raise TrainerError(Reason.MISSING_KEYRING, f"{settings.keyring_file}: keyring file not found")
     keyring = Keyring.from_json(settings.keyring_file.read_bytes(), what=str(settings.keyring_file))
     return keyring, trainer_keys(settings, keyring)
 
@@ -398,14 +405,16 @@ def _publish_retained(settings: PublishSettings, topic: str, payload: bytes) -> 
         client.connect(settings.mqtt.host, settings.mqtt.port, keepalive=settings.mqtt.keepalive_s)
     except OSError as exc:
         raise TrainerError(
-            "broker-unreachable", f"MQTT {settings.mqtt.host}:{settings.mqtt.port}: {exc}"
+            Reason.BROKER_UNREACHABLE, f"MQTT {settings.mqtt.host}:{settings.mqtt.port}: {exc}"
         ) from exc
     client.loop_start()
     try:
         info = client.publish(topic, payload, qos=1, retain=True)
         info.wait_for_publish(15)
         if not info.is_published():
-            raise TrainerError("publish-failed", f"the broker did not acknowledge the manifest on {topic}")
+            raise TrainerError(
+                Reason.PUBLISH_FAILED, f"the broker did not acknowledge the manifest on {topic}"
+            )
     finally:
         client.disconnect()
         client.loop_stop()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.manifest import Quantization
+from shared.reasons import Reason
 from trainer.dataset.records import ChatRecord
 from trainer.errors import TrainerError
 from trainer.toolchain import Toolchain
@@ -36,14 +37,16 @@ def quantize(source: Path, target: Path, quant: Quantization, requantize: bool =
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.value.upper()}", None)
     if ftype is None:
-        raise TrainerError("bad-quant", f"llama-cpp-python cannot quantize to {quant.value}")
+        raise TrainerError(Reason.BAD_QUANT, f"llama-cpp-python cannot quantize to {quant.value}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 2
     params.allow_requantize = requantize
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if status != 0 or not target.is_file():
-        raise TrainerError("export-failed", f"quantizing {source.name} to {quant.value} failed ({status})")
+        raise TrainerError(
+            Reason.EXPORT_FAILED, f"quantizing {source.name} to {quant.value} failed ({status})"
+        )
     return target
 
 
@@ -63,14 +66,14 @@ def calibration_text(records: Sequence[ChatRecord], tokenizer: Any, max_chars: i
         if size >= max_chars:
             break
     if not parts:
-        raise TrainerError("empty-dataset", "no training records to compute an importance matrix from")
+        raise TrainerError(Reason.EMPTY_DATASET, "no training records to compute an importance matrix from")
     return "\n".join(parts)[:max_chars]
 
 
 def _run(command: list[str], what: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise TrainerError("imatrix-failed", f"{what} failed: {result.stderr.strip()[-400:]}")
+        raise TrainerError(Reason.IMATRIX_FAILED, f"{what} failed: {result.stderr.strip()[-400:]}")
 
 
 def compute_imatrix(
@@ -98,7 +101,7 @@ def compute_imatrix(
         "llama-imatrix",
     )
     if not output.is_file():
-        raise TrainerError("imatrix-failed", f"llama-imatrix wrote no {output.name}")
+        raise TrainerError(Reason.IMATRIX_FAILED, f"llama-imatrix wrote no {output.name}")
     log.info("importance matrix %s from %s", output.name, calibration.name)
     return output
 

@@ -10,9 +10,17 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from shared.manifest import Quantization
+from shared.reasons import Reason
 from trainer.comparison import MetricComparison
 from trainer.errors import TrainerError
 from trainer.tokenizer_fidelity import FidelityReport
+
+#: Each stage's record file (run.json, export.json, eval.json): the codes for it missing and malformed.
+_STAGE_REASONS: dict[str, tuple[Reason, Reason]] = {
+    "run": (Reason.MISSING_RUN, Reason.BAD_RUN),
+    "export": (Reason.MISSING_EXPORT, Reason.BAD_EXPORT),
+    "eval": (Reason.MISSING_EVAL, Reason.BAD_EVAL),
+}
 
 
 class _Record(BaseModel):
@@ -24,12 +32,13 @@ class _Record(BaseModel):
     @classmethod
     def read(cls, path: Path, missing: str) -> Self:
         """The record in ``path``; TrainerError naming the file (``missing`` says which stage to run)."""
+        absent, malformed = _STAGE_REASONS[path.stem]
         if not path.is_file():
-            raise TrainerError(f"missing-{path.stem}", f"{path}: not found ({missing})")
+            raise TrainerError(absent, f"{path}: not found ({missing})")
         try:
             return cls.model_validate_json(path.read_bytes())
         except ValidationError as exc:
-            raise TrainerError(f"bad-{path.stem}", f"{path}: {exc.errors(include_url=False)}") from None
+            raise TrainerError(malformed, f"{path}: {exc.errors(include_url=False)}") from None
 
 
 class RunRecord(_Record):
@@ -148,7 +157,7 @@ class RequestFit(_Record):
     def of(cls, profile: str, max_tokens: int, sizes: list[tuple[str, int, int]]) -> RequestFit:
         """From (request id, real prompt tokens, estimated tokens) of every request rendered."""
         if not sizes:
-            raise TrainerError("empty-dataset", f"profile {profile} rendered no request to measure")
+            raise TrainerError(Reason.EMPTY_DATASET, f"profile {profile} rendered no request to measure")
         ident, real, estimated = max(sizes, key=lambda size: size[1])
         needed = real + max_tokens
         return cls(

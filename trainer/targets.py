@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.manifest import Quantization, TargetCost
+from shared.reasons import Reason
 from trainer.errors import TrainerError
 
 #: Storage bits per weight of each GGUF tensor type (block scales included).
@@ -60,7 +61,7 @@ TARGETS = {target.name: target for target in (PI5,)}
 def get_target(name: str) -> DeviceTarget:
     """The target called ``name``; TrainerError naming the known ones otherwise."""
     if name not in TARGETS:
-        raise TrainerError("bad-target", f"unknown device target {name!r} (known: {', '.join(TARGETS)})")
+        raise TrainerError(Reason.BAD_TARGET, f"unknown device target {name!r} (known: {', '.join(TARGETS)})")
     return TARGETS[name]
 
 
@@ -78,7 +79,7 @@ def target_cost(elements: Mapping[str, int], target: DeviceTarget) -> TargetCost
     """The cost model above; F32 tensors (norms, small) count as unrepacked full-width weights."""
     total = sum(elements.values())
     if total == 0:
-        raise TrainerError("empty-gguf", "the file holds no tensors")
+        raise TrainerError(Reason.EMPTY_GGUF, "the file holds no tensors")
     fast = sum(n for kind, n in elements.items() if kind in target.repacked)
     prompt = (total - fast + fast / target.repack_speedup) / total
     decode = sum(n * BITS_PER_WEIGHT.get(kind, 16.0) for kind, n in elements.items()) / (16.0 * total)

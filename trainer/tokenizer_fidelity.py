@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from shared.reasons import Reason
 from trainer.errors import TrainerError
 
 Tokenize = Callable[[str], list[int]]
@@ -52,11 +53,13 @@ def gguf_tokenizer(path: Path) -> tuple[Tokenize, Callable[[], None]]:
     from llama_cpp import Llama
 
     if not path.is_file():
-        raise TrainerError("missing-gguf", f"{path}: no such GGUF file")
+        raise TrainerError(Reason.MISSING_GGUF, f"{path}: no such GGUF file")
     try:
         model = Llama(model_path=str(path), vocab_only=True, verbose=False)
     except (ValueError, RuntimeError) as exc:
-        raise TrainerError("load-failed", f"{path.name}: llama-cpp-python cannot read it ({exc})") from exc
+        raise TrainerError(
+            Reason.LOAD_FAILED, f"{path.name}: llama-cpp-python cannot read it ({exc})"
+        ) from exc
 
     def tokenize(text: str) -> list[int]:
         return list(model.tokenize(text.encode("utf-8"), add_bos=False, special=True))
@@ -89,7 +92,7 @@ def compare_tokenizers(candidate: Reference, reference: Reference, samples: Sequ
             at = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b), None)
             at = min(len(expected), len(got)) if at is None else at
             raise TrainerError(
-                "tokenizer-mismatch",
+                Reason.TOKENIZER_MISMATCH,
                 f"the {candidate.label} tokenizes differently from the {reference.label}: sample "
                 f"{index} ({text[:40]!r}...) differs at token {at}: expected {expected[at : at + 4]}, "
                 f"got {got[at : at + 4]} ({len(expected)} vs {len(got)} tokens)",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from shared.reasons import Reason
 from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Toolchain:
         if all(os.access(self.native(tool), os.X_OK) for tool in tools):
             return
         if shutil.which("cmake") is None:
-            raise TrainerError("toolchain", "cmake is not installed (apt-get install cmake)")
+            raise TrainerError(Reason.TOOLCHAIN, "cmake is not installed (apt-get install cmake)")
         log.info("building %s from %s (once)", ", ".join(tools), self.root)
         configure = [
             "cmake", "-S", str(self.root), "-B", str(self.build_dir), "-DCMAKE_BUILD_TYPE=Release",
@@ -111,7 +112,7 @@ class Toolchain:
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise TrainerError(
-                    "toolchain", f"{' '.join(command[:3])} failed: {result.stderr.strip()[-400:]}"
+                    Reason.TOOLCHAIN, f"{' '.join(command[:3])} failed: {result.stderr.strip()[-400:]}"
                 )
 
     def environment(self) -> dict[str, str]:
@@ -143,15 +144,17 @@ class Toolchain:
         missing = [name for name in _REQUIRED if not (self.root / name).exists()]
         if missing:
             raise TrainerError(
-                "toolchain", f"{self.root} is not a usable llama.cpp tree: missing {', '.join(missing)}"
+                Reason.TOOLCHAIN, f"{self.root} is not a usable llama.cpp tree: missing {', '.join(missing)}"
             )
         if not os.access(self.quantize, os.X_OK):
-            raise TrainerError("toolchain", f"{self.quantize} is missing or not executable")
+            raise TrainerError(Reason.TOOLCHAIN, f"{self.quantize} is missing or not executable")
         result = subprocess.run(
             [str(self.quantize), "--help"], capture_output=True, text=True, timeout=10, check=False
         )
         if result.returncode != 0:
-            raise TrainerError("toolchain", f"{self.quantize} --help failed: {result.stderr.strip()[:200]}")
+            raise TrainerError(
+                Reason.TOOLCHAIN, f"{self.quantize} --help failed: {result.stderr.strip()[:200]}"
+            )
 
 
 def llama_cpp_python_version() -> str:
@@ -160,7 +163,7 @@ def llama_cpp_python_version() -> str:
         return metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError as exc:
         raise TrainerError(
-            "toolchain", "llama-cpp-python is not installed (pip install 'immune-edge[edge]')"
+            Reason.TOOLCHAIN, "llama-cpp-python is not installed (pip install 'immune-edge[edge]')"
         ) from exc
 
 
@@ -202,7 +205,7 @@ def _download_sdist(version: str, directory: Path) -> Path:
     archives = sorted(directory.glob("llama_cpp_python-*.tar.gz"))
     if result.returncode != 0 or not archives:
         raise TrainerError(
-            "toolchain",
+            Reason.TOOLCHAIN,
             f"could not fetch the llama-cpp-python {version} sdist: {result.stderr.strip()[-300:]}",
         )
     return archives[0]
@@ -218,7 +221,7 @@ def _extract_vendor_tree(archive: Path, target: Path) -> None:
                 member.name = str(Path(*parts[3:]))
                 members.append(member)
         if not members:
-            raise TrainerError("toolchain", f"{archive} holds no vendor/llama.cpp tree")
+            raise TrainerError(Reason.TOOLCHAIN, f"{archive} holds no vendor/llama.cpp tree")
         target.mkdir(parents=True)
         tar.extractall(target, members=members, filter="data")
     shutil.rmtree(target / ".git", ignore_errors=True)

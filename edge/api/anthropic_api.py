@@ -16,7 +16,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from edge.api.body import documented_body, json_body
-from edge.api.generation import PRIORITY_HEADER, ApiError, Generation, Sampling, Serving, count_tokens
+from edge.api.errors import ApiError
+from edge.api.generation import PRIORITY_HEADER, Generation, Sampling, Serving, count_tokens
 from edge.runtime.protocol import ChatMessage, WorkerEvent
 
 PREFIX = "/v1/messages"

@@ -13,10 +13,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.api import anthropic_api, ollama_api, openai_api
 from edge.api.body import openapi_with_bodies
-from edge.api.generation import ApiError, ClientGoneError, Serving
+from edge.api.errors import ApiError, ClientGoneError
+from edge.api.generation import Serving
 from edge.api.request_id import RequestIdMiddleware, request_id
 from edge.audit import Audit, RefusalKind
 from edge.logs import fields
+from shared.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class BearerAuth:
         client = scope.get("client")
         self.audit.refused(
             RefusalKind.API_AUTH,
-            f"{what}-token",
+            Reason.MISSING_TOKEN if bearer is None and api_key is None else Reason.WRONG_TOKEN,
             client[0] if client else "unknown",
             f"{scope['method']} {scope['path']} with a {what} bearer token or x-api-key",
             request=request_id(),
@@ -122,6 +124,25 @@ def _error(path: str, error: ApiError) -> JSONResponse:
     else:
         body = {"error": error.message}
     return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def _invalid_request(exc: RequestValidationError) -> ApiError:
+    """A 400 that names every problem with the body, and the first one's field as ``param``."""
+    problems = []
+    for err in exc.errors():
+        location = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+        if err["type"] == "json_invalid":
+            problems.append(f"invalid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+        elif err["type"] in ("model_type", "model_attributes_type") and location == "body":
+            problems.append("the request body must be a JSON object")
+        elif err["type"] == "extra_forbidden":
+            problems.append(f"{location}: not supported by this server")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(message if location == "body" else f"{location}: {message}")
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "type": ""}
+    param = None if first["type"] == "json_invalid" else ".".join(str(p) for p in first["loc"] if p != "body")
+    return ApiError(400, "; ".join(problems), "invalid_request", param or None)
 
 
 def create_app(
@@ -161,23 +182,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            location = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-            if err["type"] == "json_invalid":
-                problems.append(f"invalid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
-            elif err["type"] in ("model_type", "model_attributes_type") and location == "body":
-                problems.append("the request body must be a JSON object")
-            elif err["type"] == "extra_forbidden":
-                problems.append(f"{location}: not supported by this server")
-            else:
-                message = err["msg"].removeprefix("Value error, ")
-                problems.append(message if location == "body" else f"{location}: {message}")
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "type": ""}
-        param = (
-            None if first["type"] == "json_invalid" else ".".join(str(p) for p in first["loc"] if p != "body")
-        )
-        return _error(request.url.path, ApiError(400, "; ".join(problems), "invalid_request", param or None))
+        return _error(request.url.path, _invalid_request(exc))
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import anyio
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
+from edge.api.errors import ApiError, ClientGoneError, server_failure
 from edge.api.prompt_version import client_prompt_version
 from edge.api.request_id import request_id
 from edge.capture.recorder import CaptureRecorder
@@ -40,31 +41,6 @@ RESTART_WAIT_S = 30.0
 PRIORITY_HEADER = "x-immune-priority"
 #: How often a non-streaming request checks whether its client is still connected.
 DISCONNECT_POLL_S = 0.25
-
-
-class ClientGoneError(Exception):
-    """The client hung up before its answer was ready; the generation was cancelled."""
-
-
-#: What a client is told when the server, not its request, failed; the cause is logged under the
-#: request's id (``X-Request-Id``), never sent: it can hold internal messages and settings.
-FAILURE_MESSAGES = {
-    "worker_failed": "the model worker failed while answering; retry the request",
-}
-
-
-class ApiError(Exception):
-    """An error with its HTTP status; each API renders it in its own shape."""
-
-    def __init__(
-        self, status: int, message: str, code: str, param: str | None = None, retry_after_s: int = 1
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -174,13 +150,6 @@ def _request(
         json_output=sampling.json_output,
         adapter=model.adapter,
     )
-
-
-def server_failure(code: str, cause: object) -> ApiError:
-    """A 503 with the fixed message of ``code``; ``cause`` goes to the log only."""
-    ident = request_id()
-    log.warning("request %s failed (%s): %s", ident, code, cause, extra=fields(request=ident, reason=code))
-    return ApiError(503, FAILURE_MESSAGES[code], code)
 
 
 def _rejected(exc: RequestRejectedError, model: ServedModel, metrics: Metrics) -> ApiError:

@@ -17,7 +17,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge.api.body import documented_body, json_body
-from edge.api.generation import PRIORITY_HEADER, ApiError, Generation, Sampling, Serving
+from edge.api.errors import ApiError
+from edge.api.generation import PRIORITY_HEADER, Generation, Sampling, Serving
 from edge.api.structured import from_ollama_format
 from edge.runtime.protocol import ChatMessage, WorkerEvent
 from edge.runtime.router import ModelRouter, ServedModel

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from edge.config import ApiSettings
 from shared.config import ConfigError
+from shared.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,11 @@ def bind_sockets(api: ApiSettings) -> list[socket.socket]:
             sock.close()
         if isinstance(exc, KeyError):
             raise ConfigError(
-                "config-invalid", f"api.socket_group: no group named {api.socket_group!r}"
+                Reason.CONFIG_INVALID, f"api.socket_group: no group named {api.socket_group!r}"
             ) from None
-        raise ConfigError("config-invalid", f"api: cannot listen: {exc}") from None
+        raise ConfigError(Reason.CONFIG_INVALID, f"api: cannot listen: {exc}") from None
     if not sockets:
-        raise ConfigError("config-invalid", "api: nothing to listen on (set host and port, or socket)")
+        raise ConfigError(Reason.CONFIG_INVALID, "api: nothing to listen on (set host and port, or socket)")
     return sockets
 
 

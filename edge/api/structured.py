@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge.api.generation import ApiError
+from edge.api.errors import ApiError
 from edge.runtime.protocol import JsonOutput
 
 #: Keywords that change nothing about which texts are valid.

@@ -12,6 +12,7 @@ from edge.capture.store import CaptureStore, utc
 from edge.config import CaptureSettings
 from shared.capture import CaptureChunk, CapturePullAction, CapturePurgeAction
 from shared.outcome import Outcome, ResultCode
+from shared.reasons import Reason
 
 ResultValue = str | int | float | bool | None
 
@@ -67,7 +68,7 @@ class CaptureCommands:
         """One chunk after the operator's cursor; from the start when the cursor is of another store."""
         if self.store is None:
             message = "no capture store: capture was never enabled"
-            return Outcome(result=ResultCode.FAILED, message=message, reason="capture-off"), None
+            return Outcome(result=ResultCode.FAILED, message=message, reason=Reason.CAPTURE_OFF), None
         after = action.after_seq if action.store_id in (None, self.store.store_id) else 0
         chunk = self.store.chunk(after, action.since, action.max_bytes)
         message = f"{len(chunk.exchanges)} exchange(s) after {after}" + (
@@ -84,7 +85,7 @@ class CaptureCommands:
                 result=ResultCode.FAILED,
                 message=f"the capture store is now {self.store.store_id}, not {action.store_id}: "
                 "pull again before purging what was pulled",
-                reason="store-changed",
+                reason=Reason.STORE_CHANGED,
             )
         removed = self.store.purge(action.up_to_seq)
         scope = "all" if action.up_to_seq is None else f"up to {action.up_to_seq}"

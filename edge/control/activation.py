@@ -17,7 +17,7 @@ class ActivationError(ContractError):
     """The model could not be started, or failed its health gate or trial window: a model fault."""
 
 
-class ActivationInterruptedError(ActivationError, TransientError):
+class ActivationInterruptedError(TransientError):
     """The daemon is stopping: the activation or trial did not finish, which says nothing about the
     model (the restart recovery table decides what happens next)."""
 

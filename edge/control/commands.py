@@ -21,12 +21,14 @@ from shared.errors import ContractError, SchemaError
 from shared.messages import (
     COMMAND_PAYLOAD_TYPE,
     Command,
+    CommandAction,
     CommandResponse,
     PinAction,
     RollbackAction,
     RolloutAction,
 )
 from shared.outcome import Outcome, ResultCode
+from shared.reasons import Reason
 from shared.signing import Role, verify_envelope
 from shared.topics import TopicError, TopicKind, Topics
 
@@ -94,22 +96,22 @@ class CommandHandler:
         command = Command.from_json(verified.payload)
         if command.device_id != self.device_id or command.fleet != self.topics.fleet:
             raise SchemaError(
-                "wrong-device",
+                Reason.WRONG_DEVICE,
                 f"command is for {command.fleet}/{command.device_id}, "
                 f"this is {self.topics.fleet}/{self.device_id}",
             )
         now = self.reporter.clock()
         if now >= command.expires_at:
             raise SchemaError(
-                "expired", f"command {command.nonce} expired at {command.expires_at.isoformat()}"
+                Reason.EXPIRED, f"command {command.nonce} expired at {command.expires_at.isoformat()}"
             )
         if command.issued_at > now + self.clock_skew:
             raise SchemaError(
-                "not-yet-valid",
+                Reason.NOT_YET_VALID,
                 f"command {command.nonce} is issued in the future ({command.issued_at.isoformat()})",
             )
         if not self.nonces.claim(command.nonce, command.expires_at, now):
-            raise SchemaError("replayed", f"command nonce {command.nonce} was already used")
+            raise SchemaError(Reason.REPLAYED, f"command nonce {command.nonce} was already used")
         return command
 
     def refuse(self, reply: ReplyTo, error: ContractError, origin: str, nonce: str | None = None) -> None:
@@ -117,7 +119,7 @@ class CommandHandler:
         nonce is not answered: MQTT delivers at least once, so it is usually a second copy of a
         command already answered, and a second answer would contradict the first."""
         self.audit.refused(RefusalKind.COMMAND, error.reason, origin, str(error), nonce=nonce)
-        if error.reason == "replayed":
+        if error.reason is Reason.REPLAYED:
             return
         self._respond(
             reply,
@@ -149,39 +151,7 @@ class CommandHandler:
     def execute(self, command: Command, reply: ReplyTo) -> CommandResponse:
         """Run an authenticated command and answer it."""
         action = command.action
-        source = f"command:{command.nonce}"
-        chunk: CaptureChunk | None = None
-        extra: dict[str, ResultValue] = {}
-        if isinstance(action, CapturePullAction):
-            outcome, chunk = self.capture.pull(action)
-        elif isinstance(action, CapturePurgeAction):
-            outcome = self.capture.purge(action)
-            extra = self.capture.status()
-        elif action.action == "capture_status":
-            outcome, extra = Outcome(result=ResultCode.DONE, message="capture status"), self.capture.status()
-        elif isinstance(action, RolloutAction):
-            if self.deployer.ledger.pinned:
-                outcome = Outcome(
-                    result=ResultCode.FAILED,
-                    message="rollout refused: the device is pinned (unpin first)",
-                    reason="pinned",
-                )
-            else:
-                outcome = self.deployer.deploy(action.manifest.to_json(), source)
-        elif isinstance(action, RollbackAction):
-            outcome = self.operator.rollback(action.serial, source, action.adapter)
-        elif isinstance(action, PinAction):
-            outcome = self.operator.pin(action.serial, source, action.adapter)
-        elif action.action == "unpin":
-            outcome = self.operator.unpin()
-            self.reconciler.changed()  # desired state held back while pinned applies now
-        elif action.action == "gc":
-            removed = self.deployer.collect_garbage(self.reconciler.wanted_envelopes())
-            outcome = Outcome(result=ResultCode.DONE, message=f"removed {len(removed)} file(s)")
-        else:
-            outcome = Outcome(result=ResultCode.DONE, message="status")
-        if isinstance(action, RolloutAction | RollbackAction):
-            self.reconciler.changed()  # an adapter refused for the base served before may fit now
+        outcome, chunk, extra = self._carry_out(action, f"command:{command.nonce}")
         result: dict[str, ResultValue] = {
             "action": action.action,
             "result": outcome.result.value,
@@ -211,6 +181,44 @@ class CommandHandler:
         )
         self._respond(reply, response)
         return response
+
+    def _carry_out(
+        self, action: CommandAction, source: str
+    ) -> tuple[Outcome, CaptureChunk | None, dict[str, ResultValue]]:
+        """Do what ``action`` asks: its outcome, a capture chunk (pull) and extra result fields."""
+        chunk: CaptureChunk | None = None
+        extra: dict[str, ResultValue] = {}
+        if isinstance(action, CapturePullAction):
+            outcome, chunk = self.capture.pull(action)
+        elif isinstance(action, CapturePurgeAction):
+            outcome = self.capture.purge(action)
+            extra = self.capture.status()
+        elif action.action == "capture_status":
+            outcome, extra = Outcome(result=ResultCode.DONE, message="capture status"), self.capture.status()
+        elif isinstance(action, RolloutAction):
+            if self.deployer.ledger.pinned:
+                outcome = Outcome(
+                    result=ResultCode.FAILED,
+                    message="rollout refused: the device is pinned (unpin first)",
+                    reason=Reason.PINNED,
+                )
+            else:
+                outcome = self.deployer.deploy(action.manifest.to_json(), source)
+        elif isinstance(action, RollbackAction):
+            outcome = self.operator.rollback(action.serial, source, action.adapter)
+        elif isinstance(action, PinAction):
+            outcome = self.operator.pin(action.serial, source, action.adapter)
+        elif action.action == "unpin":
+            outcome = self.operator.unpin()
+            self.reconciler.changed()  # desired state held back while pinned applies now
+        elif action.action == "gc":
+            removed = self.deployer.collect_garbage(self.reconciler.wanted_envelopes())
+            outcome = Outcome(result=ResultCode.DONE, message=f"removed {len(removed)} file(s)")
+        else:
+            outcome = Outcome(result=ResultCode.DONE, message="status")
+        if isinstance(action, RolloutAction | RollbackAction):
+            self.reconciler.changed()  # an adapter refused for the base served before may fit now
+        return outcome, chunk, extra
 
     def _respond(self, reply: ReplyTo, response: CommandResponse) -> None:
         if reply.topic is None:

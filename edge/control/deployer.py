@@ -42,6 +42,7 @@ from shared.gguf import GgufHeader
 from shared.manifest import Manifest
 from shared.messages import DeploymentState
 from shared.outcome import Outcome, ResultCode
+from shared.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +57,23 @@ class GoLive:
     trial: bool
     #: The run's terminal state and the reason it reports.
     end: DeploymentState
-    reason: str
+    reason: Reason
     #: Pin the device to the model once it is live.
     pins: bool = False
 
 
 GO_LIVE: dict[ChangeKind, GoLive] = {
     ChangeKind.MODEL: GoLive(
-        raises_floor=True, trial=True, end=DeploymentState.COMMITTED, reason="committed"
+        raises_floor=True, trial=True, end=DeploymentState.COMMITTED, reason=Reason.COMMITTED
     ),
     ChangeKind.ADAPTER: GoLive(
-        raises_floor=True, trial=True, end=DeploymentState.COMMITTED, reason="committed"
+        raises_floor=True, trial=True, end=DeploymentState.COMMITTED, reason=Reason.COMMITTED
     ),
     ChangeKind.ROLLBACK: GoLive(
-        raises_floor=False, trial=False, end=DeploymentState.ROLLED_BACK, reason="rollback"
+        raises_floor=False, trial=False, end=DeploymentState.ROLLED_BACK, reason=Reason.ROLLBACK
     ),
     ChangeKind.PIN: GoLive(
-        raises_floor=False, trial=False, end=DeploymentState.COMMITTED, reason="pin", pins=True
+        raises_floor=False, trial=False, end=DeploymentState.COMMITTED, reason=Reason.PIN, pins=True
     ),
 }
 
@@ -130,7 +131,7 @@ class Deployer:
         if outcome.result is ResultCode.REJECTED:
             self.audit.refused(
                 RefusalKind.MANIFEST,
-                outcome.reason or "rejected",
+                outcome.reason or Reason.REJECTED,
                 source,
                 outcome.message,
                 deployment=outcome.deployment_id,
@@ -155,20 +156,7 @@ class Deployer:
             return run.fail(DeploymentState.REJECTED, exc)
         current = self.ledger.current(slot_of(manifest))
         if resume is None and current is not None and _same(current, manifest):
-            if current.manifest != manifest:
-                # One serial, two statements about it: whichever is genuine, neither is acted on.
-                run = DeploymentRun(self.reporter, self.ledger.new_deployment(source, envelope))
-                run.name, run.serial = manifest.name, manifest.serial
-                reused = ArtifactError(
-                    "serial-reused",
-                    f"{manifest.channel} serial {manifest.serial} is installed with other contents; "
-                    "a changed manifest needs a new serial",
-                )
-                return run.fail(DeploymentState.REJECTED, reused)
-            message = f"already-installed: {manifest.name} serial {manifest.serial} is the current model"
-            log.info(message)
-            self.reporter.status(note=message)
-            return Outcome(result=ResultCode.ALREADY_INSTALLED, message=message, serial=manifest.serial)
+            return self._already_current(current, manifest, envelope, source)
 
         deployment = resume or self.ledger.new_deployment(source, envelope)
         kind = ChangeKind.ADAPTER if manifest.is_adapter else ChangeKind.MODEL
@@ -203,6 +191,25 @@ class Deployer:
         self.ledger.add_model(model)
         run.advance(DeploymentState.STAGED, f"GGUF v{header.version} {header.architecture}")
         return self.go_live(run, model)
+
+    def _already_current(
+        self, current: InstalledModel, manifest: Manifest, envelope: bytes, source: str
+    ) -> Outcome:
+        """``manifest`` names the current model's serial: nothing to do, unless its contents differ."""
+        if current.manifest != manifest:
+            # One serial, two statements about it: whichever is genuine, neither is acted on.
+            run = DeploymentRun(self.reporter, self.ledger.new_deployment(source, envelope))
+            run.name, run.serial = manifest.name, manifest.serial
+            reused = ArtifactError(
+                Reason.SERIAL_REUSED,
+                f"{manifest.channel} serial {manifest.serial} is installed with other contents; "
+                "a changed manifest needs a new serial",
+            )
+            return run.fail(DeploymentState.REJECTED, reused)
+        message = f"already-installed: {manifest.name} serial {manifest.serial} is the current model"
+        log.info(message)
+        self.reporter.status(note=message)
+        return Outcome(result=ResultCode.ALREADY_INSTALLED, message=message, serial=manifest.serial)
 
     def device_state(self, channel: str) -> AdmissionInput:
         """What phase 2 compares a manifest on ``channel`` against: this device and its state
@@ -246,7 +253,7 @@ class Deployer:
             if (read.size, read.sha256) != (entry.size, entry.sha256):
                 path.unlink(missing_ok=True)
                 raise TransientError(
-                    "store-corrupt",
+                    Reason.STORE_CORRUPT,
                     f"stored blob {entry.sha256} ({entry.name}) changed after it was verified: now "
                     f"{read.size} bytes with sha256 {read.sha256}; dropped, to be fetched again",
                 )
@@ -337,7 +344,9 @@ class Deployer:
         paths = {entry.name: self.store.blob_path(entry.sha256) for entry in model.manifest.files}
         for entry in model.manifest.files:
             if not paths[entry.name].is_file():
-                raise ArtifactError("not-cached", f"{run.kind.value}: blob {entry.sha256[:12]} is missing")
+                raise ArtifactError(
+                    Reason.NOT_CACHED, f"{run.kind.value}: blob {entry.sha256[:12]} is missing"
+                )
         self._admit_stored(self.device_state(model.channel), model.manifest, paths)
 
     def collect_garbage(self, wanted_envelopes: Sequence[bytes] = ()) -> list[str]:
@@ -366,7 +375,7 @@ def _interrupted(run: DeploymentRun, exc: ContractError) -> Outcome:
     return Outcome(
         result=ResultCode.FAILED,
         message=f"{exc.reason}: {exc}",
-        reason="interrupted",
+        reason=Reason.INTERRUPTED,
         deployment_id=run.deployment.id,
         serial=run.serial,
         transient=True,

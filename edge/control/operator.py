@@ -6,9 +6,10 @@ from __future__ import annotations
 from edge.control.deployer import Deployer
 from edge.control.progress import DeploymentRun
 from edge.state.ledger import ChangeKind, InstalledModel
-from shared.errors import ContractError
+from shared.errors import ReasonedError
 from shared.messages import DeploymentState
 from shared.outcome import Outcome, ResultCode
+from shared.reasons import Reason
 
 
 class OperatorActions:
@@ -26,7 +27,7 @@ class OperatorActions:
             target = self.ledger.previous(slot) if serial is None else self.ledger.find_serial(serial, slot)
             if target is None:
                 what = "no previous version" if serial is None else f"serial {serial} is not cached"
-                return _refused(f"rollback refused{_of(adapter)}: {what}", "not-cached")
+                return _refused(f"rollback refused{_of(adapter)}: {what}", Reason.NOT_CACHED)
             return self._switch(target, source, ChangeKind.ROLLBACK)
 
     def pin(self, serial: int | None, source: str, adapter: str | None = None) -> Outcome:
@@ -38,7 +39,9 @@ class OperatorActions:
             if serial is not None:
                 target = self.ledger.find_serial(serial, slot)
                 if target is None:
-                    return _refused(f"pin refused{_of(adapter)}: serial {serial} is not cached", "not-cached")
+                    return _refused(
+                        f"pin refused{_of(adapter)}: serial {serial} is not cached", Reason.NOT_CACHED
+                    )
                 current = self.ledger.current(slot)
                 if current is None or current.serial != serial:
                     switched = self._switch(target, source, ChangeKind.PIN)
@@ -74,7 +77,7 @@ class OperatorActions:
         in the store, then the deployer's one go-live. Call with the deployer's lock held."""
         try:
             self.deployer.check_cached(run, target)
-        except ContractError as exc:
+        except ReasonedError as exc:  # missing or changed in the store (store-corrupt is transient)
             return run.fail(DeploymentState.FAILED, exc)
         ended = self.deployer.go_live(run, target)
         if ended.result is ResultCode.FAILED:  # could not activate (or interrupted): not carried out
@@ -91,5 +94,5 @@ def _of(adapter: str | None) -> str:
     return f" for adapter {adapter}" if adapter else ""
 
 
-def _refused(message: str, reason: str) -> Outcome:
+def _refused(message: str, reason: Reason) -> Outcome:
     return Outcome(result=ResultCode.FAILED, message=message, reason=reason)

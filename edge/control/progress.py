@@ -10,9 +10,10 @@ from edge.control.reporting import Reporter
 from edge.control.transitions import NEW_VERSION_PATH, check_transition
 from edge.logs import fields
 from edge.state.ledger import Deployment
-from shared.errors import ContractError, TransientError
+from shared.errors import ReasonedError, TransientError
 from shared.messages import DeploymentState
 from shared.outcome import Outcome, ResultCode
+from shared.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class DeploymentRun:
         self.reached = state
         crash_point(self.kind, state)
 
-    def end(self, state: DeploymentState, reason: str, message: str) -> Outcome:
+    def end(self, state: DeploymentState, reason: Reason, message: str) -> Outcome:
         """Report the terminal ``state`` and return the run's Outcome."""
         check_transition(self.kind, self.reached or DeploymentState.QUEUED, state)
         self.reporter.transition(
@@ -77,7 +78,7 @@ class DeploymentRun:
             serial=self.serial,
         )
 
-    def fail(self, state: DeploymentState, exc: ContractError) -> Outcome:
+    def fail(self, state: DeploymentState, exc: ReasonedError) -> Outcome:
         """End with ``state`` because of ``exc`` (its reason code leads the message)."""
         outcome = self.end(state, exc.reason, f"{exc.reason}: {exc}")
         return outcome.model_copy(update={"transient": isinstance(exc, TransientError)})

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from edge.control.deployer import Deployer
 from shared.admission import read_manifest_unverified
 from shared.outcome import Outcome
+from shared.reasons import Reason
 from shared.topics import TopicKind, TopicRef
 
 log = logging.getLogger(__name__)
@@ -144,5 +145,5 @@ class Reconciler:
                     self._retry_at = self._clock() + self.retry_failed_s
                 log.info("will retry the desired state from %s in %.0f s", level, self.retry_failed_s)
             else:
-                ledger.mark_handled(key, waiting if outcome.reason == "base-mismatch" else digest)
+                ledger.mark_handled(key, waiting if outcome.reason == Reason.BASE_MISMATCH else digest)
         return outcomes

@@ -23,6 +23,7 @@ import httpx
 from edge.delivery.store import ContentStore
 from shared.errors import ArtifactError, TransientError
 from shared.manifest import ArtifactFile
+from shared.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class DownloadError(ArtifactError):
     """Every mirror served something other than the declared artifact (permanent for this manifest)."""
 
 
-class DownloadInterruptedError(DownloadError, TransientError):
+class DownloadInterruptedError(TransientError):
     """The artifact could not be fetched now (network down, disk full or short of space): retried."""
 
 
@@ -47,7 +48,7 @@ class _TransientError(Exception):
 class _MirrorRefusedError(Exception):
     """This mirror misbehaved (overflow, wrong size, corrupt data): do not use it again for this file."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -117,7 +118,7 @@ class Downloader:
         free = self.store.free_bytes()
         if free < needed:
             raise DownloadInterruptedError(
-                "disk-space",
+                Reason.DISK_SPACE,
                 f"artifact {entry.name}: needs {needed} bytes free in {self.store.root}, {free} available",
             )
         refused: dict[str, _MirrorRefusedError] = {}
@@ -145,17 +146,17 @@ class Downloader:
                     self._sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 (jitter, not crypto)
                 except OSError as exc:
                     partial.reset()
-                    reason = "disk-full" if exc.errno == errno.ENOSPC else "io-error"
+                    reason = Reason.DISK_FULL if exc.errno == errno.ENOSPC else Reason.IO_ERROR
                     raise DownloadInterruptedError(
                         reason, f"artifact {entry.name}: cannot write {partial.path}: {exc}"
                     ) from None
         if refused and len(refused) == len(entry.urls):
             partial.reset()  # every mirror misbehaved: nothing here is worth resuming
             reasons = {exc.reason for exc in refused.values()}
-            reason = reasons.pop() if len(reasons) == 1 else "mirrors-refused"
+            reason = reasons.pop() if len(reasons) == 1 else Reason.MIRRORS_REFUSED
             raise DownloadError(reason, f"artifact {entry.name}: {'; '.join(map(str, refused.values()))}")
         raise DownloadInterruptedError(
-            "download-failed",
+            Reason.DOWNLOAD_FAILED,
             f"artifact {entry.name}: gave up after {self.policy.attempts} attempts; last: {last_problem}",
         )
 
@@ -180,7 +181,7 @@ class Downloader:
                         out.close()
                         partial.rewind(start_offset, start_hasher)
                         raise _MirrorRefusedError(
-                            "too-long", f"{url}: server sent more than the declared {entry.size} bytes"
+                            Reason.TOO_LONG, f"{url}: server sent more than the declared {entry.size} bytes"
                         )
                     out.write(chunk)
                     partial.hasher.update(chunk)
@@ -203,7 +204,7 @@ class Downloader:
             match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
             if not match or int(match.group(1)) != partial.offset or int(match.group(3)) != entry.size:
                 raise _MirrorRefusedError(
-                    "size-mismatch",
+                    Reason.SIZE_MISMATCH,
                     f"{url}: Content-Range {response.headers.get('content-range')!r} does not continue "
                     f"byte {partial.offset} of {entry.size}",
                 )
@@ -214,11 +215,11 @@ class Downloader:
         elif status in (408, 425, 429) or status >= 500:
             raise _TransientError(f"HTTP {status}")
         else:
-            raise _MirrorRefusedError("http-status", f"{url}: HTTP {status}")
+            raise _MirrorRefusedError(Reason.HTTP_STATUS, f"{url}: HTTP {status}")
         declared = response.headers.get("content-length")
         if declared is not None and partial.offset + int(declared) != entry.size:
             raise _MirrorRefusedError(
-                "size-mismatch",
+                Reason.SIZE_MISMATCH,
                 f"{url}: server declares {partial.offset + int(declared)} bytes, manifest says {entry.size}",
             )
 
@@ -227,6 +228,7 @@ class Downloader:
         if digest != entry.sha256:
             partial.reset()
             raise _MirrorRefusedError(
-                "hash-mismatch", f"artifact {entry.name}: sha256 is {digest}, manifest says {entry.sha256}"
+                Reason.HASH_MISMATCH,
+                f"artifact {entry.name}: sha256 is {digest}, manifest says {entry.sha256}",
             )
         return self.store.admit(partial.path, entry.sha256)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from shared.errors import ArtifactError
+from shared.reasons import Reason
 
 log = logging.getLogger(__name__)
 _CHUNK = 1024 * 1024
@@ -147,10 +148,10 @@ def _check_bytes(
         read += len(chunk)
     if read != size:
         raise ArtifactError(
-            "size-mismatch",
+            Reason.SIZE_MISMATCH,
             f"{what}: size is {'more than ' if read > size else ''}{read} bytes, manifest says {size}",
         )
     if digest.hexdigest() != sha256:
         raise ArtifactError(
-            "hash-mismatch", f"{what}: sha256 is {digest.hexdigest()}, manifest says {sha256}"
+            Reason.HASH_MISMATCH, f"{what}: sha256 is {digest.hexdigest()}, manifest says {sha256}"
         )

@@ -13,6 +13,7 @@ import psutil
 from edge.runtime.handle import WorkerError, WorkerHandle
 from edge.runtime.protocol import ChatMessage, GenerateRequest
 from shared.errors import ContractError
+from shared.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +88,24 @@ def run_health_gate(
         for prompt in criteria.golden_prompts:
             text, rate = _ask(worker, prompt, system_prompt, criteria.max_tokens, adapter)
             if not text.strip():
-                raise GateError("health-gate-empty", f"golden prompt {prompt[:40]!r} produced no text")
+                raise GateError(Reason.HEALTH_GATE_EMPTY, f"golden prompt {prompt[:40]!r} produced no text")
             answers.append(text)
             rates.append(rate)
     except WorkerError as exc:
-        raise GateError("health-gate-worker", f"the worker failed during the health gate: {exc}") from None
+        raise GateError(
+            Reason.HEALTH_GATE_WORKER, f"the worker failed during the health gate: {exc}"
+        ) from None
     tokens_per_second = statistics.median(rates)
     if tokens_per_second < criteria.min_tokens_per_second:
         raise GateError(
-            "health-gate-slow",
+            Reason.HEALTH_GATE_SLOW,
             f"{tokens_per_second:.1f} tokens/s is below the floor of {criteria.min_tokens_per_second:.1f}",
         )
     rss_mb = worker_rss_mb(worker)
     if criteria.max_rss_mb is not None and rss_mb > criteria.max_rss_mb:
         raise GateError(
-            "health-gate-rss", f"worker RSS {rss_mb:.0f} MiB exceeds the budget of {criteria.max_rss_mb} MiB"
+            Reason.HEALTH_GATE_RSS,
+            f"worker RSS {rss_mb:.0f} MiB exceeds the budget of {criteria.max_rss_mb} MiB",
         )
     log.info("health gate passed: %.1f tokens/s, %.0f MiB RSS", tokens_per_second, rss_mb)
     return GateReport(tokens_per_second, rss_mb, tuple(answers))

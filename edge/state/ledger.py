@@ -17,6 +17,7 @@ from shared.admission import read_manifest_unverified
 from shared.errors import SchemaError
 from shared.manifest import Manifest
 from shared.messages import DeploymentState
+from shared.reasons import Reason
 
 
 def slot_of(manifest: Manifest) -> str:
@@ -103,7 +104,8 @@ class _Manifests:
             manifest = read_manifest_unverified(envelope)
             if manifest is None:
                 raise SchemaError(
-                    "state-corrupt", f"state.db: the stored manifest of serial {row['serial']} is unreadable"
+                    Reason.STATE_CORRUPT,
+                    f"state.db: the stored manifest of serial {row['serial']} is unreadable",
                 )
             self._by_digest[digest] = manifest
         return InstalledModel(manifest, envelope, row["installed_at"])

@@ -14,6 +14,7 @@ from fleet.pi.target import PI5
 from fleet.pi.wheelcheck import check_wheelhouse
 from fleet.pi.wheelhouse import build_wheelhouse
 from shared.errors import ContractError
+from shared.reasons import Reason
 
 pi_app = typer.Typer(
     no_args_is_help=True, help="Raspberry Pi 5: the prebuilt wheelhouse the fleet installs from."
@@ -37,7 +38,7 @@ def wheels(
     try:
         index = build_wheelhouse(out, project.resolve(), PI5)
     except EmulationError as error:
-        raise ContractError("wheelhouse-build", str(error)) from error
+        raise ContractError(Reason.WHEELHOUSE_BUILD, str(error)) from error
     table = Table(title=f"{PI5.name} wheelhouse: {out}")
     for column in ("wheel", "size"):
         table.add_column(column)
@@ -56,7 +57,7 @@ def check_wheels(
     problems = check_wheelhouse(folder, PI5, machine=machine, python=_python(python))
     if problems:
         raise ContractError(
-            "wheelhouse", f"{folder} cannot be installed on {PI5.name}:\n- " + "\n- ".join(problems)
+            Reason.WHEELHOUSE, f"{folder} cannot be installed on {PI5.name}:\n- " + "\n- ".join(problems)
         )
     console.print(
         f"OK: {folder} installs on {PI5.name} ({PI5.platform_tag}, {PI5.python_tag})", soft_wrap=True

@@ -14,6 +14,7 @@ from typing import Annotated, ClassVar
 from pydantic import Field
 
 from shared.errors import SchemaError
+from shared.reasons import Reason
 from shared.schema import Contract
 from shared.signing.keys import SigningKey
 
@@ -31,7 +32,7 @@ def b64decode_strict(value: str, what: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise SchemaError("malformed-base64", f"{what}: malformed base64 ({exc})") from None
+        raise SchemaError(Reason.MALFORMED_BASE64, f"{what}: malformed base64 ({exc})") from None
 
 
 class Signature(Contract):

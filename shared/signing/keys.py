@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.errors import ContractError
+from shared.reasons import Reason
 
 
 class KeyFileError(ContractError):
@@ -72,7 +73,7 @@ def write_private_key(key: SigningKey, path: Path) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise KeyFileError("key-exists", f"{path}: refusing to overwrite an existing key file") from None
+        raise KeyFileError(Reason.KEY_EXISTS, f"{path}: refusing to overwrite an existing key file") from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
         handle.flush()
@@ -84,17 +85,17 @@ def load_private_key(path: Path) -> SigningKey:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise KeyFileError("key-missing", f"{path}: private key file not found") from None
+        raise KeyFileError(Reason.KEY_MISSING, f"{path}: private key file not found") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
-            "key-permissions",
+            Reason.KEY_PERMISSIONS,
             f"{path}: private key is accessible by group/others (mode {stat.S_IMODE(mode):04o}); "
             "run chmod 600 on it",
         )
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
-        raise KeyFileError("key-malformed", f"{path}: not a PEM private key ({exc})") from None
+        raise KeyFileError(Reason.KEY_MALFORMED, f"{path}: not a PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError("key-malformed", f"{path}: not an ed25519 key")
+        raise KeyFileError(Reason.KEY_MALFORMED, f"{path}: not an ed25519 key")
     return SigningKey(key)

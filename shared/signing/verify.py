@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 
 from shared.errors import SignatureError
+from shared.reasons import Reason
 from shared.signing.dsse import Envelope, b64decode_strict, pae
 from shared.signing.keyring import KEYRING_PAYLOAD_TYPE, Keyring, Role
 
@@ -38,26 +39,30 @@ def verify_envelope(
         envelope = Envelope.from_json(envelope, what=what)
     if envelope.payloadType != payload_type:
         raise SignatureError(
-            "payload-type", f"{what}: payloadType is {envelope.payloadType!r}, expected {payload_type!r}"
+            Reason.PAYLOAD_TYPE, f"{what}: payloadType is {envelope.payloadType!r}, expected {payload_type!r}"
         )
     payload = envelope.payload_bytes()
     message = pae(envelope.payloadType, payload)
 
     valid: list[str] = []
-    problems: dict[str, list[str]] = {"bad-signature": [], "unknown-key": [], "wrong-role": []}
+    problems: dict[Reason, list[str]] = {
+        Reason.BAD_SIGNATURE: [],
+        Reason.UNKNOWN_KEY: [],
+        Reason.WRONG_ROLE: [],
+    }
     for signature in envelope.signatures:
         key = keyring.find(signature.keyid)
         if key is None:
-            problems["unknown-key"].append(f"signature by unknown key {signature.keyid[:12]}")
+            problems[Reason.UNKNOWN_KEY].append(f"signature by unknown key {signature.keyid[:12]}")
             continue
         if key.role is not role:
-            problems["wrong-role"].append(f"key {key.label} has role {key.role.value}, not {role.value}")
+            problems[Reason.WRONG_ROLE].append(f"key {key.label} has role {key.role.value}, not {role.value}")
             continue
         raw = b64decode_strict(signature.sig, f"{what}: signature by key {key.label}")
         try:
             key.public.verify(raw, message)
         except InvalidSignature:
-            problems["bad-signature"].append(f"signature by key {key.label} does not match the payload")
+            problems[Reason.BAD_SIGNATURE].append(f"signature by key {key.label} does not match the payload")
             continue
         if signature.keyid not in valid:
             valid.append(signature.keyid)
@@ -65,7 +70,7 @@ def verify_envelope(
     threshold = keyring.thresholds.of(role)
     if len(valid) < threshold:
         # The most alarming problem names the failure: tampering before unknown keys before roles.
-        reason = next((code for code, found in problems.items() if found), "below-threshold")
+        reason = next((code for code, found in problems.items() if found), Reason.BELOW_THRESHOLD)
         details = [item for found in problems.values() for item in found]
         summary = f"{what}: {len(valid)} valid {role.value} signature(s), {threshold} required"
         raise SignatureError(reason, "; ".join([summary, *details]))
@@ -83,7 +88,7 @@ def apply_keyring_update(current: Keyring, envelope: Envelope) -> Keyring:
     new = Keyring.from_json(verified.payload, what="keyring update payload")
     if new.version <= current.version:
         raise SignatureError(
-            "keyring-version",
+            Reason.KEYRING_VERSION,
             f"keyring update: version {new.version} is not greater than the current version "
             f"{current.version}",
         )

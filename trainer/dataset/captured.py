@@ -11,6 +11,7 @@ from pathlib import Path
 
 from shared.capture_archive import ArchivedExchange, CaptureArchive
 from shared.errors import ContractError
+from shared.reasons import Reason
 from trainer.dataset.problems import Problems
 from trainer.dataset.records import ChatMessage, ChatRecord
 from trainer.errors import TrainerError
@@ -25,7 +26,7 @@ def captured_records(archive_path: Path, profile: PromptProfile, problems: Probl
     try:
         archive = CaptureArchive(archive_path, create=False)
     except ContractError as exc:
-        raise TrainerError("bad-input", str(exc)) from None
+        raise TrainerError(Reason.BAD_INPUT, str(exc)) from None
     try:
         for archived in archive.exchanges():
             where = f"{archive_path.name}[{archived.sha256[:12]}]"
@@ -102,7 +103,7 @@ def refuse_captured_answers(records: list[ChatRecord], path: Path) -> None:
     captured = [r.id for r in records if (r.teacher or "").startswith(CAPTURED_TEACHER_PREFIX)]
     if captured:
         raise TrainerError(
-            "undistilled-capture",
+            Reason.UNDISTILLED_CAPTURE,
             f"{path}: {len(captured)} record(s) (first: {captured[0]}) still hold the device model's "
             "captured answer; run immune-train distill on the prepared folder and train on its output",
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from shared.reasons import Reason
 from trainer.dataset.problems import Problems
 from trainer.dataset.records import ChatRecord
 from trainer.errors import TrainerError
@@ -56,7 +57,7 @@ def import_chat_jsonl(path: Path, task: str, problems: Problems) -> Iterator[Cha
     """One record per line; a line that is not JSON or not a usable conversation is reported
     with its line number."""
     if not path.is_file():
-        raise TrainerError("missing-data", f"{path}: no such JSONL file")
+        raise TrainerError(Reason.MISSING_DATA, f"{path}: no such JSONL file")
     with path.open(encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():

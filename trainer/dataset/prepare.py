@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.reasons import Reason
 from trainer.dataset.captured import captured_records
 from trainer.dataset.chat_jsonl import import_chat_jsonl
 from trainer.dataset.problems import Problems
@@ -85,7 +86,7 @@ def chat_token_counter(tokenizer: Any) -> TokenCounter:
     """Count a conversation's tokens as training will see them: rendered by the model's own chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise TrainerError(
-            "missing-chat-template",
+            Reason.MISSING_CHAT_TEMPLATE,
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template; "
             "train from an instruct model or add one to its tokenizer_config.json",
         )
@@ -163,10 +164,12 @@ def _profiled_import(
     chat = [str(source.path) for source in sources if not source.slips]
     if chat:
         raise TrainerError(
-            "bad-input", f"a prompt profile renders Slips incidents; {chat[0]} is not a Slips dataset"
+            Reason.BAD_INPUT, f"a prompt profile renders Slips incidents; {chat[0]} is not a Slips dataset"
         )
     if answer_count is None:
-        raise TrainerError("bad-input", "a prompt profile needs the model's tokenizer to fit its answers")
+        raise TrainerError(
+            Reason.BAD_INPUT, "a prompt profile needs the model's tokenizer to fit its answers"
+        )
     composer = OfflineComposer(answer_count)
     return ProfiledImport(profile, options.teachers, composer, problems, options.practice)
 
@@ -182,7 +185,7 @@ def prepare(
     (``answer_count``: tokens of a plain text, which a prompt profile's answers are fitted with)."""
     for task, parts in options.answer_parts.items():
         if task not in ("slips-summary", "slips-risk"):
-            raise TrainerError("bad-answer-parts", f"answer parts are for Slips tasks, not {task!r}")
+            raise TrainerError(Reason.BAD_ANSWER_PARTS, f"answer parts are for Slips tasks, not {task!r}")
         answer_parts(task, parts)  # type: ignore[arg-type] - checked just above
     problems = Problems(fatal=options.fatal_errors)
     imported: list[ChatRecord] = []
@@ -192,7 +195,8 @@ def prepare(
     if options.from_capture is not None:
         if options.prompt_profile is None:
             raise TrainerError(
-                "bad-input", "--from-capture needs --prompt-profile: the profile reads the captured requests"
+                Reason.BAD_INPUT,
+                "--from-capture needs --prompt-profile: the profile reads the captured requests",
             )
         captured = list(captured_records(options.from_capture, get_profile(options.prompt_profile), problems))
         imported.extend(captured)
@@ -237,7 +241,7 @@ def prepare(
             reason = f"all {too_long} records exceed {options.max_tokens} tokens even with the incident cut"
         else:
             reason = problems.found[0] if problems.found else "the inputs are empty"
-        raise TrainerError("empty-dataset", f"no usable records: {reason}")
+        raise TrainerError(Reason.EMPTY_DATASET, f"no usable records: {reason}")
 
     held_out = split_groups(kept, options.eval_fraction, options.seed)
     train = [r for r in kept if r.group not in held_out]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from shared.reasons import Reason
 from trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,6 @@ class Problems:
         """Record ``where`` (``file:line`` or ``file[index]``) and what was wrong there."""
         text = f"{where}: {message}"
         if self.fatal:
-            raise TrainerError("bad-input", text)
+            raise TrainerError(Reason.BAD_INPUT, text)
         log.warning("skipped %s", text)
         self.found.append(text)

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared.reasons import Reason
 from trainer.errors import TrainerError
 
 Role = Literal["system", "user", "assistant"]
@@ -77,7 +78,7 @@ def write_records(path: Path, records: Iterable[ChatRecord]) -> int:
 def read_records(path: Path) -> Iterator[ChatRecord]:
     """Read records written by ``prepare``; any bad line is fatal (these files are ours)."""
     if not path.is_file():
-        raise TrainerError("missing-data", f"{path}: no such dataset file (run immune-train prepare)")
+        raise TrainerError(Reason.MISSING_DATA, f"{path}: no such dataset file (run immune-train prepare)")
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -85,7 +86,7 @@ def read_records(path: Path) -> Iterator[ChatRecord]:
             try:
                 yield ChatRecord.model_validate_json(line)
             except ValidationError as exc:
-                raise TrainerError("bad-record", f"{path}:{number}: {_first_error(exc)}") from exc
+                raise TrainerError(Reason.BAD_RECORD, f"{path}:{number}: {_first_error(exc)}") from exc
 
 
 def _first_error(exc: ValidationError) -> str:

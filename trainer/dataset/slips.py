@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.reasons import Reason
 from trainer.dataset.problems import Problems
 from trainer.dataset.records import ChatMessage, ChatRecord
 from trainer.errors import TrainerError
@@ -64,16 +65,16 @@ class SlipsIncident(BaseModel):
 def load_slips_file(path: Path) -> list[Any]:
     """The JSON array in a Slips dataset file (gzipped or not)."""
     if not path.is_file():
-        raise TrainerError("missing-data", f"{path}: no such Slips dataset file")
+        raise TrainerError(Reason.MISSING_DATA, f"{path}: no such Slips dataset file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             data = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TrainerError("bad-input", f"{path}: not a readable Slips JSON dataset ({exc})") from exc
+        raise TrainerError(Reason.BAD_INPUT, f"{path}: not a readable Slips JSON dataset ({exc})") from exc
     if not isinstance(data, list):
         raise TrainerError(
-            "bad-input", f"{path}: expected a JSON array of incidents, got {type(data).__name__}"
+            Reason.BAD_INPUT, f"{path}: expected a JSON array of incidents, got {type(data).__name__}"
         )
     return data
 
@@ -96,7 +97,7 @@ def answer_parts(task: SlipsTask, chosen: Sequence[str] | None = None) -> tuple[
     unknown = [part for part in chosen if part not in known]
     if unknown or not chosen:
         raise TrainerError(
-            "bad-answer-parts",
+            Reason.BAD_ANSWER_PARTS,
             f"unknown answer part {unknown[0]!r} for {task} (known: {', '.join(known)})"
             if unknown
             else f"no answer part chosen for {task}",

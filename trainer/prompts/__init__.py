@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shared.reasons import Reason
 from trainer.errors import TrainerError
 from trainer.prompts.alert_summary import AlertSummaryProfile
 from trainer.prompts.profile import PromptProfile
@@ -16,5 +17,5 @@ def get_profile(name: str) -> PromptProfile:
         return PROFILES[name]
     except KeyError:
         raise TrainerError(
-            "unknown-profile", f"unknown prompt profile {name!r} (known: {', '.join(sorted(PROFILES))})"
+            Reason.UNKNOWN_PROFILE, f"unknown prompt profile {name!r} (known: {', '.join(sorted(PROFILES))})"
         ) from None
