@@ -21,13 +21,15 @@ DEMO_DIR := demo-out
 .PHONY: test test-quick demo bench train-real train-adapter fleet-scale soak lint system-deps venv trainer-deps \
 	arm64-deps pi-wheels arm64-check clean
 
-## Debian packages: mosquitto (real broker for tests), venv support, a C++ compiler
+## Debian packages: mosquitto (real broker for tests) and its clients (rotate-keyring.yml publishes with
+## mosquitto_pub), venv support, a C++ compiler
 ## (llama-cpp-python is built from source; PyPI has no wheel), chromium (the fleet report is
 ## checked in a real headless browser), systemd-analyze and libsystemd (the unit is verified and
 ## the daemon's sd_notify is tested through systemd-python) and openssl (the pki role).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v g++ >/dev/null || missing="$$missing build-essential"; \
 	command -v cmake >/dev/null || missing="$$missing cmake"; \

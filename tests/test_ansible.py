@@ -1,5 +1,6 @@
 """Provisioning: ansible-lint (production profile) and syntax checks, and a real converge of the pki,
-broker and edge roles against localhost into throw-away roots, twice (the second run changes nothing).
+broker, artifact store and edge roles against localhost into throw-away roots, twice (the second run
+changes nothing); rotate-keyring.yml run against the role's broker and a running device.
 Then the broker config the role wrote runs in a real mosquitto, a daemon configured by the edge role
 connects with its pki-issued certificate and takes a manifest, and another device's certificate
 cannot publish on the first device's topics."""
@@ -17,6 +18,7 @@ import pytest
 
 from edge.config import EdgeConfig
 from shared.config import load_config
+from shared.signing import KEYRING_PAYLOAD_TYPE, Keyring, sign_envelope
 from tests.factories import gguf_bytes
 from tests.harness.artifact_server import ArtifactServer
 from tests.harness.edge import TOPICS, run_doctor, running_daemon, sign_manifest
@@ -91,6 +93,17 @@ def _inventory(root: Path, wheel: Path, keyring: Path, port: int) -> str:
                         "broker-1": {
                             "immune_root": str(root / "root-broker"),
                             "server_alt_names": ["DNS:localhost", "IP:127.0.0.1"],
+                            # What rotate-keyring.yml connects to: the certificate's name, not broker-1.
+                            "broker_host": "localhost",
+                        }
+                    }
+                },
+                "artifact_stores": {
+                    "hosts": {
+                        "store-1": {
+                            "immune_root": str(root / "root-store"),
+                            "server_alt_names": ["DNS:localhost", "IP:127.0.0.1"],
+                            "artifact_store_port": 8443,
                         }
                     }
                 },
@@ -124,7 +137,7 @@ def converged(tmp_path_factory: pytest.TempPathFactory, fleet_keys) -> Converged
 
 def test_converge_is_idempotent(converged: Converged) -> None:
     first, second = (recap(run) for run in converged.runs)
-    assert set(first) == {"localhost", "pi-1", "pi-2", "broker-1"}
+    assert set(first) == {"localhost", "pi-1", "pi-2", "broker-1", "store-1"}
     assert all(counts["changed"] > 0 for counts in first.values())
     assert all(counts["changed"] == 0 and counts["failed"] == 0 for counts in second.values()), second
 
@@ -145,6 +158,21 @@ def test_roles_wrote_what_a_device_and_a_broker_need(converged: Converged) -> No
     acl = (converged.device_root("broker") / "etc/mosquitto/immune-edge/acl").read_text()
     assert "user pi-1\n" in acl and "topic read immune-edge/v1/lab/group/canary/desired" in acl
     assert "user op-1\n" in acl and "user trainer-1\n" in acl
+
+
+def test_artifact_store_role_wrote_a_tls_models_site(converged: Converged) -> None:
+    """The artifact store converged: its pki-issued certificate, the key private to it, and an nginx
+    site serving the models folder (Range requests, no listing) over TLS on the configured port."""
+    store = converged.root / "root-store"
+    tls = store / "etc/nginx/immune-edge"
+    assert (tls / "server.key").stat().st_mode & 0o777 == 0o600
+    assert (tls / "server.pem").read_bytes() == (converged.pki / "store-1.pem").read_bytes()
+    assert (store / "srv/immune-edge/models").is_dir()
+    site = (store / "etc/nginx/sites-enabled/immune-edge-models.conf").read_text()
+    assert "listen 8443 ssl;" in site and "server_name store-1;" in site
+    assert "ssl_certificate /etc/nginx/immune-edge/server.pem;" in site
+    assert "alias /srv/immune-edge/models/;" in site and "autoindex off;" in site
+    assert "location /wheels/" not in site  # no wheelhouse given: none served
 
 
 @pytest.fixture
@@ -194,3 +222,39 @@ def test_role_broker_serves_a_role_configured_device(
     finally:
         operator.close()
         pi2.close()
+
+
+def test_rotate_keyring_playbook_reaches_running_and_provisioned_devices(
+    converged: Converged, broker_of_role, fleet_keys, tmp_path
+) -> None:
+    """rotate-keyring.yml against the role's broker: the root-signed update is verified on the
+    controller, published retained (mosquitto_pub, as the first operator), adopted by a running device
+    from the broker, and installed as every device's anchor. An update the current roots did not sign
+    stops the playbook before anything is published or copied."""
+    new = fleet_keys.keyring(version=2)
+    keyring_new = tmp_path / "keyring-v2.json"
+    keyring_new.write_bytes(new.to_json())
+    update = tmp_path / "update.dsse.json"
+    update.write_bytes(sign_envelope(new.to_json(), KEYRING_PAYLOAD_TYPE, [fleet_keys.root]).to_json())
+    forged = tmp_path / "forged.dsse.json"
+    forged.write_bytes(sign_envelope(new.to_json(), KEYRING_PAYLOAD_TYPE, [fleet_keys.stranger]).to_json())
+
+    def rotate(envelope: Path) -> subprocess.CompletedProcess[str]:
+        return run_ansible(
+            BIN / "ansible-playbook", "-i", converged.root / "inventory.json", "rotate-keyring.yml",
+            "-e", f"keyring_update={envelope}", "-e", f"keyring_new={keyring_new}",
+            "-e", f"current_keyring={converged.root / 'keyring.json'}",
+        )  # fmt: skip
+
+    anchors = [converged.device_root(d) / "etc/immune-edge/keyring.json" for d in ("pi-1", "pi-2")]
+    config = converged.device_root("pi-1") / "etc/immune-edge/edge.toml"
+    with running_daemon(config) as daemon:
+        wait_until(lambda: daemon.control.trust.keyring.version == 1, timeout=30, what="keyring v1 in use")
+        refused = rotate(forged)
+        assert refused.returncode != 0 and "unknown-key" in refused.stdout, refused.stdout[-3000:]
+        assert all(Keyring.from_json(a.read_bytes()).version == 1 for a in anchors)
+        result = rotate(update)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        assert recap(result.stdout)["localhost"]["changed"] == 1  # the publish
+        wait_until(lambda: daemon.control.trust.keyring.version == 2, timeout=60, what="keyring v2 adopted")
+    assert all(anchor.read_bytes() == new.to_json() for anchor in anchors)

@@ -218,12 +218,19 @@ def test_bearer_token_on_tcp_socket_by_file_mode(tmp_path, mqtt_broker, fleet_ke
 
 def test_errors_during_the_trial_roll_back(tmp_path, mqtt_broker, fleet_keys, fleet, observer) -> None:
     """The `trial-errors` rollback: server-side failures (here 504s from a 1 s request timeout) of
-    real traffic during the trial window, above the allowed rate, send the device back."""
+    real traffic during the trial window, above the allowed rate, send the device back. The model it
+    goes back to is the warm standby: the same worker process, kept running through the trial, serves
+    again at once (no reload), counted as a `restore` swap."""
     options = ServingOptions(
-        trial_s=120.0, request_timeout_s=1.0, runtime="trial_min_requests = 3\ntrial_max_error_rate = 0.5\n"
+        trial_s=120.0,
+        request_timeout_s=1.0,
+        swap="parallel",
+        runtime="trial_min_requests = 3\ntrial_max_error_rate = 0.5\n",
     )
     with running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon:
         assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
+        smol_worker = daemon.data.router.active.worker
+        restores = daemon.data.metrics.swaps.labels(kind="restore")._value.get()
         ends = len(observer.terminal_events())
         observer.publish(TOPICS.desired_fleet(), fleet.envelope("gemma", 2))
         observer.wait_for(
@@ -231,6 +238,8 @@ def test_errors_during_the_trial_roll_back(tmp_path, mqtt_broker, fleet_keys, fl
             timeout=120,
             what="serial 2 on trial",
         )
+        standby = daemon.data.runtime.standby
+        assert standby is not None and standby.worker is smol_worker and smol_worker.alive
         # Gemma-3 is a base model: it counts on far longer than the 1 s each request may take.
         counting = {"model": "slips", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 500, "temperature": 0}
         for _ in range(3):
@@ -239,6 +248,9 @@ def test_errors_during_the_trial_roll_back(tmp_path, mqtt_broker, fleet_keys, fl
         end = observer.wait_terminal(ends + 1, timeout=60)[-1]
         assert (*_ended(end), end["serial"]) == ("rolled_back", "trial-errors", 2), end
         assert daemon.data.router.active.key == ("stable", 1)
+        assert daemon.data.router.active.worker is smol_worker  # the standby itself, not a reload
+        assert daemon.data.runtime.standby is None
+        assert daemon.data.metrics.swaps.labels(kind="restore")._value.get() == restores + 1
         assert daemon.control.ledger.current().serial == 1
 
 

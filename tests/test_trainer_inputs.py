@@ -301,3 +301,22 @@ def test_answer_parts_choose_what_the_model_learns(tmp_path, counter) -> None:
             [Source.parse(f"slips-summary={summary}")], tmp_path / "bad", counter,
             PrepareOptions(answer_parts={"slips-summary": ("verdict",)}),
         )  # fmt: skip
+
+
+def test_teacher_preference_decides_whose_answer_is_learned(tmp_path, tokenizer_dir) -> None:
+    """`prepare --teacher` (repeatable, best first): by default gpt_4o's answer is learned and
+    gpt4o_mini's only where gpt_4o's failed (every 6th fixture incident); naming gpt4o_mini first
+    learns its answer for every incident. Records say which teacher answered."""
+    summary, _ = write_slips_fixture(tmp_path / "slips", incidents=12)
+
+    def teachers_of(out: Path, *options: str) -> dict[str, int]:
+        args = ["prepare", f"slips-summary={summary}", "--tokenizer", tokenizer_dir, "-o", out]
+        immune_train(*args, "--eval-fraction", "0", *options)
+        stats = json.loads((out / "stats.json").read_text())
+        learned = [r.teacher for r in read_records(out / "train.jsonl")]
+        assert {t: learned.count(t) for t in set(learned)} == stats["teachers"]
+        return stats["teachers"]
+
+    assert teachers_of(tmp_path / "default") == {"gpt_4o": 10, "gpt4o_mini": 2}
+    preferred = teachers_of(tmp_path / "mini-first", "--teacher", "gpt4o_mini", "--teacher", "gpt_4o")
+    assert preferred == {"gpt4o_mini": 12}
