@@ -25,10 +25,17 @@ error_bodies.install()
 
 
 #: Fixtures that load a real model; a test using any of them (directly or through another fixture) is
-#: slow. Whole modules that train, converge Ansible or run a bench are slow too.
+#: slow. Whole modules that train, converge Ansible, run a bench or the demo are slow too.
 _MODEL_FIXTURES = frozenset({"smollm2_model", "gemma3_model"})
 _SLOW_MODULES = frozenset(
-    {"test_trainer_pipeline", "test_trainer_real_model", "test_distill", "test_ansible", "test_bench_smoke"}
+    {
+        "test_trainer_pipeline",
+        "test_trainer_real_model",
+        "test_distill",
+        "test_ansible",
+        "test_bench_smoke",
+        "test_demo",
+    }
 )
 
 

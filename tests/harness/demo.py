@@ -49,6 +49,12 @@ def tool(*args: str | Path) -> str:
     return result.stdout
 
 
+def expect(condition: bool, failure: str) -> None:
+    """Stop the demo, exit status 1, when a step did not do what it shows (tests/test_demo.py runs it)."""
+    if not condition:
+        raise SystemExit(f"demo step failed: {failure}")
+
+
 def show_events(observer: FleetObserver, deployment_id: str | None = None) -> None:
     table = Table("state", "serial", "source", "reason")
     for event in observer.unique_events(deployment_id):
@@ -180,6 +186,7 @@ def main(out: Path, train: bool = False) -> None:
             observer.publish(TOPICS.desired_fleet(), envelope_file.read_bytes())
             (end,) = observer.wait_terminal(timeout=120)
             show_events(observer, end["deployment_id"])
+            expect(end["state"] == "committed", f"serial 1 ended {end['state']}, not committed")
 
             step("a tampered manifest (download URL changed after signing) is rejected")
             envelope = json.loads(envelope_file.read_bytes())
@@ -190,6 +197,7 @@ def main(out: Path, train: bool = False) -> None:
             observer.publish(TOPICS.desired_device(DEVICE), json.dumps(envelope).encode())
             rejected = observer.wait_terminal(2, timeout=60)[-1]
             show_events(observer, rejected["deployment_id"])
+            expect(rejected["state"] == "rejected", f"the tampered manifest ended {rejected['state']}")
             # Device-level desired state outranks the fleet's: clear the rejected one, or later
             # fleet-wide manifests would never apply to this device.
             observer.publish(TOPICS.desired_device(DEVICE), b"")
@@ -197,6 +205,7 @@ def main(out: Path, train: bool = False) -> None:
             step("operator status command (MQTT v5 request/response, operator-signed)")
             operator_key = load_private_key(out / "keys" / "operator-1.key")
             response = observer.command(sign_command([operator_key], {"action": "status"}))
+            expect(response["ok"] and response["result"]["serial"] == 1, f"status answered {response}")
             table = Table("key", "value")
             for key, value in response["result"].items():
                 table.add_row(key, str(value))
@@ -207,6 +216,7 @@ def main(out: Path, train: bool = False) -> None:
             console.print(f"[dim]{incident[:600]}...[/]")
             reply = ask_summary(api, incident)
             console.print(f"[bold]{reply['model']}[/]: {reply['message']['content']}")  # type: ignore[index]
+            expect(bool(str(reply["message"]["content"]).strip()), "the summary is empty")  # type: ignore[index]
             before = tokens_per_second(reply)
             console.print(
                 f"prompt_eval_count {reply['prompt_eval_count']}, eval_count {reply['eval_count']}, "
@@ -230,6 +240,8 @@ def main(out: Path, train: bool = False) -> None:
             console.print(
                 f"{len(outcomes)} requests during the swap, {len(load.failures())} failed; served by {served}"
             )
+            expect(swapped["state"] == "committed", f"the swap to Gemma-3 ended {swapped['state']}")
+            expect(not load.failures(), f"requests failed during the swap: {load.failures()[:3]}")
             after_reply = ask_summary(api, incident)
             after = tokens_per_second(after_reply)
             console.print(f"[bold]{after_reply['model']}[/]: {after_reply['message']['content']}")  # type: ignore[index]
@@ -255,6 +267,7 @@ def main(out: Path, train: bool = False) -> None:
     step(f"what the daemon logged about the input it refused ({device / 'edge.log'})")
     audit = [line for line in (device / "edge.log").read_text().splitlines() if " edge.audit: " in line]
     console.print("\n".join(audit) or "[red]no refusal logged[/]", highlight=False, soft_wrap=True)
+    expect(bool(audit), "the daemon logged no refusal of the tampered manifest")
 
     step("device state after the daemon stopped (immune-edge status)")
     console.print(tool(BIN / "immune-edge", "status", "--config", config))
