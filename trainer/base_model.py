@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from pydantic import BaseModel, ConfigDict
 
 from shared.artifacts import sha256_file
@@ -217,6 +218,20 @@ def resolve_base(
     architecture = check_convertible(path)
     _, digest = sha256_file(path)
     target = (cache_dir or DEFAULT_CACHE / "bases") / f"{digest[:24]}-v{CONVERSION_VERSION}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):  # two runs converting the same base: the second waits and reuses
+        return _converted(spec, path, architecture, digest, target, samples)
+
+
+def _converted(
+    spec: str,
+    path: Path,
+    architecture: str,
+    digest: str,
+    target: Path,
+    samples: Sequence[list[dict[str, str]]],
+) -> BaseSource:
+    """The converted copy of ``path`` in ``target``, made first when it is not there."""
     record_file = target / _RECORD
     if record_file.is_file():
         converted = ConvertedBase.model_validate_json(record_file.read_bytes())
@@ -224,7 +239,6 @@ def resolve_base(
         return BaseSource(spec=spec, load_path=str(target), gguf=path, converted=converted)
     if not samples:
         raise TrainerError(Reason.EMPTY_DATASET, "no sample conversations to check the converted base with")
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         staging = Path(scratch) / "model"
         converted = _convert(path, architecture, samples, staging)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from filelock import FileLock
+
 from shared.reasons import Reason
 from trainer.errors import TrainerError
 
@@ -95,8 +97,11 @@ class Toolchain:
 
         Built for the common x86-64-v3/armv8 level rather than -march=native, as the edge wheel is:
         some virtual machines advertise AMX and llama.cpp's AMX kernel then faults."""
-        if all(os.access(self.native(tool), os.X_OK) for tool in tools):
-            return
+        with FileLock(f"{self.build_dir}.lock"):  # one build at a time in this tree
+            if not all(os.access(self.native(tool), os.X_OK) for tool in tools):
+                self._build(tools, jobs)
+
+    def _build(self, tools: tuple[str, ...], jobs: int | None) -> None:
         if shutil.which("cmake") is None:
             raise TrainerError(Reason.TOOLCHAIN, "cmake is not installed (apt-get install cmake)")
         log.info("building %s from %s (once)", ", ".join(tools), self.root)
@@ -174,10 +179,15 @@ def prepare_toolchain(cache_dir: Path = DEFAULT_CACHE, sdist: Path | None = None
     package index (or its own cache), which is the only network access and happens once."""
     version = llama_cpp_python_version()
     toolchain = Toolchain(cache_dir / f"llama.cpp-{version}")
-    if toolchain.root.is_dir():
-        toolchain.check()
-        return toolchain
     cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{toolchain.root}.lock"):  # another run preparing the same tree: wait for it
+        if not toolchain.root.is_dir():
+            _prepare_tree(toolchain, cache_dir, version, sdist)
+    toolchain.check()
+    return toolchain
+
+
+def _prepare_tree(toolchain: Toolchain, cache_dir: Path, version: str, sdist: Path | None) -> None:
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
         archive = sdist or _download_sdist(version, Path(scratch))
         staging = Path(scratch) / "tree"
@@ -188,7 +198,6 @@ def prepare_toolchain(cache_dir: Path = DEFAULT_CACHE, sdist: Path | None = None
         Toolchain(staging).check()
         staging.rename(toolchain.root)  # appears whole or not at all
     log.info("prepared llama.cpp tree %s", toolchain.root)
-    return toolchain
 
 
 def _download_sdist(version: str, directory: Path) -> Path:
