@@ -320,7 +320,7 @@ def test_a_worker_that_keeps_crashing_is_restarted_with_growing_back_off(
     it sooner), never an upper one."""
     options = ServingOptions()
     with (
-        watching("edge.runtime.serving") as log,
+        watching("edge.runtime.supervisor") as log,
         running_daemon(_config(tmp_path, mqtt_broker, fleet_keys, options)) as daemon,
     ):
         assert fleet.deploy(fleet.envelope("smol", 1))["state"] == "committed"
