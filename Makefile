@@ -121,13 +121,13 @@ bench: venv
 	$(PY) -m bench.api_chat
 	$(PY) -m bench.swap_latency
 
-## The real trainer recipe (about 1.5 hours on 2 CPU cores): SmolLM2-135M-Instruct from its GGUF, LoRA on
+## The real trainer recipe (about 45 minutes on 2 CPU cores): SmolLM2-135M-Instruct from its GGUF, LoRA on
 ## the requests Slips' alert summary sends for the real incidents (../shared/datasets/slips), answers that
 ## obey its output rules, q4_k_m, eval against the base through those prompts, publish with the n_ctx its
 ## longest request needs, then a Slips-style client. Results in train-real-out/results.md (docs/benchmarks.md).
 train-real: trainer-deps
-	$(PY) -m bench.real_finetune --out train-real-out --train-records 128 --max-tokens 1536 \
-	  --quants q4_k_m --no-imatrix --adapter-base none --task-records 30 --ppl-records 20
+	$(PY) -m bench.real_finetune --out train-real-out --train-records 128 --max-tokens 1536 --lr 1e-3 \
+	  --records-per-step 2 --quants q4_k_m --no-imatrix --adapter-base none --task-records 30 --ppl-records 20
 
 ## The task-adapter recipe (LoRA on q/v only, about 1.5 hours): its adapter against its merged
 ## q4_k_m, then bench/adapters.py on it. Results in docs/benchmarks.md.
