@@ -23,14 +23,15 @@ from trainer.dataset.prepare import (
     prepare,
     text_token_counter,
 )
-from trainer.dataset.records import read_records
+from trainer.dataset.records import ChatRecord, read_records
 from trainer.errors import TrainerError
 from trainer.prompts import PROFILES, get_profile
 from trainer.prompts.alert_summary import FINAL_BUDGET, REDUCTION_BUDGET, AlertSummaryProfile
-from trainer.prompts.contract import AnswerContext, contract_failures, contract_scores
+from trainer.prompts.contract import AnswerContext, contract_failures, contract_scores, stated_verdict
 from trainer.prompts.evidence import digest, parse_evidence
 from trainer.prompts.profile import ClientRequest, IncidentFacts, estimate_tokens
 from trainer.records import CONTEXT_STEP, EvalReport, RequestFit
+from trainer.task_checks import task_scores
 
 SOURCE = "192.168.1.20"
 SECTIONS = [
@@ -288,3 +289,44 @@ def test_bad_inputs_are_named(slips_data, tmp_path) -> None:
         "--prompt-profile", "alert-summary-v9", check=False,
     )  # fmt: skip
     assert result.returncode == 1 and "unknown prompt profile 'alert-summary-v9'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "verdict"),
+    [
+        ("Likely true positive, high risk: 10.0.0.5 scans.", "true positive"),
+        ("This is a likely false-positive caused by a backup job.", "false positive"),
+        ("The evidence is too thin: uncertain, medium risk.", "uncertain"),
+        ("A True  Positive with high urgency.", "true positive"),
+        ("The host scanned 440 addresses.", None),
+    ],
+)
+def test_the_stated_verdict_is_read_whatever_its_spelling(text: str, verdict: str | None) -> None:
+    assert stated_verdict(text) == verdict
+
+
+def test_eval_says_whether_a_final_states_the_references_verdict() -> None:
+    """`verdict_agrees`: 1.0 when the answer's verdict is the reference's, 0.0 for another or none;
+    absent when the reference states none, and for reductions (they must not judge)."""
+    def record(answer: str, request: str = "final") -> ChatRecord:
+        return ChatRecord(
+            id=f"x:{request}",
+            group="x",
+            task="slips-summary",
+            source="fixture",
+            meta={"profile": "alert-summary-v2", "request": request, "source_ip": SOURCE},
+            messages=[
+                {"role": "user", "content": "INCIDENT METADATA"},
+                {"role": "assistant", "content": answer},
+            ],
+        )
+
+    def agrees(reference: str, answer: str, request: str = "final") -> float | None:
+        return task_scores(record(reference, request), answer, True, lambda *_: 0.0).get("verdict_agrees")
+
+    benign = f"Likely false positive, low risk: {SOURCE} ran a backup."
+    assert agrees(benign, benign.replace("Likely false", "A false")) == 1.0
+    assert agrees(benign, GOOD) == 0.0
+    assert agrees(benign, GOOD.replace("a likely true positive with", "an event of")) == 0.0
+    assert agrees(f"{SOURCE} ran a backup.", GOOD) is None
+    assert agrees(benign, GOOD, request="reduction") is None

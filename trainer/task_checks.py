@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from trainer.dataset.records import ChatRecord
 from trainer.prompts import get_profile
-from trainer.prompts.contract import AnswerContext, contract_scores
+from trainer.prompts.contract import AnswerContext, contract_scores, stated_verdict
 
 _VERDICT = {
     "slips-risk": re.compile(r"risk\s*level\W{0,6}\s*(low|medium|high|critical)", re.IGNORECASE),
@@ -71,7 +71,13 @@ def profile_scores(record: ChatRecord, answer: str, finished: bool, rouge: Rouge
         "rouge_l": rouge(record.answer, answer),
         "no_prompt_echo": float(no_prompt_echo(record, answer)),
     }
-    return scores if kind == "final" else {f"reduction_{name}": value for name, value in scores.items()}
+    if kind != "final":
+        return {f"reduction_{name}": value for name, value in scores.items()}
+    # Stating a verdict is the contract; stating the reference's is being right (measurable only where
+    # the held-out references are not all one verdict, which Slips' own datasets nearly are).
+    if (expected := stated_verdict(record.answer)) is not None:
+        scores["verdict_agrees"] = float(stated_verdict(answer) == expected)
+    return scores
 
 
 def task_scores(record: ChatRecord, answer: str, finished: bool, rouge: Rouge) -> dict[str, float]:

@@ -61,6 +61,16 @@ def gives_verdict(answer: str, _: AnswerContext) -> bool:
     return bool(VERDICT.search(answer))
 
 
+def stated_verdict(text: str) -> str | None:
+    """The first verdict ``text`` states, as ``true positive``, ``false positive`` or ``uncertain``
+    (``likely`` and the spelling dropped); None when it states none."""
+    found = VERDICT.search(text)
+    if found is None:
+        return None
+    words = re.sub(r"[\s-]+", " ", found.group(0).lower()).removeprefix("likely ")
+    return words
+
+
 def no_verdict(answer: str, _: AnswerContext) -> bool:
     """A reduction states no verdict: it only compresses evidence."""
     return bool(answer.strip()) and not VERDICT.search(answer)
