@@ -62,8 +62,9 @@ def test_fleet_scale_bench_converges_through_its_faults(tmp_path) -> None:
     assert run["rollout_s"] >= 17 * 60 / 300  # the 18 online devices were started 0.2 s apart at least
     # immune-fleet collect, running through the broker restart, stored every event of the rollout.
     assert run["collect_events"] == run["events_expected"] and run["collect_rss_mb"] > 0
-    # Counted across the broker restart (a restarted mosquitto counts from zero: this was negative).
-    assert run["messages_per_s"] > 0 and run["mosquitto_cpu_s"] > 0
+    # Counted across the broker restart (a restarted mosquitto counts from zero: this was negative). Not
+    # "> 0": 20 devices can cost mosquitto less than one 10 ms tick of CPU time in all.
+    assert run["messages_per_s"] > 0 and run["mosquitto_cpu_s"] >= 0
 
 
 def test_fleet_scale_bench_shares_one_read_only_copy_of_the_model(tmp_path) -> None:
