@@ -348,3 +348,21 @@ def test_profile_eval_scores_the_contract_and_publish_takes_its_context(
         == (export / "manifest-5.json").read_bytes()
     )
     assert retained_message(mqtt_broker, TOPICS.desired_fleet()) == (export / "manifest-4.json").read_bytes()
+
+
+def test_export_with_an_importance_matrix(trained: TinyRun, tmp_path: Path) -> None:
+    """`export --imatrix`: llama.cpp's own llama-imatrix and llama-quantize (built once from the cached
+    tree) measure the run's training prompts and make the k-quant with that matrix; the plain k-quant
+    is kept beside it for eval's comparison. Both are real GGUFs llama-cpp-python runs, and they differ."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir, ignore=shutil.ignore_patterns("gguf"))
+    immune_train("export", run_dir, "--quant", "q4_k_m", "--imatrix", "--imatrix-chunks", "2")
+    gguf = run_dir / "gguf"
+    (q4,) = [f for f in json.loads((gguf / "export.json").read_text())["files"] if f["quant"] == "q4_k_m"]
+    assert q4["imatrix_sha256"] and q4["without_imatrix"], q4
+    weighted, plain = gguf / q4["file"], gguf / q4["without_imatrix"]
+    assert (gguf / "imatrix.gguf").is_file()
+    assert weighted.read_bytes() != plain.read_bytes()
+    for path in (weighted, plain):
+        assert tensor_types(path).get("Q4_K", 0) > 0
+        smoke_generate(path)
