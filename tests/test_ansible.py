@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,11 @@ def converged(tmp_path_factory: pytest.TempPathFactory, fleet_keys) -> Converged
         result = run_ansible(BIN / "ansible-playbook", "-i", inventory, "site.yml")
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         runs.append(result.stdout)
+    # The roles installed immune-edge with --no-deps (no package index in tests): the devices' venvs find
+    # its dependencies in this venv, so the immune-edge they hold runs (the doctor gate runs it).
+    for device in ("pi-1", "pi-2"):
+        (site,) = (root / f"root-{device}/opt/immune-edge/venv/lib").glob("python3*/site-packages")
+        (site / "test-dependencies.pth").write_text(f"{sysconfig.get_paths()['purelib']}\n")
     return Converged(root, port, runs)
 
 
@@ -219,9 +225,36 @@ def test_role_broker_serves_a_role_configured_device(
                     what="pi-2's event",
                 )
                 assert not any(b"forged" in p for _t, p in operator.messages)
+                # The role's doctor gate, run on this healthy device, passes and changes nothing.
+                gated = _converge_gated(converged, "pi-1")
+                assert gated.returncode == 0, gated.stdout[-4000:]
+                assert recap(gated.stdout)["pi-1"]["changed"] == 0
+                assert "TASK [edge : Check the device with immune-edge doctor]" in gated.stdout
     finally:
         operator.close()
         pi2.close()
+
+
+def _converge_gated(converged: Converged, device: str) -> subprocess.CompletedProcess[str]:
+    """site.yml again for ``device`` alone, with the role's doctor gate on (it runs by default only where
+    the role starts the service, which these throw-away roots have no systemd for)."""
+    return run_ansible(
+        BIN / "ansible-playbook", "-i", converged.root / "inventory.json", "site.yml",
+        "--limit", device, "-e", "edge_doctor_gate=true",
+    )  # fmt: skip
+
+
+def test_the_doctor_gate_fails_the_play_on_an_unhealthy_device(converged: Converged) -> None:
+    """No broker runs and no daemon serves: doctor fails on pi-2, so the play fails there, naming the
+    gate, after its retries."""
+    result = _converge_gated(converged, "pi-2")
+    assert result.returncode != 0
+    assert recap(result.stdout)["pi-2"]["failed"] == 1
+    assert "FAILED - RETRYING: [pi-2]: Check the device with immune-edge doctor" in result.stdout
+    fatal = next(line for line in result.stdout.splitlines() if line.startswith("fatal: [pi-2]: FAILED! => "))
+    report = json.loads(json.loads(fatal.split(" => ", 1)[1])["stdout"])
+    verdicts = {check["name"]: check["verdict"] for check in report["checks"]}
+    assert verdicts["config"] == "pass" and verdicts["broker"] == "fail", verdicts
 
 
 def test_rotate_keyring_playbook_reaches_running_and_provisioned_devices(
