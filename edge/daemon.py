@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -174,9 +175,11 @@ class EdgeDaemon:
         self._worker.join(timeout=30)
         control = self.control
         status = control.reporter.status_message(online=False)
-        control.outbox.put(
-            control.topics.status(self.device_id), status.to_json(), qos=1, retain=True, coalesce_key="status"
-        )
+        try:
+            topic = control.topics.status(self.device_id)
+            control.outbox.put(topic, status.to_json(), qos=1, retain=True, coalesce_key="status")
+        except sqlite3.Error as exc:  # a full disk must not keep the workers and the session running
+            log.warning("cannot queue the offline status (%s); the broker's will says it instead", exc)
         self.agent.wait_drained(timeout_s=3.0)
         self.agent.stop()
         if self.data is not None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -45,6 +46,19 @@ class Inbound:
     payload: bytes
     response_topic: str | None
     correlation: bytes | None
+
+
+@dataclass
+class _PumpState:
+    """What the outbox pump remembers between passes."""
+
+    #: paho mid -> outbox row id, for QoS 1 rows handed to the client and not yet acknowledged.
+    inflight: dict[int, int] = field(default_factory=dict)
+    #: Acknowledgements that arrived before publish() returned the mid.
+    early: set[int] = field(default_factory=set)
+    #: QoS 0 sends also get an on_publish (when written); they must not land in ``early``, where a
+    #: reused mid would acknowledge an unrelated QoS 1 row.
+    fire_and_forget: set[int] = field(default_factory=set)
 
 
 class MqttAgent:
@@ -228,54 +242,67 @@ class MqttAgent:
 
     # -- outbox pump (own thread) -----------------------------------------------------------
     def _pump_outbox(self) -> None:
-        inflight: dict[int, int] = {}  # paho mid -> outbox row id
-        early: set[int] = set()  # acks that arrived before publish() returned the mid
-        # QoS 0 sends also get an on_publish (when written); they must not land in `early`, where a
-        # reused mid would acknowledge an unrelated QoS 1 row.
-        fire_and_forget: set[int] = set()
+        pump = _PumpState()
+        failing = False
         while not self._stop.is_set():
             self._wake.wait(timeout=1.0)
             self._wake.clear()
-            while True:
-                try:
-                    kind, mid = self._events.get_nowait()
-                except queue.Empty:
-                    break
-                if kind == "reset":
-                    # Unacknowledged rows are published again after a reconnect (at least once).
-                    inflight.clear()
-                    early.clear()
-                    fire_and_forget.clear()
-                elif mid in fire_and_forget:
-                    fire_and_forget.discard(mid)
-                elif mid in inflight:
-                    self.outbox.ack(inflight.pop(mid))
-                else:
-                    early.add(mid)
-            if not self._connected.is_set():
-                continue
-            while self._direct:
-                topic, payload = self._direct.popleft()
-                info = self.client.publish(topic, payload, qos=0)
-                if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                    fire_and_forget.add(info.mid)
-            if len(inflight) >= INFLIGHT_WINDOW:
-                continue
-            for row in self.outbox.pending(INFLIGHT_WINDOW - len(inflight), set(inflight.values())):
-                properties = None
-                if row.correlation is not None:
-                    properties = Properties(PacketTypes.PUBLISH)
-                    properties.CorrelationData = row.correlation
-                info = self.client.publish(
-                    row.topic, row.payload, qos=row.qos, retain=row.retain, properties=properties
-                )
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    break  # not connected after all; the row stays queued
-                if row.qos == 0:
-                    fire_and_forget.add(info.mid)
-                    self.outbox.ack(row.id)
-                elif info.mid in early:
-                    early.discard(info.mid)
-                    self.outbox.ack(row.id)
-                else:
-                    inflight[info.mid] = row.id
+            try:
+                self._pump_once(pump)
+            except sqlite3.Error as exc:
+                # The state database cannot be written now (a full SD card): the row whose ack failed
+                # stays and is published again (at least once); the next pass, a second on, retries.
+                if not failing:
+                    log.warning("cannot update the outbox (%s); retrying every second", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("the outbox can be updated again")
+                failing = False
+
+    def _pump_once(self, pump: _PumpState) -> None:
+        """Take the broker's acknowledgements, then hand queued rows to the client."""
+        inflight, early, fire_and_forget = pump.inflight, pump.early, pump.fire_and_forget
+        while True:
+            try:
+                kind, mid = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "reset":
+                # Unacknowledged rows are published again after a reconnect (at least once).
+                inflight.clear()
+                early.clear()
+                fire_and_forget.clear()
+            elif mid in fire_and_forget:
+                fire_and_forget.discard(mid)
+            elif mid in inflight:
+                self.outbox.ack(inflight.pop(mid))
+            else:
+                early.add(mid)
+        if not self._connected.is_set():
+            return
+        while self._direct:
+            topic, payload = self._direct.popleft()
+            info = self.client.publish(topic, payload, qos=0)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                fire_and_forget.add(info.mid)
+        if len(inflight) >= INFLIGHT_WINDOW:
+            return
+        for row in self.outbox.pending(INFLIGHT_WINDOW - len(inflight), set(inflight.values())):
+            properties = None
+            if row.correlation is not None:
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.CorrelationData = row.correlation
+            info = self.client.publish(
+                row.topic, row.payload, qos=row.qos, retain=row.retain, properties=properties
+            )
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break  # not connected after all; the row stays queued
+            if row.qos == 0:
+                fire_and_forget.add(info.mid)
+                self.outbox.ack(row.id)
+            elif info.mid in early:
+                early.discard(info.mid)
+                self.outbox.ack(row.id)
+            else:
+                inflight[info.mid] = row.id
