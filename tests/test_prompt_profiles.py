@@ -308,6 +308,7 @@ def test_the_stated_verdict_is_read_whatever_its_spelling(text: str, verdict: st
 def test_eval_says_whether_a_final_states_the_references_verdict() -> None:
     """`verdict_agrees`: 1.0 when the answer's verdict is the reference's, 0.0 for another or none;
     absent when the reference states none, and for reductions (they must not judge)."""
+
     def record(answer: str, request: str = "final") -> ChatRecord:
         return ChatRecord(
             id=f"x:{request}",
