@@ -37,7 +37,7 @@ from tests.harness.edge import (
     write_edge_config,
 )
 from tests.harness.logwatch import watching
-from tests.harness.tmpfs import small_tmpfs
+from tests.harness.tmpfs import fill, small_tmpfs
 from tests.test_edge_daemon import FORWARD, Deployments, model_blob
 
 
@@ -246,14 +246,7 @@ def test_disk_full_fails_cleanly(small_disk, mqtt_broker, observer, artifact_ser
         )
         partial = store / "partial" / f"{digest(big)}.part"
         _wait(lambda: partial.exists() and partial.stat().st_size > 1024 * 1024, 30, "download under way")
-        filler = small_disk / "filler"
-        # Unbuffered: a buffered writer would raise ENOSPC again when closing with bytes left over.
-        with filler.open("wb", buffering=0) as handle:
-            try:
-                while True:
-                    handle.write(b"\0" * 65536)
-            except OSError:
-                pass
+        filler = fill(small_disk)
         failed = observer.wait_terminal(2)[-1]
         assert failed["state"] == "failed" and failed["reason"].startswith("disk-full"), failed
         assert not partial.exists() and not (store / "sha256" / digest(big)).exists()

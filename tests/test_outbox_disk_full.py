@@ -14,19 +14,8 @@ from edge.state.outbox import Outbox
 from shared.config import MqttSettings
 from tests.harness.broker import Mosquitto
 from tests.harness.logwatch import watching
-from tests.harness.tmpfs import small_tmpfs
+from tests.harness.tmpfs import fill, small_tmpfs
 from tests.harness.waiting import wait_until
-
-
-def _fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with filler.open("wb", buffering=0) as handle:  # unbuffered: no bytes left over to fail on close
-        try:
-            while True:
-                handle.write(b"\0" * 4096)
-        except OSError:
-            pass
-    return filler
 
 
 def test_an_ack_that_cannot_be_stored_does_not_stop_the_outbox(
@@ -52,7 +41,7 @@ def test_an_ack_that_cannot_be_stored_does_not_stop_the_outbox(
     with small_tmpfs(tmp_path / "disk", "1m") as disk:
         outbox = Outbox(StateDB(disk / "state.db"))
         outbox.put("dev/events", b"A")
-        filler = _fill(disk)
+        filler = fill(disk)
         agent = MqttAgent(
             MqttSettings(host=mqtt_broker.host, port=mqtt_broker.port),
             "device-1",

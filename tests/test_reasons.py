@@ -16,8 +16,6 @@ from shared.reasons import Reason
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ("edge", "shared", "fleet", "trainer")
-#: Errors of other vocabularies: the worker's API fault codes and plain exceptions with messages only.
-OTHER_VOCABULARIES = {"RequestFaultError", "ApiError"}
 
 
 def _app_sources() -> list[tuple[Path, ast.AST]]:
@@ -49,7 +47,7 @@ def test_every_code_is_kebab_case_and_unique() -> None:
 
 
 def test_raise_sites_name_a_member_never_a_string() -> None:
-    reasoned = _reasoned_error_names() - OTHER_VOCABULARIES
+    reasoned = _reasoned_error_names()
     assert {"ContractError", "TransientError", "TrainerError", "ActivationError"} <= reasoned
     literal = []
     for path, tree in _app_sources():

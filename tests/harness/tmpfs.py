@@ -23,3 +23,17 @@ def small_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write zeros into ``directory/filler`` until its file system is full (another writer taking the
+    space); returns the file, so a test can free the space again."""
+    filler = directory / "filler"
+    # Unbuffered: a buffered writer would raise ENOSPC again when closing with bytes left over.
+    with filler.open("wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+        except OSError:
+            pass
+    return filler

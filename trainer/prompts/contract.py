@@ -67,8 +67,7 @@ def stated_verdict(text: str) -> str | None:
     found = VERDICT.search(text)
     if found is None:
         return None
-    words = re.sub(r"[\s-]+", " ", found.group(0).lower()).removeprefix("likely ")
-    return words
+    return re.sub(r"[\s-]+", " ", found.group(0).lower()).removeprefix("likely ")
 
 
 def no_verdict(answer: str, _: AnswerContext) -> bool:
