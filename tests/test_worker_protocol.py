@@ -78,6 +78,37 @@ def test_a_request_sent_as_the_worker_dies_is_a_worker_error(smollm2_model, monk
         handle.stop()
 
 
+def test_a_worker_killed_before_reading_its_request_is_a_worker_error(smollm2_model):
+    """Bug (CI, test_crashed_worker_is_restarted_and_requests_survive): a worker killed with bytes it had
+    not read yet resets its end of the pipe, and the daemon's read raised ConnectionResetError out of
+    generate(): a 500 instead of a retry on the restarted worker. The worker is held stopped so that the
+    request stays unread, then killed."""
+    import os
+    import signal
+    import threading
+
+    from edge.runtime.handle import WorkerError
+
+    handle = WorkerHandle(LoadSpec(model_path=str(smollm2_model), n_ctx=512, n_threads=1), "reset").start()
+    try:
+        pid = handle.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        kill = threading.Timer(1.0, os.kill, (pid, signal.SIGKILL))
+        kill.start()
+        request = GenerateRequest(
+            id="unread", messages=[ChatMessage(role="user", content="hello")], max_tokens=2, temperature=0
+        )
+        try:
+            with pytest.raises(WorkerError, match="worker reset is gone"):
+                _run(handle, request)
+        finally:
+            kill.join()
+        assert not handle.alive
+    finally:
+        handle.stop()
+
+
 def test_a_prompt_slower_than_the_token_timeout_is_bounded_by_the_request_deadline(worker, monkeypatch):
     """Bug (the emulated arm64 check: `worker_failed` on a Slips prompt): the wait for the first event, which
     comes only once the whole prompt is evaluated, was cut at the between-token silence limit (120 s), so a

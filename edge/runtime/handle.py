@@ -137,6 +137,8 @@ class WorkerHandle:
             return WorkerEvent.model_validate_json(conn.recv_bytes())
         except EOFError:
             raise WorkerError(f"worker {self.name} closed its pipe while {doing}") from None
+        except OSError as exc:  # killed with bytes it had not read: its end of the pipe was reset
+            raise self._gone(exc) from None
 
     def generate(self, request: GenerateRequest, deadline: float | None = None) -> Iterator[WorkerEvent]:
         """Yield delta events then one done event; raise WorkerError on failure and
@@ -178,16 +180,20 @@ class WorkerHandle:
 
     def _send(self, payload: bytes) -> None:
         """Send one message (the lock held); WorkerError when the worker is not running, also when it
-        dies between the liveness check and the send (the pipe breaks). Waiting for its exit then
-        lets the caller see it dead and retry on the replacement."""
+        dies between the liveness check and the send (the pipe breaks)."""
         if self._conn is None or not self.alive:
             raise WorkerError(f"worker {self.name} is not running")
         try:
             self._conn.send_bytes(payload)
         except OSError as exc:
-            if self._process is not None:
-                self._process.join(PIPE_BROKEN_EXIT_WAIT_S)
-            raise WorkerError(f"worker {self.name} is gone ({exc})") from None
+            raise self._gone(exc) from None
+
+    def _gone(self, broken: OSError) -> WorkerError:
+        """The error for a pipe that broke because the worker died. Waiting for its exit first lets
+        the caller see it dead and retry on the replacement."""
+        if self._process is not None:
+            self._process.join(PIPE_BROKEN_EXIT_WAIT_S)
+        return WorkerError(f"worker {self.name} is gone ({broken})")
 
     def count_tokens(self, messages: list[ChatMessage], deadline: float) -> int:
         """Tokens ``messages`` take through the model's chat template (waits for the worker to be
