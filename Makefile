@@ -94,16 +94,19 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-## tests/test_arm64.py is not in it: with cold caches it adds 40-55 minutes on 2 cores, more than CI's budget
-## allows beside the rest (`make arm64-check`; docs/benchmarks.md).
 ## Two workers (TEST_WORKERS), each given a whole test module at a time (--dist loadfile), so a module's
 ## shared fixtures (a trained run, a converged fleet) are built once. Most tests wait on daemons, brokers
-## and child processes, so two workers on 2 cores run the suite in under half the time of one
-## (docs/benchmarks.md). TEST_WORKERS=0 runs it in this process, one test at a time.
+## and child processes, so two workers on 2 cores take about 0.7 of the time of one (docs/benchmarks.md).
+## TEST_WORKERS=0 runs it in this process, one test at a time.
+## Then the Raspberry Pi 5 check (tests/test_arm64.py, `make arm64-check`) on its own, after the rest: it
+## is CPU-bound for most of its run (the cross compile, emulated converges and inference), and alone it
+## neither slows the suite's daemons nor is slowed by them. About 40 minutes cold, 22 with
+## ~/.cache/immune-edge warm (docs/benchmarks.md).
 TEST_WORKERS ?= 2
 PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
-test: venv trainer-deps lint
+test: venv trainer-deps lint arm64-deps
 	$(PY) -m pytest $(PYTEST_WORKERS) --ignore=tests/test_arm64.py
+	$(PY) -m pytest -rP tests/test_arm64.py
 
 ## Day-to-day: every test that loads no model, trains nothing and converges nothing (a few minutes);
 ## `make test` before a push runs them all.
