@@ -41,7 +41,7 @@ from tests.harness.tmpfs import small_tmpfs
 from tests.harness.training import immune_train
 from tests.harness.waiting import wait_until
 from trainer.dataset.records import read_records
-from trainer.evaluate import captured_answers
+from trainer.measure import captured_answers
 from trainer.prompts.alert_summary import AlertSummaryProfile
 from trainer.prompts.profile import IncidentFacts
 

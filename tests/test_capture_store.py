@@ -16,7 +16,7 @@ from shared.capture import CapturedExchange, CapturePurgeAction
 from trainer.dataset.captured import refuse_captured_answers
 from trainer.dataset.records import ChatMessage, ChatRecord
 from trainer.errors import TrainerError
-from trainer.evaluate import captured_answers
+from trainer.measure import captured_answers
 
 
 class Clock:

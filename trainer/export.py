@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 from shared.artifacts import sha256_file
 from shared.manifest import Quantization
@@ -84,23 +85,8 @@ def export(
     run = RunRecord.read(layout.run_file, "run immune-train finetune first")
     toolchain.check()
     toolchain.activate()
-    from unsloth import FastLanguageModel
-
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(adapter), load_in_4bit=False, dtype=None, local_files_only=True
-    )
-    if not getattr(tokenizer, "chat_template", None):
-        raise TrainerError(Reason.MISSING_CHAT_TEMPLATE, f"{adapter}: the tokenizer has no chat template")
     target = layout.export.root
-    if target.exists():
-        shutil.rmtree(target)
-    # Unsloth merges and converts to F16; every other type is quantized from that F16 here, after
-    # its tokenizer is settled, so all files share it.
-    model.save_pretrained_gguf(str(target), tokenizer, quantization_method=[Quantization.F16.value])
-    written = sorted(target.glob("*.F16.gguf"))
-    if not written:
-        raise TrainerError(Reason.EXPORT_FAILED, f"Unsloth wrote no F16 GGUF into {target}")
-    f16 = written[0].rename(layout.export.gguf(run_dir.name, Quantization.F16))
+    f16, tokenizer = _merged_f16(layout, target)
     spec = str(run.config["base_model"])
     transplant_tokenizer(base_vocabulary(spec, toolchain, target), f16)
 
@@ -120,36 +106,63 @@ def export(
         calibration = target / "calibration.txt"
         calibration.write_text(calibration_text(records, tokenizer, imatrix_chunks * CHUNK_TOKENS * 4))
         matrix = compute_imatrix(toolchain, f16, calibration, target / "imatrix.gguf", imatrix_chunks)
-    exported: list[ExportedFile] = []
-    for quant in quants:
-        path, plain = f16, None
-        if quant is not Quantization.F16:
-            path = quantize(f16, layout.export.gguf(run_dir.name, quant), quant)
-            if matrix is not None and takes_imatrix(quant):
-                plain_path = path.rename(layout.export.gguf_without_imatrix(run_dir.name, quant))
-                quantize_with_imatrix(toolchain, f16, matrix, path, quant)
-                _check_file(plain_path, quant, f16)
-                plain = plain_path.name
-        types = _check_file(path, quant, f16)
-        size, digest = sha256_file(path)
-        exported.append(
-            ExportedFile(
-                quant=quant,
-                file=path.name,
-                size=size,
-                sha256=digest,
-                tensor_types=types,
-                imatrix_sha256=sha256_file(matrix)[1] if matrix is not None and plain else None,
-                without_imatrix=plain,
-            )
-        )
-        log.info("exported %s (%d bytes, tensors %s)", path.name, size, types)
+    exported = [_export_one(layout, quant, f16, toolchain, matrix) for quant in quants]
     if not keep_merged:
         shutil.rmtree(layout.export.merged_dir, ignore_errors=True)
     lora = export_adapter(run_dir, toolchain, adapter_base) if adapter_gguf else None
     report = ExportReport(files=exported, tokenizer=fidelity, adapter=lora)
     report.write(layout.export.export_file)
     return report
+
+
+def _merged_f16(layout: RunLayout, target: Path) -> tuple[Path, Any]:
+    """The adapter merged into its base and written as the run's F16 GGUF in ``target`` (emptied
+    first), and the run's tokenizer."""
+    from unsloth import FastLanguageModel
+
+    adapter = layout.adapter_dir
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(adapter), load_in_4bit=False, dtype=None, local_files_only=True
+    )
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainerError(Reason.MISSING_CHAT_TEMPLATE, f"{adapter}: the tokenizer has no chat template")
+    if target.exists():
+        shutil.rmtree(target)
+    # Unsloth merges and converts to F16; every other type is quantized from that F16 here, after
+    # its tokenizer is settled, so all files share it.
+    model.save_pretrained_gguf(str(target), tokenizer, quantization_method=[Quantization.F16.value])
+    written = sorted(target.glob("*.F16.gguf"))
+    if not written:
+        raise TrainerError(Reason.EXPORT_FAILED, f"Unsloth wrote no F16 GGUF into {target}")
+    return written[0].rename(layout.export.gguf(layout.root.name, Quantization.F16)), tokenizer
+
+
+def _export_one(
+    layout: RunLayout, quant: Quantization, f16: Path, toolchain: Toolchain, matrix: Path | None
+) -> ExportedFile:
+    """``quant`` made from the F16 and checked (with ``matrix``, weighted by it, the plain k-quant
+    kept beside and checked too)."""
+    name = layout.root.name
+    path, plain = f16, None
+    if quant is not Quantization.F16:
+        path = quantize(f16, layout.export.gguf(name, quant), quant)
+        if matrix is not None and takes_imatrix(quant):
+            plain_path = path.rename(layout.export.gguf_without_imatrix(name, quant))
+            quantize_with_imatrix(toolchain, f16, matrix, path, quant)
+            _check_file(plain_path, quant, f16)
+            plain = plain_path.name
+    types = _check_file(path, quant, f16)
+    size, digest = sha256_file(path)
+    log.info("exported %s (%d bytes, tensors %s)", path.name, size, types)
+    return ExportedFile(
+        quant=quant,
+        file=path.name,
+        size=size,
+        sha256=digest,
+        tensor_types=types,
+        imatrix_sha256=sha256_file(matrix)[1] if matrix is not None and plain else None,
+        without_imatrix=plain,
+    )
 
 
 def _check_file(path: Path, quant: Quantization, reference: Path) -> dict[str, int]:

@@ -89,14 +89,12 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     train_records = _load_split(config.train_file, "train")
     eval_records = _load_split(config.eval_file, "eval")
     layout = RunLayout(config.output_dir)
-    checkpoints = layout.checkpoints_dir
-    if resume and not _has_checkpoint(checkpoints):
-        raise TrainerError(Reason.NO_CHECKPOINT, f"{checkpoints}: no checkpoint to resume from")
+    if resume and not _has_checkpoint(layout.checkpoints_dir):
+        raise TrainerError(Reason.NO_CHECKPOINT, f"{layout.checkpoints_dir}: no checkpoint to resume from")
 
     import torch  # heavy imports only once the inputs are known to be good
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
-    from unsloth import FastLanguageModel  # must precede trl/transformers: it patches them
 
     samples = [[*r.prompt, r.messages[-1].model_dump()] for r in (eval_records or train_records)[:64]]
     base = resolve_base(config.base_model, samples)
@@ -104,66 +102,13 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     load_in_4bit = config.load_in_4bit and on_gpu
     if config.load_in_4bit and not on_gpu:
         log.warning("no GPU: training in 16-bit instead of QLoRA (4-bit merge is not supported on CPU)")
-    try:
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=base.load_path,
-            max_seq_length=config.max_seq_length,
-            load_in_4bit=load_in_4bit,
-            dtype=None,
-            local_files_only=True,
-        )
-    except (OSError, ValueError) as exc:
-        raise TrainerError(
-            Reason.BAD_BASE_MODEL, f"cannot load base model {config.base_model}: {exc}"
-        ) from exc
-    if not getattr(tokenizer, "chat_template", None):
-        raise TrainerError(
-            Reason.MISSING_CHAT_TEMPLATE, f"{config.base_model}: the tokenizer has no chat template"
-        )
-
-    lora = config.lora
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        use_rslora=lora.use_rslora,
-        use_gradient_checkpointing="unsloth" if config.training.gradient_checkpointing else False,
-        random_state=config.seed,
-    )
-    training = config.training
-    arguments = SFTConfig(
-        output_dir=str(checkpoints),
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps or -1,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of all steps
-        per_device_train_batch_size=training.batch_size,
-        per_device_eval_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation,
-        weight_decay=training.weight_decay,
-        logging_steps=training.logging_steps,
-        save_steps=training.save_steps,
-        save_total_limit=training.save_total_limit,
-        eval_strategy="steps" if eval_records else "no",
-        eval_steps=training.save_steps if eval_records else None,
-        seed=config.seed,
-        data_seed=config.seed,
-        max_length=config.max_seq_length,
-        completion_only_loss=True,
-        report_to="none",
-        use_cpu=not on_gpu,
-        dataset_num_proc=1,
-        disable_tqdm=False,
-    )
+    model, tokenizer = _lora_model(config, base.load_path, load_in_4bit)
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
         train_dataset=Dataset.from_list(to_prompt_completion(train_records)),
         eval_dataset=Dataset.from_list(to_prompt_completion(eval_records)) if eval_records else None,
-        args=arguments,
+        args=SFTConfig(**_sft_arguments(config, layout.checkpoints_dir, bool(eval_records), on_gpu)),
     )
     # The held-out loss before the first step, so the run record shows what training changed.
     before = float(trainer.evaluate()["eval_loss"]) if eval_records and not resume else None
@@ -192,7 +137,74 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
         resumed=resume,
         base=describe(base),
     )
-    run_file = layout.run_file
-    run.write(run_file)
+    run.write(layout.run_file)
     log.info("adapter saved to %s (train loss %.4f)", adapter_dir, metrics.get("train_loss", float("nan")))
-    return FinetuneResult(adapter_dir, run_file, metrics)
+    return FinetuneResult(adapter_dir, layout.run_file, metrics)
+
+
+def _lora_model(config: TrainConfig, load_path: str, load_in_4bit: bool) -> tuple[Any, Any]:
+    """The base model with the configured LoRA layers added, and its tokenizer (which must carry a chat
+    template: the training rows are rendered with it)."""
+    # Unsloth patches trl and transformers as it loads. It is imported here, after finetune() has bound
+    # trl's classes: the order every recorded run used.
+    from unsloth import FastLanguageModel
+
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=load_path,
+            max_seq_length=config.max_seq_length,
+            load_in_4bit=load_in_4bit,
+            dtype=None,
+            local_files_only=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise TrainerError(
+            Reason.BAD_BASE_MODEL, f"cannot load base model {config.base_model}: {exc}"
+        ) from exc
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainerError(
+            Reason.MISSING_CHAT_TEMPLATE, f"{config.base_model}: the tokenizer has no chat template"
+        )
+    lora = config.lora
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        use_gradient_checkpointing="unsloth" if config.training.gradient_checkpointing else False,
+        random_state=config.seed,
+    )
+    return model, tokenizer
+
+
+def _sft_arguments(config: TrainConfig, checkpoints: Path, evaluating: bool, on_gpu: bool) -> dict[str, Any]:
+    """TRL's SFTConfig arguments for the run: the loss on the completion only, checkpoints in
+    ``checkpoints``."""
+    training = config.training
+    return dict(
+        output_dir=str(checkpoints),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of all steps
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation,
+        weight_decay=training.weight_decay,
+        logging_steps=training.logging_steps,
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=training.save_steps if evaluating else None,
+        seed=config.seed,
+        data_seed=config.seed,
+        max_length=config.max_seq_length,
+        completion_only_loss=True,
+        report_to="none",
+        use_cpu=not on_gpu,
+        dataset_num_proc=1,
+        disable_tqdm=False,
+    )

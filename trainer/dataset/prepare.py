@@ -174,57 +174,76 @@ def _profiled_import(
     return ProfiledImport(profile, options.teachers, composer, problems, options.practice)
 
 
-def prepare(
-    sources: Iterable[Source],
-    output_dir: Path,
-    count: TokenCounter,
-    options: PrepareOptions,
-    answer_count: Callable[[str], int] | None = None,
-) -> PrepareResult:
-    """Build ``train.jsonl``, ``eval.jsonl`` and ``stats.json`` in ``output_dir`` from ``sources``
-    (``answer_count``: tokens of a plain text, which a prompt profile's answers are fitted with)."""
+@dataclass
+class _Imported:
+    """What the importers produced, before de-duplication and the budget."""
+
+    records: list[ChatRecord] = field(default_factory=list)
+    captured: list[ChatRecord] = field(default_factory=list)
+    profiled: ProfiledImport | None = None
+
+
+def _check_answer_parts(options: PrepareOptions) -> None:
     for task, parts in options.answer_parts.items():
         if task not in ("slips-summary", "slips-risk"):
             raise TrainerError(Reason.BAD_ANSWER_PARTS, f"answer parts are for Slips tasks, not {task!r}")
         answer_parts(task, parts)  # type: ignore[arg-type] - checked just above
-    problems = Problems(fatal=options.fatal_errors)
-    imported: list[ChatRecord] = []
-    sources = list(sources)
-    profiled = None
-    captured: list[ChatRecord] = []
+
+
+def _import(
+    sources: list[Source],
+    options: PrepareOptions,
+    problems: Problems,
+    answer_count: Callable[[str], int] | None,
+) -> _Imported:
+    """Every record of every input: captured requests, a profile's rendered requests, or the plain
+    importers (a prompt profile replaces them: its records are the client's requests)."""
+    imported = _Imported()
     if options.from_capture is not None:
         if options.prompt_profile is None:
             raise TrainerError(
                 Reason.BAD_INPUT,
                 "--from-capture needs --prompt-profile: the profile reads the captured requests",
             )
-        captured = list(captured_records(options.from_capture, get_profile(options.prompt_profile), problems))
-        imported.extend(captured)
-    if options.prompt_profile is not None and sources:
-        profiled = _profiled_import(sources, options, problems, answer_count)
-        imported.extend(profiled.records([source.path for source in sources]))
+        profile = get_profile(options.prompt_profile)
+        imported.captured = list(captured_records(options.from_capture, profile, problems))
+        imported.records.extend(imported.captured)
     if options.prompt_profile is not None:
-        sources = []
+        if sources:
+            imported.profiled = _profiled_import(sources, options, problems, answer_count)
+            imported.records.extend(imported.profiled.records([source.path for source in sources]))
+        return imported
     for source in sources:
         if source.slips:
             task: SlipsTask = "slips-summary" if source.task == "slips-summary" else "slips-risk"
             parts = options.answer_parts.get(task)
-            imported.extend(import_slips(source.path, task, options.teachers, problems, parts))
+            imported.records.extend(import_slips(source.path, task, options.teachers, problems, parts))
         else:
-            imported.extend(import_chat_jsonl(source.path, source.task, problems))
+            imported.records.extend(import_chat_jsonl(source.path, source.task, problems))
+    return imported
 
+
+def _unique(records: list[ChatRecord]) -> list[ChatRecord]:
+    """The first record of each content, in order."""
     seen: set[str] = set()
     unique: list[ChatRecord] = []
-    for record in imported:
+    for record in records:
         key = record.content_key()
         if key not in seen:
             seen.add(key)
             unique.append(record)
+    return unique
 
+
+def _fit(
+    records: list[ChatRecord], count: TokenCounter, options: PrepareOptions, problems: Problems
+) -> tuple[list[ChatRecord], dict[str, int], int]:
+    """The records within ``max_tokens`` (cut to fit where allowed), their lengths, and how many were
+    dropped; TrainerError when none is left."""
     kept: list[ChatRecord] = []
     lengths: dict[str, int] = {}
     too_long = 0
-    for record in unique:
+    for record in records:
         if options.prompt_profile is not None:  # a client's request is trained on as sent, or not at all
             tokens = count([m.model_dump() for m in record.messages])
             fitted = (record, tokens) if tokens <= options.max_tokens else None
@@ -242,6 +261,23 @@ def prepare(
         else:
             reason = problems.found[0] if problems.found else "the inputs are empty"
         raise TrainerError(Reason.EMPTY_DATASET, f"no usable records: {reason}")
+    return kept, lengths, too_long
+
+
+def prepare(
+    sources: Iterable[Source],
+    output_dir: Path,
+    count: TokenCounter,
+    options: PrepareOptions,
+    answer_count: Callable[[str], int] | None = None,
+) -> PrepareResult:
+    """Build ``train.jsonl``, ``eval.jsonl`` and ``stats.json`` in ``output_dir`` from ``sources``
+    (``answer_count``: tokens of a plain text, which a prompt profile's answers are fitted with)."""
+    _check_answer_parts(options)
+    problems = Problems(fatal=options.fatal_errors)
+    imported = _import(list(sources), options, problems, answer_count)
+    unique = _unique(imported.records)
+    kept, lengths, too_long = _fit(unique, count, options, problems)
 
     held_out = split_groups(kept, options.eval_fraction, options.seed)
     train = [r for r in kept if r.group not in held_out]
@@ -254,8 +290,8 @@ def prepare(
     splits = {"train": train, "eval": evaluation}
     result.stats = {
         "records": {
-            "imported": len(imported),
-            "duplicates": len(imported) - len(unique),
+            "imported": len(imported.records),
+            "duplicates": len(imported.records) - len(unique),
             "too_long": too_long,
             **{split: len(rows) for split, rows in splits.items()},
         },
@@ -266,26 +302,34 @@ def prepare(
         "truncated": sum(r.truncated for r in kept),
         "tokens": {split: _length_stats([lengths[r.id] for r in rows]) for split, rows in splits.items()},
         "groups": {"train": len({r.group for r in train}), "eval": len(held_out)},
-        "options": {
-            "max_tokens": options.max_tokens,
-            "eval_fraction": options.eval_fraction,
-            "seed": options.seed,
-            "teachers": list(options.teachers),
-            "answer_parts": {task: list(parts) for task, parts in options.answer_parts.items()},
-        },
+        "options": _options_record(options),
         "sha256": file_sha256(result.train, result.eval),
     }
     if options.prompt_profile is not None:
         profile = get_profile(options.prompt_profile)
-        sizes = request_sizes(profiled, count) if profiled is not None else []
-        sizes += [(r.id, count(r.prompt), int(r.meta["estimated_tokens"])) for r in captured]
+        sizes = request_sizes(imported.profiled, count) if imported.profiled is not None else []
+        sizes += [(r.id, count(r.prompt), int(r.meta["estimated_tokens"])) for r in imported.captured]
         result.stats["requests"] = RequestFit.of(profile.name, profile.max_tokens, sizes).model_dump(
             mode="json"
         )
-        result.stats["options"]["prompt_profile"] = options.prompt_profile
     if options.from_capture is not None:
-        result.stats["options"]["from_capture"] = str(options.from_capture)
-        result.stats["records"]["captured"] = len(captured)
+        result.stats["records"]["captured"] = len(imported.captured)
     (output_dir / "stats.json").write_text(json.dumps(result.stats, indent=2) + "\n")
     log.info("prepared %d train and %d eval records in %s", len(train), len(evaluation), output_dir)
     return result
+
+
+def _options_record(options: PrepareOptions) -> dict[str, Any]:
+    """The options that shaped the dataset, for stats.json."""
+    record: dict[str, Any] = {
+        "max_tokens": options.max_tokens,
+        "eval_fraction": options.eval_fraction,
+        "seed": options.seed,
+        "teachers": list(options.teachers),
+        "answer_parts": {task: list(parts) for task, parts in options.answer_parts.items()},
+    }
+    if options.prompt_profile is not None:
+        record["prompt_profile"] = options.prompt_profile
+    if options.from_capture is not None:
+        record["from_capture"] = str(options.from_capture)
+    return record
