@@ -50,8 +50,9 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet.client import FleetClient
-from fleet.ops import device_table, status_rows
+from fleet.ops import status_rows
 from fleet.settings import FleetSettings
+from fleet.status_view import device_table
 from shared.config import load_config
 from shared.signing import generate_key, write_private_key
 from tests.conftest import FleetKeys

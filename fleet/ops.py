@@ -16,15 +16,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from fleet.client import DeviceView, FleetClient, FleetError
+from fleet.client import FleetClient, FleetError
 from fleet.report import render_report
 from fleet.rollout import FailureLimits, Rollout, RolloutState, start_or_resume
 from fleet.settings import DEFAULT_FLEET_CONFIG, FleetSettings
+from fleet.status_view import device_row, device_table, state_markup
 from fleet.store import FleetStore
 from shared.config import load_config
 from shared.messages import CommandResponse
 from shared.reasons import Reason
-from shared.throttle import active_flags
 
 console = Console()
 ConfigOption = Annotated[
@@ -39,89 +39,8 @@ def fleet_settings(path: Path) -> FleetSettings:
     return load_config(path, FleetSettings)
 
 
-def _figure(view: DeviceView, name: str) -> float | None:
-    """A figure from the latest telemetry, else from the retained status summary."""
-    if view.telemetry is not None and (value := getattr(view.telemetry, name, None)) is not None:
-        return float(value)
-    return view.status.summary.get(name) if view.status else None
-
-
-def device_row(view: DeviceView, stale_after_s: float, now: float) -> dict[str, Any]:
-    """One device as plain values (the table and --json share it)."""
-    status = view.status
-    bits = _figure(view, "throttled_bits")
-    return {
-        "device": view.device_id,
-        "online": view.online(stale_after_s, now),
-        "groups": view.groups,
-        "model": status.model.name if status and status.model else None,
-        "serial": status.model.serial if status and status.model else None,
-        "adapters": [f"{a.name} #{a.serial}" for a in status.adapters] if status else [],
-        "deployment": status.deployment_state.value if status and status.deployment_state else None,
-        "pinned": bool(status and status.pinned),
-        "tokens_per_second": _figure(view, "tokens_per_second"),
-        "ttft_ms": _figure(view, "ttft_ms"),
-        "worker_rss_mb": _figure(view, "worker_rss_mb"),
-        "mem_available_mb": _figure(view, "mem_available_mb"),
-        "soc_temp_c": _figure(view, "soc_temp_c"),
-        "throttled": active_flags(int(bits) if bits is not None else None),
-        "last_seen_s": round(now - view.last_seen, 1) if view.last_seen else None,
-        "last_result": status.last_result if status else None,
-    }
-
-
-def _num(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def device_table(rows: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title)
-    for column in (
-        "device",
-        "online",
-        "model",
-        "state",
-        "tok/s",
-        "TTFT ms",
-        "RAM MiB",
-        "temp °C",
-        "throttled",
-        "seen",
-    ):
-        table.add_column(
-            column, justify="right" if column in ("tok/s", "TTFT ms", "temp °C", "seen") else "left"
-        )
-    for row in rows:
-        temp = row["soc_temp_c"]
-        table.add_row(
-            row["device"],
-            "[green]yes[/]" if row["online"] else "[red]no[/]",
-            f"{row['model'] or '-'} #{row['serial'] or '-'}"
-            + "".join(f"\n + {adapter}" for adapter in row["adapters"])
-            + (" [yellow](pinned)[/]" if row["pinned"] else ""),
-            _state_markup(row["deployment"]),
-            _num(row["tokens_per_second"]),
-            _num(row["ttft_ms"], 0),
-            f"{_num(row['worker_rss_mb'], 0)} / {_num(row['mem_available_mb'], 0)} free",
-            f"[red]{temp:.1f}[/]" if temp is not None and temp >= 78 else _num(temp),
-            f"[red]{', '.join(row['throttled'])}[/]" if row["throttled"] else "-",
-            f"{row['last_seen_s']:.0f}s" if row["last_seen_s"] is not None else "-",
-        )
-    return table
-
-
-def _state_markup(state: str | None) -> str:
-    colour = {
-        "committed": "green",
-        "failed": "red",
-        "rejected": "red",
-        "rolled_back": "yellow",
-        "offline": "dim",
-    }.get(state or "")
-    return f"[{colour}]{state}[/]" if colour else (state or "-")
-
-
 def status_rows(client: FleetClient, group: str | None) -> list[dict[str, Any]]:
+    """Every device of ``group`` (all without one), as ``device_row`` values."""
     now = time.time()
     return [device_row(v, client.settings.stale_after_s, now) for v in client.snapshot(group)]
 
@@ -233,7 +152,7 @@ def rollout(
     else:
         table = Table("device", "result", "reason", title=f"rollout {final.status}")
         for device, result in sorted(final.devices.items()):
-            table.add_row(device, _state_markup(result.state), result.reason or "")
+            table.add_row(device, state_markup(result.state), result.reason or "")
         console.print(table)
     if final.status != "done":
         raise typer.Exit(2)
@@ -425,7 +344,7 @@ def history(
             e.at[:19],
             e.device_id,
             f"{e.name or '-'} #{e.serial or '-'}",
-            _state_markup(e.state),
+            state_markup(e.state),
             e.source or "",
             e.reason or "",
         )

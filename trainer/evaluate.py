@@ -1,10 +1,10 @@
 """``immune-train eval``: judge every exported GGUF with llama-cpp-python, the runtime the Pi uses.
 
 Each file is measured by trainer.measure. Perplexity over held-out conversations (rendered with the
-GGUF's own chat template) is compared with the F16 export; a quant whose rise exceeds the bound is refused for publishing. Task checks
-(trainer.task_checks) generate answers for held-out Slips incidents and score them against the
-reference answer. Given a baseline GGUF (the base model or the published champion), every file is
-compared with it on the same incidents (trainer.comparison)."""
+GGUF's own chat template) is compared with the F16 export; a quant whose rise exceeds the bound is
+refused for publishing. Task checks (trainer.task_checks) generate answers for held-out Slips incidents
+and score them against the reference answer. Given a baseline GGUF (the base model or the published
+champion), every file is compared with it on the same incidents (trainer.comparison)."""
 
 from __future__ import annotations
 
