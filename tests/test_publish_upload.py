@@ -13,7 +13,7 @@ import pytest
 
 from tests.harness.net import free_port
 from trainer.errors import TrainerError
-from trainer.publish import StoreSettings, upload
+from trainer.store_upload import StoreSettings, upload
 
 TOKEN = "store-token-0123456789abcdef"
 

@@ -26,8 +26,9 @@ from trainer.dataset.prepare import (
 from trainer.dataset.records import read_records
 from trainer.errors import TrainerError
 from trainer.export_folder import find_gguf
-from trainer.publish import PublishRequest, PublishSettings, StoreSettings, publish
+from trainer.publish import PublishRequest, PublishSettings, publish
 from trainer.records import ExportedFile, ExportReport
+from trainer.store_upload import StoreSettings
 from trainer.tokenizer_fidelity import FidelityReport
 
 SHARED_SLIPS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "slips"

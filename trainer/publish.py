@@ -5,15 +5,12 @@ on the fleet's or a group's desired-state topic."""
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from shared.admission import verify_manifest
 from shared.config import ConfigModel, ConfigPath, MqttSettings, load_config
@@ -49,25 +46,10 @@ from trainer.gate import GateSettings, apply_gate
 from trainer.gguf_check import chat_template_of, tensor_types
 from trainer.layout import ExportLayout
 from trainer.records import EvalReport, ExportedAdapter, PublishedRecord, QuantScores
+from trainer.store_upload import StoreSettings, object_path, upload
 from trainer.targets import DeviceTarget, get_target, rank_for_target, target_cost, tensor_elements
 
 log = logging.getLogger(__name__)
-
-
-class StoreSettings(ConfigModel):
-    """Where model files go: a directory served over HTTP, or an HTTP PUT endpoint (e.g. a WebDAV or
-    presigned-S3 style store). ``base_url`` is where devices download the result from."""
-
-    base_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
-    directory: ConfigPath | None = None
-    upload_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
-    token_file: ConfigPath | None = None
-
-    @model_validator(mode="after")
-    def _one_target(self) -> StoreSettings:
-        if (self.directory is None) == (self.upload_url is None):
-            raise ValueError("set exactly one of store.directory and store.upload_url")
-        return self
 
 
 class PublishSettings(ConfigModel):
@@ -139,47 +121,6 @@ def trainer_keys(settings: PublishSettings, keyring: Keyring) -> list[SigningKey
             Reason.THRESHOLD, f"the keyring needs {needed} distinct trainer keys, {len(keys)} given"
         )
     return keys
-
-
-def _object_path(name: str, serial: int, file_name: str) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}/{serial}/{file_name}"
-
-
-def upload(store: StoreSettings, source: Path, object_path: str, on_progress: Callable[[int], None]) -> str:
-    """Copy or PUT ``source`` to the store; returns the URL devices will download it from."""
-    if store.directory is not None:
-        target = store.directory / object_path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        with source.open("rb") as reader, partial.open("wb") as writer:
-            while chunk := reader.read(1 << 20):
-                writer.write(chunk)
-                on_progress(len(chunk))
-            writer.flush()
-            os.fsync(writer.fileno())
-        partial.chmod(0o644)
-        partial.replace(target)  # a served file is always complete
-    elif store.upload_url is not None:
-        headers = {"Content-Length": str(source.stat().st_size)}
-        if store.token_file is not None:
-            headers["Authorization"] = f"Bearer {store.token_file.read_text().strip()}"
-
-        def chunks() -> Any:
-            with source.open("rb") as reader:
-                while chunk := reader.read(1 << 20):
-                    on_progress(len(chunk))
-                    yield chunk
-
-        url = f"{store.upload_url.rstrip('/')}/{object_path}"
-        try:
-            response = httpx.put(url, content=chunks(), headers=headers, timeout=600)
-        except httpx.HTTPError as exc:
-            raise TrainerError(Reason.UPLOAD_FAILED, f"PUT {url}: {exc}") from exc
-        if response.status_code not in (200, 201, 204):
-            raise TrainerError(
-                Reason.UPLOAD_FAILED, f"PUT {url}: HTTP {response.status_code} {response.text[:200]}"
-            )
-    return f"{store.base_url.rstrip('/')}/{object_path}"
 
 
 def build_publish_manifest(
@@ -322,7 +263,7 @@ def publish(
     scores, comparison = _passing(report, request.quant, settings.gate)
     gguf = find_gguf(request.export_dir, request.quant)
     keyring, keys = _signers(settings)  # before any upload: a bad key must not leave stray files
-    url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
+    url = upload(settings.store, gguf, object_path(request.name, request.serial, gguf.name), on_progress)
     stored: dict[str, Any] = {"tensor_types": tensor_types(gguf)}
     if target_choice is not None:
         stored["target"] = target_choice.model_dump(mode="json")
@@ -352,7 +293,7 @@ def _publish_adapter(
     # Content-addressed: every adapter of this base points at the same copy.
     base_url = upload(settings.store, base, f"bases/{exported.base_sha256[:16]}/{base.name}", on_progress)
     gguf = request.export_dir / exported.file
-    url = upload(settings.store, gguf, _object_path(request.name, request.serial, gguf.name), on_progress)
+    url = upload(settings.store, gguf, object_path(request.name, request.serial, gguf.name), on_progress)
     ref = BaseModelRef(name=base.stem, sha256=exported.base_sha256, size=exported.base_size, urls=[base_url])
     manifest = build_publish_manifest(
         request, gguf, url, scores, None, base=ref, template_from=base, health=settings.health
