@@ -85,8 +85,8 @@ arm64-deps:
 pi-wheels: venv arm64-deps
 	$(SUDO) $(VENV)/bin/immune-fleet pi wheels --out dist/pi5-wheels
 
-## The device on emulated arm64: wheelhouse, role converge (chroot), serve, delivery, doctor (about 22 minutes
-## with the caches warm, 40-55 cold).
+## The device on emulated arm64: wheelhouse, role converge (chroot), serve, delivery, doctor (the last step of
+## `make test`; about 18 minutes cold on an idle 2-core machine).
 arm64-check: venv trainer-deps arm64-deps
 	$(PY) -m pytest -rP tests/test_arm64.py
 
@@ -100,8 +100,8 @@ lint: venv
 ## TEST_WORKERS=0 runs it in this process, one test at a time.
 ## Then the Raspberry Pi 5 check (tests/test_arm64.py, `make arm64-check`) on its own, after the rest: it
 ## is CPU-bound for most of its run (the cross compile, emulated converges and inference), and alone it
-## neither slows the suite's daemons nor is slowed by them. About 40 minutes cold, 22 with
-## ~/.cache/immune-edge warm (docs/benchmarks.md).
+## neither slows the suite's daemons nor is slowed by them. About 18 minutes with every cache cold on an
+## idle 2-core machine; the roots and wheels it builds are kept in ~/.cache/immune-edge (docs/benchmarks.md).
 TEST_WORKERS ?= 2
 PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 test: venv trainer-deps lint arm64-deps
