@@ -86,9 +86,10 @@ pi-wheels: venv arm64-deps
 	$(SUDO) $(VENV)/bin/immune-fleet pi wheels --out dist/pi5-wheels
 
 ## The device on emulated arm64: wheelhouse, role converge (chroot), serve, delivery, doctor (the last step of
-## `make test`; about 18 minutes cold on an idle 2-core machine).
+## `make test`; about 18 minutes cold on an idle 2-core machine). It needs root (debootstrap, chroot, mount):
+## run as another user, its tests are skipped and say so, as the disk-full test is.
 arm64-check: venv trainer-deps arm64-deps
-	$(PY) -m pytest -rP tests/test_arm64.py
+	$(PY) -m pytest -rsP tests/test_arm64.py
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -106,7 +107,7 @@ TEST_WORKERS ?= 2
 PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 test: venv trainer-deps lint arm64-deps
 	$(PY) -m pytest $(PYTEST_WORKERS) --ignore=tests/test_arm64.py
-	$(PY) -m pytest -rP tests/test_arm64.py
+	$(PY) -m pytest -rsP tests/test_arm64.py
 
 ## Day-to-day: every test that loads no model, trains nothing and converges nothing (a few minutes);
 ## `make test` before a push runs them all.
