@@ -96,13 +96,17 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    # Unsloth patches trl and transformers as it loads; imported here, after trl's classes are bound and
+    # before the base is resolved: the order every recorded run used.
+    from unsloth import FastLanguageModel
+
     samples = [[*r.prompt, r.messages[-1].model_dump()] for r in (eval_records or train_records)[:64]]
     base = resolve_base(config.base_model, samples)
     on_gpu = torch.cuda.is_available()
     load_in_4bit = config.load_in_4bit and on_gpu
     if config.load_in_4bit and not on_gpu:
         log.warning("no GPU: training in 16-bit instead of QLoRA (4-bit merge is not supported on CPU)")
-    model, tokenizer = _lora_model(config, base.load_path, load_in_4bit)
+    model, tokenizer = _lora_model(FastLanguageModel, config, base.load_path, load_in_4bit)
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
@@ -142,15 +146,11 @@ def finetune(config: TrainConfig, resume: bool = False) -> FinetuneResult:
     return FinetuneResult(adapter_dir, layout.run_file, metrics)
 
 
-def _lora_model(config: TrainConfig, load_path: str, load_in_4bit: bool) -> tuple[Any, Any]:
-    """The base model with the configured LoRA layers added, and its tokenizer (which must carry a chat
-    template: the training rows are rendered with it)."""
-    # Unsloth patches trl and transformers as it loads. It is imported here, after finetune() has bound
-    # trl's classes: the order every recorded run used.
-    from unsloth import FastLanguageModel
-
+def _lora_model(loader: Any, config: TrainConfig, load_path: str, load_in_4bit: bool) -> tuple[Any, Any]:
+    """The base model loaded by ``loader`` (Unsloth's FastLanguageModel) with the configured LoRA layers
+    added, and its tokenizer (which must carry a chat template: the training rows are rendered with it)."""
     try:
-        model, tokenizer = FastLanguageModel.from_pretrained(
+        model, tokenizer = loader.from_pretrained(
             model_name=load_path,
             max_seq_length=config.max_seq_length,
             load_in_4bit=load_in_4bit,
@@ -166,7 +166,7 @@ def _lora_model(config: TrainConfig, load_path: str, load_in_4bit: bool) -> tupl
             Reason.MISSING_CHAT_TEMPLATE, f"{config.base_model}: the tokenizer has no chat template"
         )
     lora = config.lora
-    model = FastLanguageModel.get_peft_model(
+    model = loader.get_peft_model(
         model,
         r=lora.r,
         lora_alpha=lora.alpha,
